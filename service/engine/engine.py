@@ -1,0 +1,408 @@
+"""The engine: a step loop on its own thread (`schedule -> execute -> update`) and its bridge to asyncio.
+
+Callers on the event loop `open()` a request and iterate its `RequestStream`; the loop thread delivers each
+step's outputs with one `call_soon_threadsafe` per step. Leaving the stream by any path (finish, client gone,
+error, cancellation) aborts the request, which frees its KV blocks at the start of the next step."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from service.engine.detokenizer import Decode, IncrementalDetokenizer
+from service.engine.request import (
+    EngineDead,
+    EngineOverloaded,
+    EngineStopped,
+    Request,
+    RequestStatus,
+    RequestTooLong,
+    StepOutput,
+)
+from service.engine.runner import ModelRunner
+from service.engine.sampler import Sampler
+from service.engine.scheduler import BlockManager, ScheduledRequest, Scheduler
+
+log = logging.getLogger("attnserve.engine")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_waiting_requests: int = 512  # beyond this, new requests are refused (HTTP 429)
+    max_waiting_tokens: int = 262144
+    queue_timeout: float | None = None  # seconds a request may wait before it starts
+    max_model_len: int = 512
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One engine step, for metrics."""
+
+    model: str
+    batch_size: int
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    prefill_time: float
+    decode_time: float
+    step_time: float
+    num_running: int
+    num_waiting: int
+    num_preempted: int
+    blocks_total: int
+    blocks_free: int
+
+
+@dataclass(frozen=True)
+class RequestStats:
+    """One finished request, for metrics and logs."""
+
+    model: str
+    request_id: str
+    finish_reason: str
+    prompt_tokens: int
+    output_tokens: int
+    queue_time: float | None
+    ttft: float | None
+    e2e: float
+    itls: tuple[float, ...] = ()
+
+
+@dataclass
+class _Live:
+    """Engine-thread state of a request: its record, detokenizer and where its outputs go."""
+
+    request: Request
+    detok: IncrementalDetokenizer
+    stream: RequestStream | None
+    itls: list[float] = field(default_factory=list)
+
+
+class RequestStream:
+    """Async iterator over one request's StepOutputs; as a context manager it aborts on early exit."""
+
+    def __init__(self, engine: Engine, request: Request, loop: asyncio.AbstractEventLoop) -> None:
+        self.engine, self.request, self.loop = engine, request, loop
+        self.queue: asyncio.Queue[StepOutput] = asyncio.Queue()
+        self.finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> StepOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        out = await self.queue.get()
+        self.finished = out.finished
+        return out
+
+    async def __aenter__(self) -> RequestStream:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self.finished:
+            self.engine.abort(self.request.request_id)
+
+
+class Engine:
+    """Continuous batching for one model: requests join the running batch after prefill and leave at once."""
+
+    def __init__(
+        self,
+        name: str,
+        runner: ModelRunner,
+        config: EngineConfig,
+        decode: Decode,
+        eos_id: int | None,
+        on_step: Callable[[StepStats], None] | None = None,
+        on_finish: Callable[[RequestStats], None] | None = None,
+    ) -> None:
+        self.name, self.runner, self.config = name, runner, config
+        self.decode, self.eos_id = decode, eos_id
+        self.blocks = BlockManager(runner.pool.num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.sampler = Sampler()
+        self.on_step, self.on_finish = on_step, on_finish
+        self._inbox: queue.SimpleQueue[tuple[str, Request | str]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._live: dict[str, _Live] = {}
+        self._pending = 0  # requests submitted and not yet running (inbox + waiting), for admission control
+        self._pending_tokens = 0
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.accepting = True
+        self.dead: str | None = None  # why the loop died, if it did
+        self.steps = 0
+        self._outbox: list[tuple[RequestStream, StepOutput]] = []
+
+    # --- the caller's side (event loop thread) -----------------------------------------------------------------
+
+    def check(self, req: Request) -> None:
+        """Refuse what can never run or cannot run now, before it is queued."""
+        if self.dead:
+            raise EngineDead(f"engine for {self.name} stopped: {self.dead}")
+        if not self.accepting:
+            raise EngineStopped("the server is shutting down")
+        total = req.num_tokens + req.params.max_tokens
+        if total > self.config.max_model_len:
+            raise RequestTooLong(
+                f"this model's maximum context length is {self.config.max_model_len} tokens; the request needs "
+                f"{total} ({req.num_tokens} in the prompt + max_tokens {req.params.max_tokens})"
+            )
+        if req.source_ids is not None and len(req.source_ids) > self.config.max_model_len:
+            raise RequestTooLong(
+                f"the source has {len(req.source_ids)} tokens; the maximum is {self.config.max_model_len}"
+            )
+        need = self.blocks.blocks_for(total) + (self.blocks.blocks_for(len(req.source_ids or [])))
+        if need > self.blocks.num_blocks:
+            raise RequestTooLong(
+                f"the request needs {need} KV blocks and the pool has {self.blocks.num_blocks}; "
+                "lower max_tokens or the prompt length"
+            )
+        with self._lock:
+            if self._pending >= self.config.max_waiting_requests:
+                raise EngineOverloaded(f"{self._pending} requests are waiting (limit {self.config.max_waiting_requests})")
+            if self._pending_tokens + req.num_tokens > self.config.max_waiting_tokens:
+                raise EngineOverloaded(f"waiting prompts hold {self._pending_tokens} tokens "
+                                       f"(limit {self.config.max_waiting_tokens})")
+
+    def open(self, req: Request) -> RequestStream:
+        """Queue a request and return its stream (use it as `async with`)."""
+        self.check(req)
+        stream = RequestStream(self, req, asyncio.get_running_loop())
+        with self._lock:
+            self._pending += 1
+            self._pending_tokens += req.num_tokens
+        self._inbox.put(("add", _Live(req, IncrementalDetokenizer(self.decode, req.params.stop), stream)))  # type: ignore[arg-type]
+        self._wake.set()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request; takes effect at the start of the next step (its blocks return then)."""
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    @property
+    def num_pending(self) -> int:
+        return self._pending
+
+    # --- lifecycle ---------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"engine-{self.name}", daemon=True)
+        self._thread.start()
+
+    def warmup(self, prompt_ids: Sequence[int], source_ids: Sequence[int] | None = None, steps: int = 4) -> None:
+        """Run a few real steps before the loop starts, so the first user does not pay for lazy init."""
+        from service.engine.request import SamplingParams
+
+        for n in (1, 2):  # a batch of one and of two: both code paths
+            for i in range(n):
+                req = Request(f"warmup-{n}-{i}", list(prompt_ids), SamplingParams(max_tokens=steps, temperature=0.0,
+                              ignore_eos=True), list(source_ids) if source_ids is not None else None)
+                self._admit(_Live(req, IncrementalDetokenizer(self.decode), None))
+            while self.scheduler.has_work():
+                self.step()
+
+    async def drain(self, timeout: float) -> None:
+        """Stop taking requests; wait up to `timeout` s for the in-flight ones, then abort the rest."""
+        self.accepting = False
+        deadline = time.monotonic() + timeout
+        while self._live and time.monotonic() < deadline and not self.dead:
+            await asyncio.sleep(0.05)
+        for rid in list(self._live):
+            self.abort(rid)
+        end = time.monotonic() + 2.0
+        while self._live and time.monotonic() < end and not self.dead:
+            await asyncio.sleep(0.02)
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # --- the loop (engine thread) ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stop:
+                self._take_inbox()
+                if not self.scheduler.has_work():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                self.step()
+        except BaseException as e:  # the loop itself failed: fail everyone, report unhealthy
+            log.exception("engine loop died")
+            self.dead = f"{type(e).__name__}"
+            for live in list(self._live.values()):
+                self._finish(live, RequestStatus.FINISHED_ERROR, error="the engine stopped unexpectedly")
+            self._flush()
+
+    def _admit(self, live: _Live) -> None:
+        self._live[live.request.request_id] = live
+        self.scheduler.add(live.request)
+
+    def _take_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                assert isinstance(item, _Live)
+                self._admit(item)
+            else:
+                live = self._live.get(item)  # type: ignore[arg-type]
+                if live is not None:
+                    self._finish(live, RequestStatus.FINISHED_ABORTED)
+
+    def _expire(self, now: float) -> None:
+        timeout = self.config.queue_timeout
+        for live in list(self._live.values()):
+            req = live.request
+            if req.deadline is not None and now > req.deadline:
+                self._finish(live, RequestStatus.FINISHED_ABORTED, error="deadline exceeded")
+            elif timeout is not None and req.scheduled_time is None and now - req.arrival_time > timeout:
+                self._finish(live, RequestStatus.FINISHED_ABORTED, error=f"waited over {timeout:g} s in the queue")
+
+    def step(self) -> None:
+        """One iteration: schedule, execute (prefill batch, decode batch), sample, update, deliver."""
+        t0 = time.monotonic()
+        self._expire(t0)
+        plan = self.scheduler.schedule()
+        self._count_pending()
+        for s in plan.prefills:
+            if s.request.scheduled_time is None:
+                s.request.scheduled_time = t0
+        if plan.is_empty:
+            self._flush()
+            time.sleep(0.001)
+            return
+        prefill_time = decode_time = 0.0
+        for batch in (plan.prefills, plan.decodes):
+            if not batch:
+                continue
+            t = time.monotonic()
+            try:
+                logits = self.runner.execute(batch, []) if batch is plan.prefills else self.runner.execute([], batch)
+            except Exception:  # a failed forward fails its batch, never the engine
+                log.exception("forward failed for %d requests", len(batch))
+                for s in batch:
+                    self._finish(self._live[s.request.request_id], RequestStatus.FINISHED_ERROR,
+                                 error="the model failed on this request")
+                continue
+            samples = self.sampler(logits, [s.request for s in batch])
+            dt = time.monotonic() - t
+            if batch is plan.prefills:
+                prefill_time = dt
+            else:
+                decode_time = dt
+            for s, sample in zip(batch, samples, strict=True):
+                self._update(s, sample.token_id, sample.logprob, sample.top_logprobs, sample.error)
+        self._flush()
+        self.steps += 1
+        if self.on_step is not None:
+            self.on_step(StepStats(
+                self.name, len(plan.prefills) + len(plan.decodes), sum(s.num_new for s in plan.prefills),
+                len(plan.decodes), prefill_time, decode_time, time.monotonic() - t0, len(self.scheduler.running),
+                len(self.scheduler.waiting), len(plan.preempted), self.blocks.num_blocks, self.blocks.num_free,
+            ))
+
+    def _count_pending(self) -> None:
+        waiting = self.scheduler.waiting
+        with self._lock:
+            self._pending = len(waiting) + self._inbox.qsize()
+            self._pending_tokens = sum(r.num_tokens for r in waiting)
+
+    def _update(self, s: ScheduledRequest, token: int, logprob: float, top: tuple, error: str | None) -> None:
+        req = s.request
+        live = self._live.get(req.request_id)
+        if live is None or req.status.is_finished:
+            return
+        now = time.monotonic()
+        req.num_computed = s.start + s.num_new
+        if error is not None:
+            self._finish(live, RequestStatus.FINISHED_ERROR, error=error)
+            return
+        p = req.params
+        if (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
+            self._finish(live, RequestStatus.FINISHED_STOPPED)
+            return
+        req.output_ids.append(token)
+        if req.first_token_time is None:
+            req.first_token_time = now
+        elif req.last_token_time is not None:
+            live.itls.append(now - req.last_token_time)
+        req.last_token_time = now
+        text = live.detok.add(token)
+        status = None
+        if live.detok.stopped:
+            status = RequestStatus.FINISHED_STOPPED
+        elif len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
+            status = RequestStatus.FINISHED_LENGTH
+        self._emit(live, StepOutput(req.request_id, token, text, logprob, top, num_prompt_tokens=len(req.prompt_ids),
+                                    num_output_tokens=len(req.output_ids), queue_time=self._queue_time(req),
+                                    ttft=req.first_token_time - req.arrival_time))
+        if status is not None:
+            self._finish(live, status)
+
+    @staticmethod
+    def _queue_time(req: Request) -> float | None:
+        return None if req.scheduled_time is None else req.scheduled_time - req.arrival_time
+
+    def _finish(self, live: _Live, status: RequestStatus, error: str | None = None) -> None:
+        req = live.request
+        if req.status.is_finished and req.request_id not in self._live:
+            return
+        self.scheduler.finish(req, status)
+        self.sampler.release(req.request_id)
+        self._live.pop(req.request_id, None)
+        req.finish_time = time.monotonic()
+        req.error = error
+        reason = status.finish_reason or "error"
+        tail = live.detok.flush() if status != RequestStatus.FINISHED_ERROR else ""
+        e2e = req.finish_time - req.arrival_time
+        ttft = None if req.first_token_time is None else req.first_token_time - req.arrival_time
+        self._emit(live, StepOutput(req.request_id, None, tail, finished=True, finish_reason=reason, error=error,
+                                    num_prompt_tokens=len(req.prompt_ids), num_output_tokens=len(req.output_ids),
+                                    queue_time=self._queue_time(req), ttft=ttft, e2e=e2e))
+        if self.on_finish is not None and not req.request_id.startswith("warmup-"):
+            self.on_finish(RequestStats(self.name, req.request_id, reason, len(req.prompt_ids), len(req.output_ids),
+                                        self._queue_time(req), ttft, e2e, tuple(live.itls)))
+
+    # --- delivery to the event loop ----------------------------------------------------------------------------
+
+    def _emit(self, live: _Live, out: StepOutput) -> None:
+        if live.stream is not None:
+            self._outbox.append((live.stream, out))
+
+    def _flush(self) -> None:
+        batch = self._outbox
+        if not batch:
+            return
+        self._outbox = []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, StepOutput]]] = {}
+        for stream, out in batch:
+            by_loop.setdefault(stream.loop, []).append((stream, out))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+                loop.call_soon_threadsafe(_deliver, items)
+
+
+def _deliver(items: list[tuple[RequestStream, StepOutput]]) -> None:
+    for stream, out in items:
+        stream.queue.put_nowait(out)

@@ -1,0 +1,141 @@
+"""Plain records that cross the engine's boundaries: sampling parameters, requests, their status, step outputs."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+
+class RequestStatus(enum.IntEnum):
+    """Ordered: everything at or above FINISHED_STOPPED is final."""
+
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH = 4
+    FINISHED_ABORTED = 5
+    FINISHED_ERROR = 6
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+    @property
+    def finish_reason(self) -> str | None:
+        return {
+            RequestStatus.FINISHED_STOPPED: "stop",
+            RequestStatus.FINISHED_LENGTH: "length",
+            RequestStatus.FINISHED_ABORTED: "abort",
+            RequestStatus.FINISHED_ERROR: "error",
+        }.get(self)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to choose tokens and when to stop. temperature 0 is greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top-N alternatives to report; 0 = only the chosen token's logprob
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Request:
+    """One generation request and its state inside the engine.
+
+    Decoder tokens are `prompt_ids + output_ids`; `num_computed` of them have K/V in the cache. A translator's
+    request also has `source_ids` for the encoder, whose cross-attention K/V live in `cross_block_ids`."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    source_ids: list[int] | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    deadline: float | None = None  # monotonic time after which the request is aborted
+    status: RequestStatus = RequestStatus.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)
+    cross_block_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    num_preemptions: int = 0
+    scheduled_time: float | None = None  # first time it left the waiting queue
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finish_time: float | None = None
+    error: str | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.source_ids is not None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one engine step produced for one request: a token and its text delta, or the end."""
+
+    request_id: str
+    token_id: int | None
+    text: str  # new text since the previous output (may be "" while a UTF-8 character or stop string is pending)
+    logprob: float | None = None
+    top_logprobs: tuple[TokenLogprob, ...] = ()
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    queue_time: float | None = None  # seconds from arrival to first scheduling
+    ttft: float | None = None  # seconds from arrival to the first token
+    e2e: float | None = None  # seconds from arrival to the end (final output only)
+
+
+class EngineError(Exception):
+    """Base of the errors the engine reports to callers; the HTTP layer maps each subclass to a status."""
+
+
+class RequestTooLong(EngineError):
+    """The prompt (or prompt + max_tokens) does not fit the model's context or the KV pool."""
+
+
+class EngineOverloaded(EngineError):
+    """The waiting queue is full; retry later."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineStopped(EngineError):
+    """The engine is draining or stopped and takes no new requests."""
+
+
+class EngineDead(EngineError):
+    """The engine loop died; the process should be restarted."""
