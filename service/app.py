@@ -1,0 +1,129 @@
+"""`create_app(settings)`: the FastAPI application and its lifespan (load, warm up, serve, drain, stop)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+
+from service import __version__
+from service.errors import error_body, install
+from service.logs import setup_logging
+from service.metrics import CONTENT_TYPE, Metrics
+from service.registry import ServedModel, load_models
+from service.routes import generate, health, models, openai
+from service.settings import Settings
+
+log = logging.getLogger("attnserve.app")
+
+OPEN_PATHS = {"/health", "/ready", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}
+NO_DRAIN_PATHS = {"/health", "/ready", "/metrics"}
+
+
+async def drain_engines(app: FastAPI, timeout: float) -> None:
+    """Stop taking requests; let in-flight ones finish within `timeout`, then abort the rest."""
+    app.state.draining = True
+    served: dict[str, ServedModel] = getattr(app.state, "models", {})
+    await asyncio.gather(*(m.engine.drain(timeout) for m in served.values()))
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    setup_logging(settings.log_level, settings.log_json)
+    metrics = Metrics()
+    api_keys = [k.encode() for k in settings.all_api_keys()]
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.models = load_models(settings, metrics.record_step, metrics.record_finish)
+        for name, served in app.state.models.items():
+            metrics.add_model(name, served.describe())
+        names = list(app.state.models)
+        app.state.default_model = settings.default_model if settings.default_model in names else (
+            names[0] if names else None)
+        app.state.ready = True
+        log.info("ready", extra={"models": names})
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            await drain_engines(app, 0 if app.state.draining else settings.drain_timeout)
+            for served in app.state.models.values():
+                served.engine.stop()
+                metrics.set_engine_up(served.name, False)
+
+    app = FastAPI(
+        title="attnserve",
+        version=__version__,
+        description="Serve Transformers with continuous batching, streaming, an OpenAI-compatible API, "
+        "and attention inspection.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.models = {}
+    app.state.default_model = None
+    app.state.ready = False
+    app.state.draining = False
+    app.state.started = time.time()
+    install(app)
+    for router in (health.router, models.router, generate.router, openai.router):
+        app.include_router(router)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_endpoint(request: Request) -> Response:
+        for name, served in request.app.state.models.items():
+            metrics.set_engine_up(name, served.engine.dead is None and served.engine._thread is not None)
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.middleware("http")
+    async def gatekeeper(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        """Request id, auth, body size, draining, access log and HTTP metrics: everything before a route."""
+        start = time.monotonic()
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request.state.request_id = rid[:128]
+        path = request.url.path
+        response: Response
+        if api_keys and path not in OPEN_PATHS and not (path == "/metrics" and not settings.metrics_require_auth):
+            auth = request.headers.get("authorization", "")
+            key = auth[7:].encode() if auth.lower().startswith("bearer ") else b""
+            if not any(hmac.compare_digest(key, k) for k in api_keys):
+                response = JSONResponse(error_body("invalid or missing API key (Authorization: Bearer <key>)",
+                                                   "authentication_error", code="invalid_api_key"), 401)
+                return _finish(request, response, start)
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
+            response = JSONResponse(error_body(f"request body is {length} bytes; the limit is "
+                                               f"{settings.max_body_bytes}", "invalid_request_error",
+                                               code="body_too_large"), 413)
+            return _finish(request, response, start)
+        if request.app.state.draining and path not in NO_DRAIN_PATHS:
+            response = JSONResponse(error_body("the server is shutting down", "unavailable_error",
+                                               code="shutting_down"), 503)
+            return _finish(request, response, start)
+        response = await call_next(request)
+        return _finish(request, response, start)
+
+    def _finish(request: Request, response: Response, start: float) -> Response:
+        response.headers["X-Request-ID"] = request.state.request_id
+        route = request.scope.get("route")
+        route_path = getattr(route, "path", None) or "unmatched"
+        metrics.record_http(route_path, request.method, response.status_code)
+        log.info("request", extra={"request_id": request.state.request_id, "method": request.method,
+                                   "path": request.url.path, "status": response.status_code,
+                                   "latency_ms": round((time.monotonic() - start) * 1000, 2),
+                                   "model": getattr(request.state, "model_name", None)})
+        return response
+
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"])
+    return app

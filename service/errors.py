@@ -1,0 +1,101 @@
+"""Errors to HTTP, in one place: every failure leaves as OpenAI's error shape with a 4xx/5xx status that says
+whose fault it was. Nothing internal (stack traces, file paths) reaches the client."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.engine.request import EngineDead, EngineError, EngineOverloaded, EngineStopped, RequestTooLong
+
+log = logging.getLogger("attnserve.http")
+
+
+class APIError(Exception):
+    """An error the client should see as is."""
+
+    def __init__(
+        self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+        code: str | None = None, headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def engine_error(e: EngineError) -> APIError:
+    """The one mapping from engine errors to HTTP statuses."""
+    if isinstance(e, RequestTooLong):
+        return APIError(400, str(e), param="prompt", code="context_length_exceeded")
+    if isinstance(e, EngineOverloaded):
+        return APIError(429, f"server overloaded: {e}; retry later", "overloaded_error", code="overloaded",
+                        headers={"Retry-After": str(max(1, round(e.retry_after)))})
+    if isinstance(e, EngineStopped):
+        return APIError(503, str(e), "unavailable_error", code="shutting_down")
+    if isinstance(e, EngineDead):
+        return APIError(503, "the model engine stopped; the service needs a restart", "unavailable_error",
+                        code="engine_dead")
+    return APIError(500, "internal error", "server_error")
+
+
+def rejection_reason(status: int, code: str | None) -> str | None:
+    if status == 429:
+        return "overload"
+    if code == "context_length_exceeded":
+        return "too_long"
+    if 400 <= status < 500 and status not in (401, 404):
+        return "invalid"
+    return None
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    return ".".join(parts) or "body"
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers that turn every exception into OpenAI's error shape."""
+
+    def respond(request: Request, err: APIError) -> JSONResponse:
+        reason = rejection_reason(err.status, err.code)
+        metrics = getattr(request.app.state, "metrics", None)
+        if reason is not None and metrics is not None:
+            metrics.record_rejection(getattr(request.state, "model_name", None), reason)
+        return JSONResponse(error_body(err.message, err.type, err.param, err.code), err.status, headers=err.headers)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return respond(request, exc)
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(request: Request, exc: EngineError) -> JSONResponse:
+        return respond(request, engine_error(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
+        field = _field(tuple(first.get("loc", ())))
+        msg = str(first.get("msg", "invalid value"))
+        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+        return respond(request, APIError(400, f"{field}: {msg}{more}", param=field, code="invalid_value"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
+                413: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
+        return respond(request, APIError(exc.status_code, str(exc.detail), kind, headers=dict(exc.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse(error_body("internal server error", "server_error"), 500)

@@ -1,0 +1,161 @@
+"""The served models: load each checkpoint, place it on the device, give it an engine, describe it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from model.kv_cache import BlockPool
+from model.tokenizer import Tokenizer
+from model.transformer import DecoderOnlyLM, Transformer, num_parameters
+from service.engine.engine import Engine, EngineConfig, RequestStats, StepStats
+from service.engine.request import Request, SamplingParams
+from service.engine.runner import ModelRunner
+from service.settings import Settings
+
+log = logging.getLogger("attnserve.registry")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(setting: str) -> str:
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
+    return setting
+
+
+def pick_dtype(setting: str, device: str) -> torch.dtype:
+    if setting == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return DTYPES[setting]
+
+
+@dataclass
+class ServedModel:
+    """One model as the HTTP layer sees it: name, tokenizer, engine and a description."""
+
+    name: str
+    checkpoint: Checkpoint
+    engine: Engine
+    device: str
+    dtype: torch.dtype
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.checkpoint.tokenizer
+
+    @property
+    def model(self) -> Transformer | DecoderOnlyLM:
+        return self.engine.runner.model
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.checkpoint.config.is_encoder_decoder
+
+    @property
+    def context_length(self) -> int:
+        return self.engine.config.max_model_len
+
+    def make_request(self, request_id: str, text: str | None, params: SamplingParams,
+                     prompt_ids: list[int] | None = None) -> Request:
+        """A translator gets the text as its source and starts decoding from BOS; an LM continues the text."""
+        tok = self.tokenizer
+        ids = prompt_ids if prompt_ids is not None else tok.encode(text or "")
+        if self.is_encoder_decoder:
+            bos = tok.bos_id if tok.bos_id is not None else 0
+            return Request(request_id, [bos], params, source_ids=ids)
+        if not ids:
+            ids = [tok.bos_id if tok.bos_id is not None else (tok.eos_id or 0)]
+        return Request(request_id, ids, params)
+
+    def describe(self) -> dict[str, Any]:
+        cfg = self.checkpoint.config
+        return {
+            "architecture": cfg.arch,
+            "format": self.checkpoint.source_format,
+            "parameters": num_parameters(self.model),
+            "d_model": cfg.d_model,
+            "heads": cfg.h,
+            "encoder_layers": cfg.n_encoder_layers if cfg.is_encoder_decoder else 0,
+            "decoder_layers": cfg.n_decoder_layers,
+            "vocab_size": cfg.vocab_size,
+            "context_length": self.context_length,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": self.device,
+            "kv_blocks": self.engine.blocks.num_blocks,
+            "block_size": self.engine.blocks.block_size,
+        }
+
+
+def discover(settings: Settings) -> list[Path]:
+    """Checkpoint folders: every folder with a config.json under models_dir, then the explicit ones."""
+    found: list[Path] = []
+    if settings.models_dir is not None and settings.models_dir.is_dir():
+        found += sorted(p for p in settings.models_dir.iterdir() if (p / "config.json").is_file())
+    found += [Path(p) for p in settings.models]
+    return found
+
+
+def build_served_model(
+    path: Path,
+    settings: Settings,
+    on_step: Any = None,
+    on_finish: Any = None,
+) -> ServedModel:
+    """Load a checkpoint and give it an engine with a KV pool sized by the settings."""
+    ckpt = load_checkpoint(path)
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device)
+    cfg = ckpt.config
+    per_block = BlockPool.bytes_per_block(cfg, settings.block_size, dtype)
+    num_blocks = settings.kv_cache_blocks or max(1, settings.kv_cache_bytes // per_block)
+    runner = ModelRunner(ckpt.model, num_blocks, settings.block_size, device, dtype)
+    config = EngineConfig(
+        block_size=settings.block_size,
+        max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        max_waiting_requests=settings.max_waiting_requests,
+        max_waiting_tokens=settings.max_waiting_tokens,
+        queue_timeout=settings.queue_timeout,
+        max_model_len=cfg.max_len,
+    )
+    tok = ckpt.tokenizer
+    engine = Engine(path.name, runner, config, tok.decode, tok.eos_id, on_step, on_finish)
+    return ServedModel(path.name, ckpt, engine, device, dtype)
+
+
+def load_models(
+    settings: Settings,
+    on_step: Any = None,
+    on_finish: Any = None,
+) -> dict[str, ServedModel]:
+    """Every discovered checkpoint, warmed up and with its engine started. A bad checkpoint stops the start."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    models: dict[str, ServedModel] = {}
+    for path in discover(settings):
+        try:
+            served = build_served_model(path, settings, on_step, on_finish)
+        except CheckpointError as e:
+            raise CheckpointError(f"model {path.name}: {e}") from e
+        if served.name in models:
+            raise CheckpointError(f"model {path.name}: two models share this name")
+        if settings.warmup:
+            tok = served.tokenizer
+            probe = tok.encode("The ") or [0]
+            served.engine.warmup(probe if not served.is_encoder_decoder else [tok.bos_id or 0],
+                                 probe if served.is_encoder_decoder else None)
+        served.engine.start()
+        log.info("model ready", extra={"model": served.name, **served.describe()})
+        models[served.name] = served
+    return models
+
+
+__all__ = ["RequestStats", "ServedModel", "StepStats", "build_served_model", "discover", "load_models"]

@@ -1,0 +1,1 @@
+"""One small router per surface; handlers only translate between the wire and the engine."""

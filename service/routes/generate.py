@@ -1,0 +1,91 @@
+"""POST /v1/generate: the native API, JSON or Server-Sent Events (one event per token, then `done`)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from service.engine.request import StepOutput
+from service.errors import APIError
+from service.registry import ServedModel
+from service.routes.deps import (
+    request_id,
+    sampling_params,
+    served_model,
+    settings_of,
+    sse,
+    until_disconnect,
+)
+from service.schemas import ErrorResponse, GenerateRequest, GenerateResponse, Timing, TokenInfo, Usage
+
+router = APIRouter(tags=["generate"])
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429, 503)}
+
+
+def _token_info(served: ServedModel, out: StepOutput, with_logprobs: bool) -> TokenInfo:
+    assert out.token_id is not None
+    tok = served.tokenizer
+    top = {tok.token_text(t.token_id): t.logprob for t in out.top_logprobs} if out.top_logprobs else None
+    return TokenInfo(token_id=out.token_id, text=out.text, logprob=out.logprob if with_logprobs else None,
+                     top_logprobs=top)
+
+
+def _usage(out: StepOutput) -> Usage:
+    return Usage(prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_output_tokens,
+                 total_tokens=out.num_prompt_tokens + out.num_output_tokens)
+
+
+def _timing(out: StepOutput) -> Timing:
+    return Timing(queue_time=out.queue_time, time_to_first_token=out.ttft, total_time=out.e2e)
+
+
+@router.post("/v1/generate", response_model=GenerateResponse, responses={
+    **ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream is true"}})
+async def generate(body: GenerateRequest, request: Request) -> GenerateResponse | StreamingResponse:
+    served = served_model(request, body.model)
+    params = sampling_params(body, settings_of(request), body.logprobs)
+    if body.return_attention is not None:
+        raise APIError(400, "return_attention is not available on this server", param="return_attention")
+    req = served.make_request(request_id(request, "gen"), body.prompt, params)
+    stream = served.engine.open(req)
+    if body.stream:
+        return StreamingResponse(_events(served, stream, body.logprobs is not None), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await until_disconnect(request, _collect(served, stream, req.request_id, body.logprobs is not None))
+
+
+async def _collect(served: ServedModel, stream: AsyncIterator[StepOutput], rid: str, logprobs: bool) -> GenerateResponse:
+    text, ids, tokens = [], [], []
+    async with stream:  # type: ignore[attr-defined]
+        async for out in stream:
+            text.append(out.text)
+            if out.token_id is not None:
+                ids.append(out.token_id)
+                if logprobs:
+                    tokens.append(_token_info(served, out, True))
+            if out.finished:
+                if out.finish_reason == "error":
+                    raise APIError(500, out.error or "generation failed", "server_error", code="generation_failed")
+                return GenerateResponse(id=rid, model=served.name, text="".join(text), token_ids=ids,
+                                        finish_reason=out.finish_reason, usage=_usage(out), timing=_timing(out),
+                                        tokens=tokens if logprobs else None)
+    raise APIError(500, "generation ended without a result", "server_error")
+
+
+async def _events(served: ServedModel, stream: AsyncIterator[StepOutput], logprobs: bool) -> AsyncIterator[str]:
+    async with stream:  # type: ignore[attr-defined]
+        async for out in stream:
+            if out.token_id is not None:
+                yield sse(_token_info(served, out, logprobs).model_dump(exclude_none=True), "token")
+            elif out.text:
+                yield sse({"text": out.text}, "token")
+            if out.finished:
+                if out.finish_reason == "error":
+                    yield sse({"error": {"message": out.error or "generation failed", "type": "server_error"}},
+                              "error")
+                    return
+                yield sse({"finish_reason": out.finish_reason, "usage": _usage(out).model_dump(),
+                           "timing": _timing(out).model_dump()}, "done")
+                return

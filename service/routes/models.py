@@ -1,0 +1,50 @@
+"""GET /v1/models (OpenAI's list, with architecture and sizes), GET /v1/models/{model}, tokenize, detokenize."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from service.registry import ServedModel
+from service.routes.deps import check_token_ids, served_model
+from service.schemas import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+
+router = APIRouter(tags=["models"])
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404)}
+
+
+def _card(request: Request, served: ServedModel) -> ModelCard:
+    return ModelCard(id=served.name, created=int(request.app.state.started), details=served.describe())
+
+
+@router.get("/v1/models", response_model=ModelList, responses=ERRORS)
+async def list_models(request: Request) -> ModelList:
+    models: dict[str, ServedModel] = request.app.state.models
+    return ModelList(data=[_card(request, m) for m in models.values()])
+
+
+@router.get("/v1/models/{model}", response_model=ModelCard, responses=ERRORS)
+async def get_model(model: str, request: Request) -> ModelCard:
+    return _card(request, served_model(request, model))
+
+
+@router.post("/v1/tokenize", response_model=TokenizeResponse, responses=ERRORS)
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+    served = served_model(request, body.model)
+    ids = served.tokenizer.encode(body.text)
+    return TokenizeResponse(model=served.name, tokens=ids, token_strings=[served.tokenizer.token_text(i) for i in ids],
+                            count=len(ids))
+
+
+@router.post("/v1/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    served = served_model(request, body.model)
+    check_token_ids(served, body.tokens, "tokens")
+    return DetokenizeResponse(model=served.name, text=served.tokenizer.decode(body.tokens))

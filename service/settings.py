@@ -1,0 +1,65 @@
+"""`Settings`: every knob of the service, from ATTNSERVE_* environment variables or CLI flags; read once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "model" / "checkpoints"
+
+
+class Settings(BaseSettings):
+    """Service configuration. Environment: ATTNSERVE_<NAME>; lists as JSON (e.g. ATTNSERVE_API_KEYS='["k1"]')."""
+
+    model_config = SettingsConfigDict(env_prefix="ATTNSERVE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    models_dir: Path | None = Field(default=SHIPPED_MODELS, description="serve every checkpoint folder under it")
+    models: list[Path] = Field(default_factory=list, description="extra checkpoint folders (ours or GPT-2)")
+    default_model: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    threads: int | None = Field(default=None, description="torch intra-op threads (default: torch's choice)")
+
+    # engine
+    block_size: int = 16
+    kv_cache_blocks: int | None = Field(default=None, description="KV blocks per model (overrides the bytes)")
+    kv_cache_bytes: int = 256 * 2**20
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_waiting_requests: int = 512
+    max_waiting_tokens: int = 262144
+    queue_timeout: float | None = 60.0
+    warmup: bool = True
+
+    # request limits
+    max_tokens_limit: int = 4096
+    max_n: int = 8
+    max_stop_sequences: int = 8
+    max_stop_length: int = 64
+    max_body_bytes: int = 1 * 2**20
+    max_logprobs: int = 20
+
+    # inspection limits
+    inspect_max_tokens: int = 512
+    inspect_max_values: int = 2_000_000
+
+    # operations
+    api_keys: list[str] = Field(default_factory=list)
+    api_keys_file: Path | None = None
+    metrics_require_auth: bool = False
+    cors_origins: list[str] = Field(default_factory=list)
+    drain_timeout: float = 30.0
+    log_prompts: bool = False
+    log_json: bool = True
+    log_level: str = "info"
+
+    def all_api_keys(self) -> list[str]:
+        keys = list(self.api_keys)
+        if self.api_keys_file is not None:
+            keys += [k.strip() for k in self.api_keys_file.read_text().splitlines() if k.strip()]
+        return keys
