@@ -1,0 +1,58 @@
+"""The direction of imports (ARCHITECTURE): model never imports service; the engine imports no web framework or
+metrics library; only the runner touches the model; only metrics.py imports prometheus_client."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def imports(path: Path) -> set[str]:
+    """Top-level module names and full dotted names imported by a file."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names | {n.split(".")[0] for n in names}
+
+
+def files(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", files("model"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_model_never_imports_service(path: Path) -> None:
+    bad = {n for n in imports(path) if n in ("service", "fastapi", "starlette", "uvicorn", "prometheus_client")}
+    assert not bad, f"{path.name} imports {bad}"
+
+
+@pytest.mark.parametrize("path", files("service/engine"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_engine_imports_no_web_framework_and_only_runner_imports_model(path: Path) -> None:
+    names = imports(path)
+    bad = names & {"fastapi", "starlette", "uvicorn", "pydantic", "prometheus_client", "httpx"}
+    assert not bad, f"{path.name} imports {bad}"
+    if path.name != "runner.py":
+        assert "model" not in names, f"{path.name} imports the model package; only runner.py may"
+
+
+def test_scheduler_is_pure_python() -> None:
+    names = imports(ROOT / "service/engine/scheduler.py")
+    assert "torch" not in names and "numpy" not in names
+
+
+def test_only_metrics_imports_prometheus() -> None:
+    users = [p.name for p in files("service") if "prometheus_client" in imports(p)]
+    assert users == ["metrics.py"], users
+
+
+@pytest.mark.parametrize("path", files("service/routes"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_routes_do_not_touch_the_model(path: Path) -> None:
+    names = imports(path)
+    assert "torch" not in names and "model" not in names, f"{path.name} should only translate HTTP <-> engine"
