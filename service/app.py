@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from starlette.routing import Match
 
 from service import __version__
 from service.errors import error_body, install
@@ -33,6 +34,15 @@ async def drain_engines(app: FastAPI, timeout: float) -> None:
     app.state.draining = True
     served: dict[str, ServedModel] = getattr(app.state, "models", {})
     await asyncio.gather(*(m.engine.drain(timeout) for m in served.values()))
+
+
+def _route_template(request: Request) -> str:
+    """The matched route's path template (`/v1/models/{model}`), never the raw path: bounded label values.
+    Requests answered before routing (401, 413, 503 while draining) are matched here; the rest are "unmatched"."""
+    route = request.scope.get("route")
+    if route is None:
+        route = next((r for r in request.app.router.routes if r.matches(request.scope)[0] == Match.FULL), None)
+    return getattr(route, "path", None) or "unmatched"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -80,8 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics_endpoint(request: Request) -> Response:
-        for name, served in request.app.state.models.items():
-            metrics.set_engine_up(name, served.engine.dead is None and served.engine._thread is not None)
+        metrics.sample_engines(request.app.state.models)
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.middleware("http")
@@ -104,6 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             response = JSONResponse(error_body(f"request body is {length} bytes; the limit is "
                                                f"{settings.max_body_bytes}", "invalid_request_error",
                                                code="body_too_large"), 413)
+            metrics.record_rejection(None, "invalid")
             return _finish(request, response, start)
         if request.app.state.draining and path not in NO_DRAIN_PATHS:
             response = JSONResponse(error_body("the server is shutting down", "unavailable_error",
@@ -114,9 +124,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def _finish(request: Request, response: Response, start: float) -> Response:
         response.headers["X-Request-ID"] = request.state.request_id
-        route = request.scope.get("route")
-        route_path = getattr(route, "path", None) or "unmatched"
-        metrics.record_http(route_path, request.method, response.status_code)
+        metrics.record_http(getattr(request.state, "model_name", None), _route_template(request),
+                            request.method, response.status_code)
         log.info("request", extra={"request_id": request.state.request_id, "method": request.method,
                                    "path": request.url.path, "status": response.status_code,
                                    "latency_ms": round((time.monotonic() - start) * 1000, 2),

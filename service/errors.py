@@ -48,11 +48,13 @@ def engine_error(e: EngineError) -> APIError:
 
 
 def rejection_reason(status: int, code: str | None) -> str | None:
+    """Why a request was refused before any engine took it (for metrics); None for everything else: auth
+    failures, unknown paths, client disconnects (499: those are aborts) and server faults."""
     if status == 429:
         return "overload"
     if code == "context_length_exceeded":
         return "too_long"
-    if 400 <= status < 500 and status not in (401, 404):
+    if status in (400, 413, 422) or code == "model_not_found":
         return "invalid"
     return None
 
