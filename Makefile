@@ -31,3 +31,27 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# --- training the shipped models (CPU-friendly sizes; see each MODEL_CARD.md) ---------------------------------
+# DATA is required and points at your copy of the corpus: never a default outside the repository.
+TRAIN_THREADS ?= 1
+TRAIN_MINUTES ?= 50
+SHAKESPEARE_OUT ?= model/checkpoints/shakespeare-gpt
+MULTI30K_OUT ?= model/checkpoints/multi30k-en-de
+
+train-shakespeare:
+	@test -n "$(DATA)" || { echo "usage: make train-shakespeare DATA=path/to/tinyshakespeare/input.txt"; exit 2; }
+	$(BIN)/python -m model.train --task lm --data "$(DATA)" --out $(SHAKESPEARE_OUT) \
+		--layers 4 --d-model 256 --heads 4 --d-ff 1024 --block 256 --batch-size 16 --dropout 0.0 \
+		--schedule cosine --lr 2e-3 --min-lr 1e-4 --warmup 20 --max-steps 260 --weight-decay 0.1 \
+		--clip 1.0 --eval-interval 40 --eval-limit 96 --log-interval 5 --seed 1337 \
+		--threads $(TRAIN_THREADS) --max-minutes $(TRAIN_MINUTES)
+
+train-multi30k:
+	@test -n "$(DATA)" || { echo "usage: make train-multi30k DATA=path/to/multi30k (the folder with the .gz files)"; exit 2; }
+	$(BIN)/python -m model.train --task translation --data "$(DATA)" --out $(MULTI30K_OUT) \
+		--src-lang en --tgt-lang de --vocab-size 6000 --max-len 128 \
+		--layers 3 --d-model 256 --heads 4 --d-ff 1024 --dropout 0.1 --label-smoothing 0.1 \
+		--schedule noam --lr-scale 0.3 --warmup 100 --max-tokens 1536 --max-steps 100000 \
+		--clip 1.0 --eval-interval 50 --log-interval 5 --seed 1337 --save-dtype float16 \
+		--threads $(TRAIN_THREADS) --max-minutes $(TRAIN_MINUTES)
