@@ -55,3 +55,18 @@ train-multi30k:
 		--schedule noam --lr-scale 0.3 --warmup 100 --max-tokens 1536 --max-steps 100000 \
 		--clip 1.0 --eval-interval 50 --log-interval 5 --seed 1337 --save-dtype float16 \
 		--threads $(TRAIN_THREADS) --max-minutes $(TRAIN_MINUTES)
+
+# --- the container image (README "Deploy") -------------------------------------------------------------------
+# Offline: make docker-build BASE_IMAGE=<local base> DOCKER_BUILD_FLAGS="--network host"
+IMAGE ?= attnserve:latest
+BASE_IMAGE ?= python:3.11-slim
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+DOCKER_BUILD_FLAGS ?=
+DOCKER_RUN_FLAGS ?= -p $(PORT):8000
+
+docker-build:
+	docker build $(DOCKER_BUILD_FLAGS) --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+		--build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL) --build-arg TORCH_VERSION=$(TORCH_VERSION) -t $(IMAGE) .
+
+docker-run:
+	docker run --rm $(DOCKER_RUN_FLAGS) $(IMAGE)
