@@ -9,10 +9,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.routing import Match
 
 from service import __version__
@@ -20,12 +22,14 @@ from service.errors import error_body, install
 from service.logs import setup_logging
 from service.metrics import CONTENT_TYPE, Metrics
 from service.registry import ServedModel, load_models
-from service.routes import generate, health, models, openai
+from service.routes import attention, generate, health, models, openai
 from service.settings import Settings
 
 log = logging.getLogger("attnserve.app")
 
-OPEN_PATHS = {"/health", "/ready", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}
+OPEN_PATHS = {"/health", "/ready", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc", "/inspect"}
+VIEWER_ASSETS = "/inspect/assets/"  # the viewer's static files hold no data: open like the page itself
+STATIC = Path(__file__).resolve().parent / "static"
 NO_DRAIN_PATHS = {"/health", "/ready", "/metrics"}
 
 
@@ -85,8 +89,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.draining = False
     app.state.started = time.time()
     install(app)
-    for router in (health.router, models.router, generate.router, openai.router):
+    for router in (health.router, models.router, generate.router, openai.router, attention.router):
         app.include_router(router)
+    app.mount(VIEWER_ASSETS.rstrip("/"), StaticFiles(directory=STATIC), name="viewer-assets")
+
+    @app.get("/inspect", include_in_schema=False)
+    async def viewer() -> FileResponse:
+        """The attention viewer (plain HTML + JS, works offline)."""
+        return FileResponse(STATIC / "index.html", media_type="text/html")
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics_endpoint(request: Request) -> Response:
@@ -101,7 +111,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         request.state.request_id = rid[:128]
         path = request.url.path
         response: Response
-        if api_keys and path not in OPEN_PATHS and not (path == "/metrics" and not settings.metrics_require_auth):
+        if api_keys and path not in OPEN_PATHS and not path.startswith(VIEWER_ASSETS) and not (
+                path == "/metrics" and not settings.metrics_require_auth):
             auth = request.headers.get("authorization", "")
             key = auth[7:].encode() if auth.lower().startswith("bearer ") else b""
             if not any(hmac.compare_digest(key, k) for k in api_keys):

@@ -356,7 +356,8 @@ class Engine:
             status = RequestStatus.FINISHED_LENGTH
         self._emit(live, StepOutput(req.request_id, token, text, logprob, top, num_prompt_tokens=len(req.prompt_ids),
                                     num_output_tokens=len(req.output_ids), queue_time=self._queue_time(req),
-                                    ttft=req.first_token_time - req.arrival_time))
+                                    ttft=req.first_token_time - req.arrival_time,
+                                    attention=self.runner.attention.get(req.request_id)))
         if status is not None:
             self._finish(live, status)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class RequestStatus(enum.IntEnum):
@@ -54,6 +55,16 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Attention rows to return with each generated token: the row of the query that produced it."""
+
+    kinds: tuple[str, ...] = ("decoder_self",)  # and/or "cross" for a translator
+    layers: tuple[int, ...] | None = None  # None: every decoder layer
+    heads: tuple[int, ...] | None = None  # None: every head
+    aggregation: str = "mean"  # "none" keeps the heads; "mean" / "max" over them
+
+
 @dataclass
 class Request:
     """One generation request and its state inside the engine.
@@ -78,6 +89,7 @@ class Request:
     last_token_time: float | None = None
     finish_time: float | None = None
     error: str | None = None
+    attention: AttentionSpec | None = None  # stream attention rows with each token (the explicit path)
 
     @property
     def all_ids(self) -> list[int]:
@@ -115,6 +127,7 @@ class StepOutput:
     queue_time: float | None = None  # seconds from arrival to first scheduling
     ttft: float | None = None  # seconds from arrival to the first token
     e2e: float | None = None  # seconds from arrival to the end (final output only)
+    attention: dict[str, Any] | None = None  # {"query_position": p, kind: (layers, heads, T_k) nested lists}
 
 
 class EngineError(Exception):

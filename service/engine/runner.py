@@ -6,6 +6,8 @@ requests also run their encoder here) and one batch of single-token decodes. Bot
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -31,6 +33,7 @@ class ModelRunner:
         self.config = model.config
         self.block_size = block_size
         self.pool = BlockPool(self.config, num_blocks, block_size, self.device, dtype)
+        self.attention: dict[str, dict[str, Any]] = {}  # request id -> this step's rows (AttentionSpec)
 
     # --- index arithmetic: where each token's K/V lives --------------------------------------------------------
 
@@ -96,15 +99,47 @@ class ModelRunner:
         last = hidden[torch.arange(b, device=self.device), (num_new - 1).to(self.device)]  # (B, d_model)
         return self.model.logits(last).float()  # (B, vocab)
 
+    # --- attention rows for requests that stream them -----------------------------------------------------------
+
+    @staticmethod
+    def _capture_for(batch: list[ScheduledRequest]) -> AttentionCapture | None:
+        """A capture (the explicit attention path) only when some request in the batch asks for rows."""
+        specs = [s.request.attention for s in batch if s.request.attention is not None]
+        if not specs:
+            return None
+        layers = None if any(a.layers is None for a in specs) else {i for a in specs for i in a.layers or ()}
+        return AttentionCapture({k for a in specs for k in a.kinds}, layers)
+
+    def _keep_rows(self, batch: list[ScheduledRequest], capture: AttentionCapture) -> None:
+        """Each asking request's row at its last new token (the query that predicts the next token)."""
+        for b, s in enumerate(batch):
+            spec = s.request.attention
+            if spec is None:
+                continue
+            q, n_keys = s.num_new - 1, {"decoder_self": s.start + s.num_new, "cross": len(s.request.source_ids or [])}
+            heads = list(spec.heads) if spec.heads is not None else list(range(self.config.h))
+            rows: dict[str, Any] = {"query_position": s.start + q}
+            for kind in spec.kinds:
+                layers = spec.layers if spec.layers is not None else range(self.config.n_decoder_layers)
+                w = torch.stack([capture.weights[(kind, i)][b, heads, q, : n_keys[kind]] for i in layers])  # (L, H, T_k)
+                if spec.aggregation in ("mean", "max"):
+                    w = w.mean(1, keepdim=True) if spec.aggregation == "mean" else w.amax(1, keepdim=True)
+                rows[kind] = w.double().round(decimals=6).tolist()
+            self.attention[s.request.request_id] = rows
+
     @torch.inference_mode()
     def execute(self, prefills: list[ScheduledRequest], decodes: list[ScheduledRequest]) -> Tensor:
-        """Logits (len(prefills) + len(decodes), vocab), prefills first."""
+        """Logits (len(prefills) + len(decodes), vocab), prefills first; attention rows land in self.attention."""
+        self.attention.clear()
         parts = []
-        if prefills:
-            encode = [s for s in prefills if s.encode_source]
+        for batch in (prefills, decodes):
+            if not batch:
+                continue
+            encode = [s for s in batch if s.encode_source]
             if encode:
                 self._write_cross(encode)
-            parts.append(self._forward(prefills))
-        if decodes:
-            parts.append(self._forward(decodes))
+            capture = self._capture_for(batch)
+            parts.append(self._forward(batch, capture))
+            if capture is not None:
+                self._keep_rows(batch, capture)
         return torch.cat(parts) if len(parts) > 1 else parts[0]

@@ -7,9 +7,10 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from service.engine.request import StepOutput
+from service.engine.request import AttentionSpec, StepOutput
 from service.errors import APIError
 from service.registry import ServedModel
+from service.routes.attention import stream_spec, streamed_attention
 from service.routes.deps import (
     request_id,
     sampling_params,
@@ -46,12 +47,14 @@ def _timing(out: StepOutput) -> Timing:
 async def generate(body: GenerateRequest, request: Request) -> GenerateResponse | StreamingResponse:
     served = served_model(request, body.model)
     params = sampling_params(body, settings_of(request), body.logprobs)
-    if body.return_attention is not None:
-        raise APIError(400, "return_attention is not available on this server", param="return_attention")
     req = served.make_request(request_id(request, "gen"), body.prompt, params)
+    if body.return_attention is not None:
+        req.attention = stream_spec(served, body.return_attention, body.stream,
+                                    req.num_tokens + len(req.source_ids or []) + params.max_tokens, settings_of(request))
     stream = served.engine.open(req)
     if body.stream:
-        return StreamingResponse(_events(served, stream, body.logprobs is not None), media_type="text/event-stream",
+        return StreamingResponse(_events(served, stream, body.logprobs is not None, req.attention),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return await until_disconnect(request, _collect(served, stream, req.request_id, body.logprobs is not None))
 
@@ -74,11 +77,15 @@ async def _collect(served: ServedModel, stream: AsyncIterator[StepOutput], rid: 
     raise APIError(500, "generation ended without a result", "server_error")
 
 
-async def _events(served: ServedModel, stream: AsyncIterator[StepOutput], logprobs: bool) -> AsyncIterator[str]:
+async def _events(served: ServedModel, stream: AsyncIterator[StepOutput], logprobs: bool,
+                  attention: AttentionSpec | None = None) -> AsyncIterator[str]:
     async with stream:  # type: ignore[attr-defined]
         async for out in stream:
             if out.token_id is not None:
-                yield sse(_token_info(served, out, logprobs).model_dump(exclude_none=True), "token")
+                data = _token_info(served, out, logprobs).model_dump(exclude_none=True)
+                if attention is not None and out.attention is not None:
+                    data["attention"] = streamed_attention(attention, out)
+                yield sse(data, "token")
             elif out.text:
                 yield sse({"text": out.text}, "token")
             if out.finished:

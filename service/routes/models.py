@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from service.inspect import describe_attention
 from service.registry import ServedModel
-from service.routes.deps import check_token_ids, served_model
+from service.routes.deps import check_token_ids, served_model, settings_of
 from service.schemas import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -21,7 +22,10 @@ ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404)}
 
 
 def _card(request: Request, served: ServedModel) -> ModelCard:
-    return ModelCard(id=served.name, created=int(request.app.state.started), details=served.describe())
+    settings = settings_of(request)
+    attention = describe_attention(served.checkpoint.config, settings.inspect_max_tokens, settings.inspect_max_values)
+    return ModelCard(id=served.name, created=int(request.app.state.started),
+                     details={**served.describe(), "attention": attention})
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERRORS)
