@@ -6,7 +6,7 @@ Masks are boolean and broadcast to (B, h, T_q, T_k); True means "may attend" (to
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -109,7 +109,10 @@ class MultiHeadAttention(nn.Module):
         the keys/values to attend over and their mask (causality and padding included)."""
         q = self.split_heads(self.w_q(x))  # (B, h, T_q, d_k)
         if self.kind == "cross":
-            kv: Callable[[], tuple[Tensor, Tensor]] = lambda: self.project_kv(memory)  # noqa: E731
+            def kv() -> tuple[Tensor, Tensor]:  # a cache may hold these already (never called then)
+                if memory is None:
+                    raise ValueError("cross-attention needs the encoder memory")
+                return self.project_kv(memory)
             if cache is not None:
                 k, v, mask = cache.cross_attention(self.layer_idx, kv)
             else:

@@ -91,15 +91,22 @@ def _read_json(file: Path) -> dict[str, Any]:
     return data
 
 
+def _refuse_pickles(folder: Path) -> None:
+    """Without model.safetensors, pickled weights are the likely mistake: name them rather than another file."""
+    if (folder / "model.safetensors").is_file():
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{pickles[0]}: pickle-based weights are refused (loading them can run arbitrary code); "
+            "convert them to model.safetensors"
+        )
+
+
 def _read_safetensors(folder: Path) -> dict[str, Tensor]:
     file = folder / "model.safetensors"
     if not file.is_file():
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickles:
-            raise CheckpointError(
-                f"{pickles[0]}: pickle-based weights are refused (loading them can run arbitrary code); "
-                "convert them to model.safetensors"
-            )
+        _refuse_pickles(folder)
         raise CheckpointError(f"model.safetensors: missing in {folder.name}/")
     try:
         with safe_open(str(file), framework="pt") as f:
@@ -154,6 +161,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a checkpoint folder")
+    _refuse_pickles(folder)  # before config.json, so a folder of pickled weights is named as such
     if is_gpt2_folder(folder):
         return import_gpt2(folder)
     meta = _read_json(folder / "config.json")
@@ -244,8 +252,14 @@ def import_gpt2(path: str | Path) -> Checkpoint:
 def export_gpt2(model: DecoderOnlyLM, tokenizer: Tokenizer, path: str | Path) -> Path:
     """Write our decoder-only model as a Hugging Face GPT-2 folder (for baselines that load the same weights)."""
     cfg = model.config
-    if cfg.is_encoder_decoder or cfg.norm != "pre" or cfg.positional != "learned" or not cfg.tie_embeddings:
-        raise ValueError("only pre-norm, learned-position, tied decoder-only models have a GPT-2 layout")
+    if (
+        cfg.is_encoder_decoder or cfg.norm != "pre" or cfg.positional != "learned" or not cfg.tie_embeddings
+        or cfg.scale_embeddings or not cfg.bias
+    ):
+        raise ValueError(
+            "only pre-norm, learned-position, tied, unscaled-embedding decoder-only models with biases have a "
+            "GPT-2 layout"
+        )
     act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[cfg.activation]
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)

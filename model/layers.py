@@ -31,6 +31,8 @@ def sinusoid_table(max_len: int, d_model: int) -> Tensor:
 class SinusoidalPositions(nn.Module):
     """Fixed sinusoidal positional encoding (section 3.5), looked up by absolute position."""
 
+    pe: Tensor
+
     def __init__(self, max_len: int, d_model: int) -> None:
         super().__init__()
         self.register_buffer("pe", sinusoid_table(max_len, d_model), persistent=False)
