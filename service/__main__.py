@@ -9,13 +9,16 @@ import argparse
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import uvicorn
+from fastapi import FastAPI
 
+from model.checkpoint import CheckpointError
 from service.app import create_app, drain_engines
 from service.settings import Settings
 
@@ -27,8 +30,15 @@ class DrainingServer(uvicorn.Server):
 
     def __init__(self, config: uvicorn.Config, settings: Settings) -> None:
         super().__init__(config)
+        self.app = cast(FastAPI, config.app)
         self.settings = settings
         self._draining = False
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        """Run the app's lifespan around uvicorn (not inside it), so that a model that cannot load ends the start
+        with its own error instead of a lifespan traceback, and before the port opens."""
+        async with self.app.router.lifespan_context(self.app):
+            await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining or not hasattr(self.config, "loaded_app"):
@@ -38,8 +48,7 @@ class DrainingServer(uvicorn.Server):
         asyncio.get_event_loop().create_task(self._drain())
 
     async def _drain(self) -> None:
-        app = self.config.app
-        await drain_engines(app, self.settings.drain_timeout)
+        await drain_engines(self.app, self.settings.drain_timeout)
         await asyncio.sleep(0.2)  # let the last events of aborted streams go out
         self.should_exit = True
 
@@ -73,11 +82,14 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings(**overrides)
     if no_dir:
         settings.models_dir = None
-    app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=False, timeout_graceful_shutdown=5)
-    server = DrainingServer(config, settings)
-    server.run()
+    try:
+        app = create_app(settings)
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                                access_log=False, timeout_graceful_shutdown=5, lifespan="off")
+        DrainingServer(config, settings).run()
+    except (CheckpointError, OSError) as e:  # a bad model folder or file: say which, no traceback
+        log.error("cannot start: %s", e, extra={"error": str(e)})
+        sys.exit(2)
     sys.exit(0)
 
 

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.engine.engine import InvalidRequest
 from service.engine.request import EngineDead, EngineError, EngineOverloaded, EngineStopped, RequestTooLong
 
 log = logging.getLogger("attnserve.http")
@@ -36,6 +37,8 @@ def engine_error(e: EngineError) -> APIError:
     """The one mapping from engine errors to HTTP statuses."""
     if isinstance(e, RequestTooLong):
         return APIError(400, str(e), param="prompt", code="context_length_exceeded")
+    if isinstance(e, InvalidRequest):
+        return APIError(400, str(e), param="prompt", code="invalid_value")
     if isinstance(e, EngineOverloaded):
         return APIError(429, f"server overloaded: {e}; retry later", "overloaded_error", code="overloaded",
                         headers={"Retry-After": str(max(1, round(e.retry_after)))})
@@ -59,8 +62,12 @@ def rejection_reason(status: int, code: str | None) -> str | None:
     return None
 
 
+_TYPE_TAGS = {"body", "query", "path", "header", "str", "int", "float", "bool", "list", "dict"}
+
+
 def _field(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    """`prompt.0`, never the union member tags pydantic puts in locations (`constrained-str`, `list[int]`)."""
+    parts = [str(p) for p in loc if isinstance(p, int) or (str(p).isidentifier() and p not in _TYPE_TAGS)]
     return ".".join(parts) or "body"
 
 
@@ -85,7 +92,14 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
+        # for a union field, the branch whose type matched says more than "should be a valid string"
+        first: dict[str, Any] = next((e for e in errors if not str(e.get("type", "")).endswith("_type")),
+                                     errors[0] if errors else {"loc": ("body",), "msg": "invalid request"})
+        if first.get("type") == "json_invalid":  # loc is ("body", <character offset>)
+            where = first.get("loc", ("body", "?"))[-1]
+            error = (first.get("ctx") or {}).get("error", "malformed")
+            return respond(request, APIError(400, f"body: not valid JSON ({error} at character {where})",
+                                             param="body", code="invalid_json"))
         field = _field(tuple(first.get("loc", ())))
         msg = str(first.get("msg", "invalid value"))
         more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
@@ -93,6 +107,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 413:  # a streamed (chunked) body went over the limit while it was read
+            limit = request.app.state.settings.max_body_bytes
+            return respond(request, APIError(413, f"request body is over the limit of {limit} bytes", param="body",
+                                             code="body_too_large"))
         kind = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
                 413: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
         return respond(request, APIError(exc.status_code, str(exc.detail), kind, headers=dict(exc.headers or {})))

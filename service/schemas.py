@@ -9,6 +9,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# Any string constraint makes pydantic check that a string is valid Unicode: a lone surrogate ("\\ud800" in
+# JSON) is refused as a 400 naming the field instead of failing in the tokenizer. The body limit bounds it anyway.
+MAX_TEXT_CHARS = 2**20
+
 # --- shared -------------------------------------------------------------------------------------------------
 
 
@@ -34,14 +38,14 @@ class Usage(BaseModel):
 class SamplingFields(BaseModel):
     """The sampling fields shared by the native and OpenAI-compatible endpoints."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", str_max_length=MAX_TEXT_CHARS)
 
     model: str | None = Field(None, description="a served model's name; the default model if omitted")
     max_tokens: int = Field(16, ge=1, description="tokens to generate at most")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 means greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 disables top-k")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10.0, description="1 is off; below 0.01 logits overflow")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="same seed, same text, at any load")
@@ -172,7 +176,7 @@ class ModelList(BaseModel):
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", str_max_length=MAX_TEXT_CHARS)
     model: str | None = None
     text: str
 
@@ -185,7 +189,7 @@ class TokenizeResponse(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", str_max_length=MAX_TEXT_CHARS)
     model: str | None = None
     tokens: list[int]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import queue
 import threading
@@ -15,10 +16,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from service.engine.detokenizer import Decode, IncrementalDetokenizer
 from service.engine.request import (
     EngineDead,
+    EngineError,
     EngineOverloaded,
     EngineStopped,
     Request,
@@ -27,8 +30,11 @@ from service.engine.request import (
     StepOutput,
 )
 from service.engine.runner import ModelRunner
-from service.engine.sampler import Sampler
+from service.engine.sampler import Sample, Sampler
 from service.engine.scheduler import BlockManager, ScheduledRequest, Scheduler
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 log = logging.getLogger("attnserve.engine")
 
@@ -78,6 +84,25 @@ class RequestStats:
 
 
 @dataclass
+class Caller:
+    """What one caller (an HTTP request) shares with every engine request it opens: an optional deadline, and
+    the token counts of those requests once their streams close (for the caller's access log)."""
+
+    deadline: float | None = None  # monotonic seconds
+    prompt: str | None = None  # the request's text, set only where the service logs prompts
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+# Set by the HTTP layer for the duration of one HTTP request; requests opened under it inherit its deadline.
+CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("attnserve_caller", default=None)
+
+
+class InvalidRequest(EngineError):
+    """A request the model cannot run whatever the load (e.g. an empty source for a translator)."""
+
+
+@dataclass
 class _Live:
     """Engine-thread state of a request: its record, detokenizer and where its outputs go."""
 
@@ -90,8 +115,10 @@ class _Live:
 class RequestStream:
     """Async iterator over one request's StepOutputs; as a context manager it aborts on early exit."""
 
-    def __init__(self, engine: Engine, request: Request, loop: asyncio.AbstractEventLoop) -> None:
-        self.engine, self.request, self.loop = engine, request, loop
+    def __init__(
+        self, engine: Engine, request: Request, loop: asyncio.AbstractEventLoop, caller: Caller | None = None
+    ) -> None:
+        self.engine, self.request, self.loop, self.caller = engine, request, loop, caller
         self.queue: asyncio.Queue[StepOutput] = asyncio.Queue()
         self.finished = False
 
@@ -113,6 +140,10 @@ class RequestStream:
     ) -> None:
         if not self.finished:
             self.engine.abort(self.request.request_id)
+        if self.caller is not None:
+            req = self.request
+            self.caller.prompt_tokens += len(req.source_ids if req.source_ids is not None else req.prompt_ids)
+            self.caller.completion_tokens += len(req.output_ids)
 
 
 class Engine:
@@ -161,6 +192,8 @@ class Engine:
                 f"this model's maximum context length is {self.config.max_model_len} tokens; the request needs "
                 f"{total} ({req.num_tokens} in the prompt + max_tokens {req.params.max_tokens})"
             )
+        if req.source_ids is not None and not req.source_ids:
+            raise InvalidRequest("the prompt is empty; a translator needs a source sentence")
         if req.source_ids is not None and len(req.source_ids) > self.config.max_model_len:
             raise RequestTooLong(
                 f"the source has {len(req.source_ids)} tokens; the maximum is {self.config.max_model_len}"
@@ -181,7 +214,10 @@ class Engine:
     def open(self, req: Request) -> RequestStream:
         """Queue a request and return its stream (use it as `async with`)."""
         self.check(req)
-        stream = RequestStream(self, req, asyncio.get_running_loop())
+        caller = CALLER.get()
+        if caller is not None and req.deadline is None:
+            req.deadline = caller.deadline
+        stream = RequestStream(self, req, asyncio.get_running_loop(), caller)
         with self._lock:
             self._pending += 1
             self._pending_tokens += req.num_tokens
@@ -240,6 +276,7 @@ class Engine:
         try:
             while not self._stop:
                 self._take_inbox()
+                self._flush()  # aborts taken above must reach their streams even if no step follows
                 if not self.scheduler.has_work():
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
@@ -305,7 +342,7 @@ class Engine:
                     self._finish(self._live[s.request.request_id], RequestStatus.FINISHED_ERROR,
                                  error="the model failed on this request")
                 continue
-            samples = self.sampler(logits, [s.request for s in batch])
+            samples = self._sample(logits, [s.request for s in batch])
             dt = time.monotonic() - t
             if batch is plan.prefills:
                 prefill_time = dt
@@ -321,6 +358,21 @@ class Engine:
                 len(plan.decodes), prefill_time, decode_time, time.monotonic() - t0, len(self.scheduler.running),
                 len(self.scheduler.waiting), len(plan.preempted), self.blocks.num_blocks, self.blocks.num_free,
             ))
+
+    def _sample(self, logits: Tensor, reqs: list[Request]) -> list[Sample]:
+        """Sample the batch; if that raises, sample each request alone so that only the bad one fails (a
+        seeded request sampled twice then draws once more than usual: only in a step where another failed)."""
+        try:
+            return self.sampler(logits, reqs)
+        except Exception:
+            out: list[Sample] = []
+            for i, req in enumerate(reqs):
+                try:
+                    out += self.sampler(logits[i : i + 1], [req])
+                except Exception as e:
+                    log.warning("sampling failed", extra={"request_id": req.request_id, "error": repr(e)[:200]})
+                    out.append(Sample(-1, 0.0, (), error="sampling failed on this request's logits"))
+            return out
 
     def _count_pending(self) -> None:
         waiting = self.scheduler.waiting

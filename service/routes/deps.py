@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
+from service.engine.engine import CALLER
 from service.engine.request import SamplingParams
 from service.errors import APIError
 from service.registry import ServedModel
@@ -18,6 +19,12 @@ from service.schemas import SamplingFields
 from service.settings import Settings
 
 T = TypeVar("T")
+
+# Temperatures below this sample as greedy (as vLLM does): dividing logits by ~1e-300 overflows to inf.
+GREEDY_BELOW = 1e-5
+# A top_p this small already keeps the top token alone (for any vocabulary under a million tokens); a smaller
+# one underflows to 0 in float32, which would filter out every token.
+MIN_TOP_P = 1e-6
 
 
 def served_model(request: Request, name: str | None) -> ServedModel:
@@ -42,7 +49,10 @@ def settings_of(request: Request) -> Settings:
 
 def sampling_params(body: SamplingFields, settings: Settings, logprobs: int | None, seed_offset: int = 0) -> SamplingParams:
     """Check the limits that depend on settings and build the engine's SamplingParams."""
-    if body.max_tokens > settings.max_tokens_limit:
+    max_tokens = body.max_tokens
+    if "max_tokens" not in body.model_fields_set:  # the default is never refused, only capped
+        max_tokens = min(max_tokens, settings.max_tokens_limit)
+    elif max_tokens > settings.max_tokens_limit:
         raise APIError(400, f"max_tokens is {body.max_tokens}; the limit is {settings.max_tokens_limit}",
                        param="max_tokens")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -54,8 +64,13 @@ def sampling_params(body: SamplingFields, settings: Settings, logprobs: int | No
                            param="stop")
     if logprobs is not None and logprobs > settings.max_logprobs:
         raise APIError(400, f"logprobs is {logprobs}; the limit is {settings.max_logprobs}", param="logprobs")
+    caller = CALLER.get()
+    if settings.log_prompts and caller is not None:  # the access log line carries it; off by default
+        text = getattr(body, "prompt", None) or getattr(body, "source", None)
+        caller.prompt = None if text is None else str(text)
     return SamplingParams(
-        max_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+        max_tokens=max_tokens, temperature=0.0 if body.temperature < GREEDY_BELOW else body.temperature,
+        top_k=body.top_k, top_p=max(body.top_p, MIN_TOP_P),
         repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty, seed=None if body.seed is None else body.seed + seed_offset,
         stop=tuple(s for s in stop if s), stop_token_ids=tuple(body.stop_token_ids or ()),
@@ -81,20 +96,27 @@ def sse(data: Any, event: str | None = None) -> str:
     return (f"event: {event}\n" if event else "") + f"data: {payload}\n\n"
 
 
-async def until_disconnect(request: Request, work: Awaitable[T], poll: float = 0.05) -> T:
-    """Await `work`, cancelling it (so its engine requests abort) if the client goes away first."""
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (so its engine requests abort) as soon as the client goes away.
+
+    The body has been read, so the next ASGI message is the disconnect: wait for it rather than poll
+    `request.is_disconnected()`, which cannot see through a `BaseHTTPMiddleware`'s receive."""
     task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=poll)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                raise APIError(499, "client closed the request", "client_closed")
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        raise APIError(499, "client closed the request", "client_closed")
     finally:
-        if not task.done():
-            task.cancel()
+        for t in (task, watch):
+            if not t.done():
+                t.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:

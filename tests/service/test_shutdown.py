@@ -1,0 +1,153 @@
+"""The real process: `python -m service` drains on SIGTERM (in-flight streams finish, new requests get 503, exit
+0) and refuses to start on a model it must not or cannot load (pickle, corrupt safetensors), saying which."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Process:
+    """`python -m service` on a free loopback port, its output in a file."""
+
+    def __init__(self, models_dir: Path, log: Path, *args: str, wait: bool = True) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        env = {**os.environ, "ATTNSERVE_BLOCK_SIZE": "4", "ATTNSERVE_KV_CACHE_BLOCKS": "512",
+               "ATTNSERVE_LOG_LEVEL": "info"}
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "service", "--models-dir", str(models_dir), "--port", str(self.port),
+                 "--dtype", "float32", "--device", "cpu", *args], cwd=ROOT, env=env, stdout=out,
+                stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            assert self.proc.poll() is None, self.output()
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("server did not become ready")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+async def _stream(c: httpx.AsyncClient, body: dict[str, Any], started: asyncio.Event) -> tuple[int, str | None]:
+    """Tokens received and the finish_reason of the `done` event (None if the stream broke off)."""
+    tokens, reason = 0, None
+    async with c.stream("POST", "/v1/generate", json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and '"token_id"' in line:
+                tokens += 1
+                started.set()
+            elif line.startswith("data: ") and "finish_reason" in line:
+                reason = json.loads(line[6:])["finish_reason"]
+    return tokens, reason
+
+
+async def _sigterm_during_streams(p: Process, n: int, max_tokens: int) -> tuple[list[tuple[int, str | None]], dict]:
+    body = {"prompt": "ROMEO:", "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0}
+    after: dict[str, Any] = {}
+    async with httpx.AsyncClient(base_url=p.url, timeout=120) as c:
+        started = asyncio.Event()
+        streams = [asyncio.create_task(_stream(c, body, started)) for _ in range(n)]
+        await asyncio.wait_for(started.wait(), 60)
+        p.proc.send_signal(signal.SIGTERM)
+        end = time.monotonic() + 10
+        while (await c.get("/ready")).status_code == 200:
+            assert time.monotonic() < end
+            await asyncio.sleep(0.01)
+        r = await c.post("/v1/generate", json={"prompt": "late", "max_tokens": 2})
+        after = {"status": r.status_code, "code": r.json()["error"]["code"], "health": (await c.get("/health")).status_code}
+        results = await asyncio.gather(*streams)
+    return results, after
+
+
+def test_sigterm_lets_in_flight_streams_finish_and_exits_0(checkpoints_dir: Path, tmp_path: Path) -> None:
+    # two seats, so the 12 streams run in turns and are still in flight well after the signal
+    p = Process(checkpoints_dir, tmp_path / "server.log", "--max-num-seqs", "2", "--drain-timeout", "60")
+    try:
+        results, after = asyncio.run(_sigterm_during_streams(p, 12, 100))
+        assert after == {"status": 503, "code": "shutting_down", "health": 200}
+        assert results == [(100, "length")] * 12
+        assert p.proc.wait(timeout=60) == 0
+    finally:
+        p.stop()
+    out = p.output()
+    assert '"msg": "draining"' in out and "Traceback" not in out
+
+
+def test_streams_past_the_drain_timeout_end_with_abort(checkpoints_dir: Path, tmp_path: Path) -> None:
+    p = Process(checkpoints_dir, tmp_path / "server.log", "--max-num-seqs", "1", "--drain-timeout", "0.3")
+    try:
+        results, after = asyncio.run(_sigterm_during_streams(p, 6, 120))
+        assert after["status"] == 503
+        reasons = [reason for _, reason in results]
+        assert "abort" in reasons and set(reasons) <= {"length", "abort"}, results
+        assert all(tokens < 120 for tokens, reason in results if reason == "abort")
+        assert p.proc.wait(timeout=60) == 0
+    finally:
+        p.stop()
+
+
+def test_pickled_or_corrupt_weights_are_refused_at_start(checkpoints_dir: Path, tmp_path: Path) -> None:
+    good = checkpoints_dir / "tiny-gpt"
+    pickled = tmp_path / "pickled" / "tiny-gpt"
+    pickled.mkdir(parents=True)
+    for name in ("config.json", "tokenizer.json"):
+        (pickled / name).write_bytes((good / name).read_bytes())
+    marker = tmp_path / "pwned"
+    # a pickle that would create a file if anything unpickled it
+    (pickled / "pytorch_model.bin").write_bytes(
+        b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
+    corrupt = tmp_path / "corrupt" / "tiny-gpt"
+    corrupt.mkdir(parents=True)
+    for name in ("config.json", "tokenizer.json"):
+        (corrupt / name).write_bytes((good / name).read_bytes())
+    (corrupt / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes()[:1000])
+    procs = [Process(d.parent, tmp_path / f"{d.parent.name}.log", wait=False) for d in (pickled, corrupt)]
+    try:
+        codes = [p.proc.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.stop()
+    assert codes == [2, 2]
+    for p, words in zip(procs, (["pytorch_model.bin", "pickle"], ["model.safetensors", "corrupt"]), strict=True):
+        out = p.output()
+        assert "Traceback" not in out, out
+        line = next(json.loads(x) for x in out.splitlines() if x.startswith("{") and '"cannot start' in x)
+        assert line["level"] == "error" and all(w in line["msg"] for w in words), line
+    assert not marker.exists()
+
