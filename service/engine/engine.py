@@ -274,6 +274,7 @@ class Engine:
 
     def _run(self) -> None:
         try:
+            self.runner.bind_thread()
             while not self._stop:
                 self._take_inbox()
                 self._flush()  # aborts taken above must reach their streams even if no step follows
@@ -406,12 +407,17 @@ class Engine:
             status = RequestStatus.FINISHED_STOPPED
         elif len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
             status = RequestStatus.FINISHED_LENGTH
-        self._emit(live, StepOutput(req.request_id, token, text, logprob, top, num_prompt_tokens=len(req.prompt_ids),
+        self._emit(live, StepOutput(req.request_id, token, text, logprob, top, num_prompt_tokens=self._prompt_len(req),
                                     num_output_tokens=len(req.output_ids), queue_time=self._queue_time(req),
                                     ttft=req.first_token_time - req.arrival_time,
                                     attention=self.runner.attention.get(req.request_id)))
         if status is not None:
             self._finish(live, status)
+
+    @staticmethod
+    def _prompt_len(req: Request) -> int:
+        """Tokens the caller sent: a translator's prompt is its source (its decoder prompt is only BOS)."""
+        return len(req.source_ids if req.source_ids is not None else req.prompt_ids)
 
     @staticmethod
     def _queue_time(req: Request) -> float | None:
@@ -431,7 +437,7 @@ class Engine:
         e2e = req.finish_time - req.arrival_time
         ttft = None if req.first_token_time is None else req.first_token_time - req.arrival_time
         self._emit(live, StepOutput(req.request_id, None, tail, finished=True, finish_reason=reason, error=error,
-                                    num_prompt_tokens=len(req.prompt_ids), num_output_tokens=len(req.output_ids),
+                                    num_prompt_tokens=self._prompt_len(req), num_output_tokens=len(req.output_ids),
                                     queue_time=self._queue_time(req), ttft=ttft, e2e=e2e))
         if self.on_finish is not None and not req.request_id.startswith("warmup-"):
             self.on_finish(RequestStats(self.name, req.request_id, reason, len(req.prompt_ids), len(req.output_ids),

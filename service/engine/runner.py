@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from model.attention import AttentionCapture
+from model.attention import AttentionCapture, MultiHeadAttention
 from model.kv_cache import BlockPool, PagedKVCache
 from model.transformer import DecoderOnlyLM, Transformer
 from service.engine.scheduler import ScheduledRequest
@@ -34,6 +34,12 @@ class ModelRunner:
         self.block_size = block_size
         self.pool = BlockPool(self.config, num_blocks, block_size, self.device, dtype)
         self.attention: dict[str, dict[str, Any]] = {}  # request id -> this step's rows (AttentionSpec)
+        self.num_threads = torch.get_num_threads()  # the process's intra-op setting when the model was loaded
+
+    def bind_thread(self) -> None:
+        """Apply `num_threads` to the calling thread (the engine loop): OpenMP's thread count is per OS thread,
+        so a new thread would use one per core whatever `torch.set_num_threads` said elsewhere."""
+        torch.set_num_threads(self.num_threads)
 
     # --- index arithmetic: where each token's K/V lives --------------------------------------------------------
 
@@ -57,8 +63,9 @@ class ModelRunner:
         memory = self.model.encode(src, src_valid)  # (B, S, d_model)
         slots = self._slots([s.request.cross_block_ids for s in batch], s_max)[src_valid]  # (N,)
         for i, layer in enumerate(self.model.decoder.layers):
-            assert layer.cross_attn is not None
-            k, v = layer.cross_attn.project_kv(memory)  # (B, h, S, d_k)
+            attn = layer.cross_attn
+            assert isinstance(attn, MultiHeadAttention)
+            k, v = attn.project_kv(memory)  # (B, h, S, d_k)
             self.pool.write(i, slots, k.transpose(1, 2)[src_valid], v.transpose(1, 2)[src_valid])
 
     def _cross_view(self, batch: list[ScheduledRequest]) -> tuple[Tensor | None, Tensor | None]:

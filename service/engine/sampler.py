@@ -6,6 +6,7 @@ the batch; a seeded request draws from its own generator, so the same seed gives
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -87,7 +88,7 @@ class Sampler:
             else:
                 probs = filter_logits(row, p.temperature, p.top_k, p.top_p).softmax(-1)
                 token = int(torch.multinomial(probs, 1, generator=self.generator(req)))
-            lp, top = 0.0, ()
+            lp, top = 0.0, cast(tuple[TokenLogprob, ...], ())
             if logprobs is not None and p.logprobs is not None:
                 lp = float(logprobs[i, token])
                 if p.logprobs > 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -22,7 +23,7 @@ from service.routes.deps import (
 from service.schemas import ErrorResponse, GenerateRequest, GenerateResponse, Timing, TokenInfo, Usage
 
 router = APIRouter(tags=["generate"])
-ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429, 503)}
+ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429, 503)}
 
 
 def _token_info(served: ServedModel, out: StepOutput, with_logprobs: bool) -> TokenInfo:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 
 from service.inspect import describe_attention
@@ -18,7 +20,7 @@ from service.schemas import (
 )
 
 router = APIRouter(tags=["models"])
-ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404)}
+ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in (400, 401, 404)}
 
 
 def _card(request: Request, served: ServedModel) -> ModelCard:

@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -34,7 +35,7 @@ from service.schemas import (
 )
 
 router = APIRouter(tags=["openai"])
-ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429, 503)}
+ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429, 503)}
 
 
 @dataclass
@@ -58,16 +59,14 @@ def _prompts(body: CompletionRequest, served: ServedModel) -> list[tuple[str, li
         return [(p, None)]
     if not p:
         raise APIError(400, "prompt must not be empty", param="prompt")
-    if all(isinstance(x, str) for x in p):
-        return [(x, None) for x in p]  # type: ignore[misc]
-    if all(isinstance(x, int) for x in p):
-        ids = list(p)  # type: ignore[arg-type]
+    items: list[Any] = list(p)
+    if all(isinstance(x, str) for x in items):
+        return [(x, None) for x in items]
+    groups: list[list[int]] = [items] if all(isinstance(x, int) for x in items) else [list(x) for x in items]
+    out: list[tuple[str, list[int] | None]] = []
+    for ids in groups:
         check_token_ids(served, ids, "prompt")
-        return [(served.tokenizer.decode(ids), ids)]
-    out = []
-    for ids in p:
-        check_token_ids(served, list(ids), "prompt")  # type: ignore[arg-type]
-        out.append((served.tokenizer.decode(ids), list(ids)))  # type: ignore[arg-type]
+        out.append((served.tokenizer.decode(ids), ids))
     return out
 
 
@@ -99,7 +98,8 @@ async def completions(body: CompletionRequest, request: Request) -> CompletionRe
     if len(prompts) * body.n > settings.max_n * 4:
         raise APIError(400, f"{len(prompts)} prompts x n={body.n} exceeds {settings.max_n * 4} choices", param="prompt")
     rid = request_id(request, "cmpl")
-    choices, streams = [], []
+    choices: list[_Choice] = []
+    streams: list[RequestStream] = []
     async with AsyncExitStack() as stack:
         for pi, (text, ids) in enumerate(prompts):
             for j in range(body.n):
