@@ -70,3 +70,11 @@ docker-build:
 
 docker-run:
 	docker run --rm $(DOCKER_RUN_FLAGS) $(IMAGE)
+
+# --- benchmarks (benchmarks/README.md) -------------------------------------------------------------------------
+# Our server vs transformers generate() (served one at a time, and one static batch) on identical weights, and the
+# roofline: both models, float32 and bfloat16, ~10 minutes on 2 CPU cores; writes benchmarks/results/<date>-cpu/.
+BENCH_ARGS ?=
+
+bench: setup
+	$(BIN)/python -m benchmarks.run_cpu $(BENCH_ARGS)

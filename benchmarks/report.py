@@ -1,0 +1,165 @@
+"""Markdown tables and PNG plots (matplotlib, Agg backend) for the serving benchmark's results."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # after use("Agg"): the backend is chosen first
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}" if abs(v) < 1 else f"{v:.1f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+LEVEL_HEADERS = ("concurrency", "ok", "failed", "req/s", "output tok/s", "total tok/s", "TTFT mean / med / p99 ms",
+                 "TPOT mean / med / p99 ms", "ITL mean / med / p99 ms", "E2E mean / med / p99 ms", "decode step ms",
+                 "decode batch")
+
+
+def _triple(level: dict[str, Any], name: str) -> str:
+    return " / ".join(f"{level[f'{k}_{name}_ms']:.1f}" for k in ("mean", "median", "p99"))
+
+
+def levels_table(levels: Sequence[dict[str, Any]]) -> str:
+    """One row per concurrency level of a serve_bench sweep."""
+    rows = []
+    for lv in levels:
+        server = lv.get("server") or {}
+        rows.append([lv["concurrency"], lv["completed"], lv["failed"], lv["request_throughput"],
+                     lv["output_throughput"], lv["total_token_throughput"], _triple(lv, "ttft"), _triple(lv, "tpot"),
+                     _triple(lv, "itl"), _triple(lv, "e2el"), server.get("decode_step_mean_ms", "-"),
+                     server.get("mean_decode_batch", "-")])
+    return markdown_table(LEVEL_HEADERS, rows)
+
+
+def plot_levels(series: dict[str, Sequence[dict[str, Any]]], path: Path, title: str = "",
+                baselines: dict[str, float] | None = None) -> None:
+    """Left: output tokens/s against concurrency per server (+ flat lines for offline baselines).
+    Right: median and p99 of TTFT, ITL and end-to-end latency against concurrency per server."""
+    fig, (thr, lat) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, levels in series.items():
+        xs = [lv["concurrency"] for lv in levels]
+        thr.plot(xs, [lv["output_throughput"] for lv in levels], marker="o", label=name)
+    for j, (name, value) in enumerate((baselines or {}).items()):
+        thr.axhline(value, linestyle="--", color=f"C{len(series) + j}", label=name)
+    thr.set(xscale="log", yscale="log", xlabel="concurrent streams", ylabel="output tokens / s", title="throughput")
+    thr.legend(fontsize=8)
+    styles = {"ttft": "o", "itl": "s", "e2el": "^"}
+    for i, (name, levels) in enumerate(series.items()):
+        xs = [lv["concurrency"] for lv in levels]
+        for metric, marker in styles.items():
+            lat.plot(xs, [lv[f"median_{metric}_ms"] for lv in levels], marker=marker, color=f"C{i}",
+                     label=f"{name} {metric} median")
+            lat.plot(xs, [lv[f"p99_{metric}_ms"] for lv in levels], marker=marker, color=f"C{i}", linestyle=":",
+                     label=f"{name} {metric} p99")
+    lat.set(xscale="log", yscale="log", xlabel="concurrent streams", ylabel="ms", title="latency (median, p99 dotted)")
+    lat.legend(fontsize=6, ncol=2)
+    ticks = sorted({lv["concurrency"] for levels in series.values() for lv in levels})
+    for ax in (thr, lat):
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- the whole comparison (benchmarks.run_cpu) -------------------------------------------------------------------
+
+
+def _level(run: dict[str, Any], system: str, concurrency: int) -> dict[str, Any] | None:
+    levels = (run.get(system) or {}).get("levels") or []
+    return next((lv for lv in levels if lv["concurrency"] == concurrency), None)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _value(run: dict[str, Any], system: str, concurrency: int, key: str) -> float | None:
+    level = _level(run, system, concurrency)
+    return None if level is None else float(level[key])
+
+
+def targets(run: dict[str, Any], top: int) -> list[tuple[str, float | None, float, str]]:
+    """(target, measured value, limit, "ge"/"le") for one model x dtype; value None when it was not measured."""
+    ours = _value(run, "ours", top, "output_throughput")
+    static = run.get("hf_static", {}).get("output_throughput")
+    out: list[tuple[str, float | None, float, str]] = [
+        (f"output tok/s at {top} streams / naive server",
+         _ratio(ours, _value(run, "naive", 1, "output_throughput")), 10.0, "ge"),
+        (f"output tok/s at {top} streams / HF static batch", _ratio(ours, static), 1.5, "ge"),
+        (f"decode step at {top} streams / roofline", (run.get("decode_vs_roofline") or {}).get("ratio"), 2.0, "le"),
+        (f"ITL p99 / median at {top} streams",
+         _ratio(_value(run, "ours", top, "p99_itl_ms"), _value(run, "ours", top, "median_itl_ms")), 3.0, "le"),
+    ]
+    if run["model"] == "shakespeare-gpt":
+        out.append(("TTFT median ms at 1 stream", _value(run, "ours", 1, "median_ttft_ms"), 50.0, "le"))
+    return out
+
+
+def summary_tables(runs: Sequence[dict[str, Any]], machine: Any, top: int) -> str:
+    """The README's tables: throughput and latency per model x dtype, then each target met or not."""
+    concs = [lv["concurrency"] for lv in runs[0]["ours"]["levels"]] if runs else []
+    head = ["model", "dtype", *[f"ours c={c} tok/s" for c in concs], "naive c=1 tok/s", "HF static tok/s",
+            "TTFT med c=1 ms", f"ITL med / p99 c={top} ms", f"decode step c={top} ms (batch)", "roofline ms"]
+    rows = []
+    for r in runs:
+        ours = [(_level(r, "ours", c) or {}).get("output_throughput", "-") for c in concs]
+        naive = (_level(r, "naive", 1) or {}).get("output_throughput", "-")
+        one, hi = _level(r, "ours", 1) or {}, _level(r, "ours", top) or {}
+        dv = r.get("decode_vs_roofline") or {}
+        rows.append([r["model"], r["dtype"], *ours, naive, r.get("hf_static", {}).get("output_throughput", "-"),
+                     one.get("median_ttft_ms", "-"),
+                     f"{hi.get('median_itl_ms', 0):.1f} / {hi.get('p99_itl_ms', 0):.1f}",
+                     f"{dv['measured_ms']:.1f} ({dv['decode_batch']:.1f})" if dv else "-",
+                     f"{dv['roofline_ms']:.2f} ({dv['bound']})" if dv else "-"])
+    checks = []
+    for r in runs:
+        for name, value, limit, sense in targets(r, top):
+            ok = value is not None and (value >= limit if sense == "ge" else value <= limit)
+            verdict = "not measured" if value is None else ("met" if ok else "MISSED")
+            checks.append([r["model"], r["dtype"], name, "-" if value is None else value,
+                           f"{'>=' if sense == 'ge' else '<='} {limit:g}", verdict])
+    peaks = ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in machine.flops.items())
+    return "\n\n".join([
+        f"Machine: {machine.device}, {machine.threads} threads; matmul {peaks}; copy {machine.bandwidth / 1e9:.1f} GB/s.",
+        markdown_table(head, rows),
+        markdown_table(["model", "dtype", "target", "measured", "limit", "verdict"], checks),
+    ])
+
+
+def plot_summary(runs: Sequence[dict[str, Any]], path: Path) -> None:
+    """Bars: output tokens/s of ours at the highest concurrency, the naive server and the static batch."""
+    if not runs:
+        return
+    labels = [f"{r['model']}\n{r['dtype']}" for r in runs]
+    systems = {
+        f"ours (c={runs[0]['ours']['levels'][-1]['concurrency']})":
+            [r["ours"]["levels"][-1]["output_throughput"] for r in runs],
+        "naive server (c=1)": [(_level(r, "naive", 1) or {}).get("output_throughput", 0.0) for r in runs],
+        "HF static batch": [r.get("hf_static", {}).get("output_throughput", 0.0) for r in runs],
+    }
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(runs)), 4.5))
+    width = 0.8 / len(systems)
+    for i, (name, values) in enumerate(systems.items()):
+        ax.bar([x + i * width for x in range(len(runs))], values, width, label=name)
+    ax.set_xticks([x + width for x in range(len(runs))], labels, fontsize=8)
+    ax.set(yscale="log", ylabel="output tokens / s", title="streaming output throughput, same weights")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

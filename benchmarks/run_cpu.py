@@ -1,0 +1,303 @@
+"""`make bench`: our server against the naive baselines on identical weights, and against the roofline.
+
+    python -m benchmarks.run_cpu                       # both models, float32 and bfloat16, CPU, ~10 minutes
+    python -m benchmarks.run_cpu --models gpt2-small --dtypes bfloat16 --device cuda --concurrency 1,8,32,64,128,256
+
+For each model and dtype, one system at a time on an otherwise idle machine: our server (`python -m service`,
+a subprocess on 127.0.0.1) under the streaming load generator at each concurrency; the naive server
+(transformers `generate()` behind a lock, same weights) at concurrency 1; transformers `generate()` on one
+static batch (no HTTP); and the roofline of a decode step at the decode batch our server ran at the highest
+concurrency. Writes results.json, summary.md, per-run tables and plots to benchmarks/results/<date>-<device>/
+(or --out) and prints the summary."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import importlib.util
+import json
+import logging
+import math
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from benchmarks.checkpoints import export_hf, make_model
+from benchmarks.report import levels_table, plot_levels, plot_summary, summary_tables
+from benchmarks.roofline import Machine, measure_machine, roofline_table, step_roofline
+from benchmarks.serve_bench import LoadSpec, run_sweep
+from model.checkpoint import DTYPES, load_checkpoint
+from model.config import TransformerConfig
+
+log = logging.getLogger("benchmarks")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one run measures; prompt counts are sized so that the default run fits ~10 minutes on 2 cores."""
+
+    models: tuple[str, ...] = ("shakespeare-gpt", "gpt2-small")
+    dtypes: tuple[str, ...] = ("float32", "bfloat16")
+    device: str = "cpu"
+    input_len: int = 32
+    output_len: int = 128
+    concurrency: tuple[int, ...] = (1, 8, 32)
+    naive_concurrency: tuple[int, ...] = (1,)
+    static_batch: int = 32
+    threads: int | None = None
+    waves: dict[str, int] = field(default_factory=lambda: {"shakespeare-gpt": 2, "gpt2-small": 1})
+    min_prompts: dict[str, int] = field(default_factory=lambda: {"shakespeare-gpt": 8, "gpt2-small": 2})
+    naive_prompts: dict[str, int] = field(default_factory=lambda: {"shakespeare-gpt": 4, "gpt2-small": 2})
+
+    def prompts(self, model: str, concurrencies: tuple[int, ...], naive: bool = False) -> list[int]:
+        if naive:
+            return [max(self.naive_prompts.get(model, 2), c) for c in concurrencies]
+        return [max(self.min_prompts.get(model, 2), self.waves.get(model, 1) * c) for c in concurrencies]
+
+    @property
+    def mean_context(self) -> float:
+        return self.input_len + self.output_len / 2
+
+
+# --- processes --------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running(cmd: list[str], port: int, logfile: Path, timeout: float = 600.0) -> Iterator[str]:
+    """Start a server process, wait until GET /ready answers 200, yield its URL; SIGTERM (then kill) at the end."""
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    with logfile.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{cmd[2]} exited with {proc.returncode}; see {logfile}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{cmd[2]} not ready after {timeout:.0f} s; see {logfile}")
+                time.sleep(0.25)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def kv_blocks(plan: Plan, block_size: int = 16) -> int:
+    """Enough KV blocks for every stream of the highest concurrency at full length, plus a quarter."""
+    per_request = math.ceil((plan.input_len + plan.output_len + 1) / block_size)
+    return math.ceil(max(plan.concurrency) * per_request * 1.25) + 8
+
+
+def our_server(plan: Plan, checkpoint: Path, dtype: str, port: int) -> list[str]:
+    cmd = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--no-default-models",
+           "--model", str(checkpoint), "--device", plan.device, "--dtype", dtype, "--kv-cache-blocks",
+           str(kv_blocks(plan)), "--max-num-seqs", str(max(64, *plan.concurrency)), "--log-level", "warning"]
+    return cmd + (["--threads", str(plan.threads)] if plan.threads else [])
+
+
+def naive_server(plan: Plan, hf_folder: Path, name: str, dtype: str, port: int) -> list[str]:
+    cmd = [sys.executable, "-m", "benchmarks.naive_server", "--model", str(hf_folder), "--name", name,
+           "--dtype", dtype, "--device", plan.device, "--port", str(port)]
+    return cmd + (["--threads", str(plan.threads)] if plan.threads else [])
+
+
+# --- one model x dtype ------------------------------------------------------------------------------------------
+
+
+def _sweep(plan: Plan, url: str, name: str, concurrencies: tuple[int, ...], counts: list[int]) -> dict[str, Any]:
+    spec = LoadSpec(url, name, "native", plan.input_len, plan.output_len)
+    return asyncio.run(run_sweep(spec, list(concurrencies), counts, progress=sys.stderr.isatty()))
+
+
+def run_static(plan: Plan, hf_folder: Path, dtype: str, out: Path) -> dict[str, Any]:
+    file = out / f"hf-static-{hf_folder.name}-{dtype}.json"
+    cmd = [sys.executable, "-m", "benchmarks.hf_static", "--model", str(hf_folder), "--dtype", dtype, "--device",
+           plan.device, "--batch", str(plan.static_batch), "--input-len", str(plan.input_len), "--output-len",
+           str(plan.output_len), "--json", str(file)] + (["--threads", str(plan.threads)] if plan.threads else [])
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"skipped": f"hf_static failed: {done.stderr.strip().splitlines()[-1:]}"}
+    result: dict[str, Any] = json.loads(file.read_text())
+    file.unlink()
+    return result
+
+
+def run_pair(plan: Plan, name: str, checkpoint: Path, hf_folder: Path | None, dtype: str, machine: Machine,
+             out: Path) -> dict[str, Any]:
+    """Ours, the naive server, the static batch and the roofline for one model in one dtype."""
+    cfg = TransformerConfig.from_dict(json.loads((checkpoint / "config.json").read_text())["architecture"])
+    res: dict[str, Any] = {"model": name, "dtype": dtype, "checkpoint": checkpoint.name}
+    port = free_port()
+    t = time.monotonic()
+    with running(our_server(plan, checkpoint, dtype, port), port, out / "logs" / f"ours-{name}-{dtype}.log") as url:
+        res["ours"] = _sweep(plan, url, name, plan.concurrency, plan.prompts(name, plan.concurrency))
+    log.info("%s %s ours: %.0f s", name, dtype, time.monotonic() - t)
+    if hf_folder is None:
+        res["naive"] = res["hf_static"] = {"skipped": "transformers is not installed"}
+    else:
+        t, port = time.monotonic(), free_port()
+        cmd = naive_server(plan, hf_folder, name, dtype, port)
+        with running(cmd, port, out / "logs" / f"naive-{name}-{dtype}.log") as url:
+            res["naive"] = _sweep(plan, url, name, plan.naive_concurrency,
+                                  plan.prompts(name, plan.naive_concurrency, naive=True))
+        log.info("%s %s naive server: %.0f s", name, dtype, time.monotonic() - t)
+        t = time.monotonic()
+        res["hf_static"] = run_static(plan, hf_folder, dtype, out)
+        log.info("%s %s HF static batch: %.0f s", name, dtype, time.monotonic() - t)
+    res["roofline"] = roofline_table(cfg, dtype, sorted({1, 8, plan.static_batch, *plan.concurrency}),
+                                     plan.mean_context, machine)
+    top = res["ours"]["levels"][-1].get("server") or {}
+    if top.get("mean_decode_batch"):
+        at = step_roofline(cfg, dtype, top["mean_decode_batch"], plan.mean_context, machine.flops[dtype],
+                           machine.bandwidth)
+        res["decode_vs_roofline"] = {"concurrency": plan.concurrency[-1], "decode_batch": top["mean_decode_batch"],
+                                     "measured_ms": top["decode_step_mean_ms"], "roofline_ms": at["roofline_ms"],
+                                     "bound": at["bound"], "ratio": top["decode_step_mean_ms"] / at["roofline_ms"]}
+    return res
+
+
+def probe_step(checkpoint: Path, dtype: str, device: str, batch: int = 8) -> float:
+    """Seconds of one forward of `batch` single tokens in `dtype`: the shape of a decode step, without a cache."""
+    model = load_checkpoint(checkpoint).model.to(device=device, dtype=DTYPES[dtype]).eval()
+    x = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    with torch.inference_mode():
+        model(x)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(3):
+            model(x)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    return (time.perf_counter() - t) / 3
+
+
+def over_budget(plan: Plan, checkpoint: Path, name: str, dtype: str, took: dict[tuple[str, str], float],
+                left_s: float) -> str | None:
+    """Why a run should be skipped (None: run it). A run is predicted from the same model's run in another
+    dtype, scaled by how much slower a decode-shaped forward is in this dtype: on a CPU without native bf16
+    kernels (AVX2 only) bf16 runs several times slower than float32, and GPT-2 small would not fit the budget."""
+    if left_s <= 0:
+        return "the time budget is spent"
+    done = [(d, s) for (n, d), s in took.items() if n == name]
+    if not done:
+        return None
+    other, seconds = done[0]
+    slower = probe_step(checkpoint, dtype, plan.device) / probe_step(checkpoint, other, plan.device)
+    predicted = seconds * max(1.0, slower)
+    log.info("%s %s predicted %.0f s (%s took %.0f s; a %s forward takes %.2fx the time)", name, dtype, predicted,
+             other, seconds, dtype, slower)
+    if predicted > left_s:
+        return (f"predicted to take {predicted:.0f} s ({other} took {seconds:.0f} s; a decode-shaped forward takes "
+                f"{slower:.2f}x the time in {dtype} on this machine); {left_s:.0f} s of the time budget were left")
+    return None
+
+
+def write_pair(res: dict[str, Any], out: Path) -> None:
+    stem = f"{res['model']}-{res['dtype']}"
+    parts = [f"## {res['model']} {res['dtype']}\n", "### ours\n", levels_table(res["ours"]["levels"])]
+    if "levels" in res["naive"]:
+        parts += ["\n### naive server (transformers generate, one request at a time)\n",
+                  levels_table(res["naive"]["levels"])]
+    (out / f"{stem}.md").write_text("\n".join(parts) + "\n")
+    series = {"ours": res["ours"]["levels"]}
+    if "levels" in res["naive"]:
+        series["naive server"] = res["naive"]["levels"]
+    lines = {}
+    if "output_throughput" in res["hf_static"]:
+        lines[f"HF static batch {res['hf_static']['batch']}"] = res["hf_static"]["output_throughput"]
+    top_c = res["ours"]["levels"][-1]["concurrency"]
+    top = next((r for r in res["roofline"] if r["batch"] == top_c), None)
+    if top is not None:
+        lines[f"roofline at batch {top['batch']}"] = top["roofline_tokens_per_s"]
+    plot_levels(series, out / f"{stem}.png", f"{res['model']} {res['dtype']} ({res['ours']['spec']['input_len']} in / "
+                f"{res['ours']['spec']['output_len']} out)", lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run_cpu", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="shakespeare-gpt,gpt2-small")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--naive-concurrency", default="1")
+    p.add_argument("--input-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--static-batch", type=int, default=32)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--budget-s", type=float, default=600.0,
+                   help="skip a run predicted to overrun this many seconds in all (0: never skip)")
+    p.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "attnserve-bench",
+                   help="where random-weight checkpoints and GPT-2 exports are made (once)")
+    p.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<date>-<device>)")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    ints = lambda s: tuple(int(x) for x in s.split(",") if x)  # noqa: E731
+    plan = Plan(models=tuple(a.models.split(",")), dtypes=tuple(a.dtypes.split(",")), device=a.device,
+                input_len=a.input_len, output_len=a.output_len, concurrency=ints(a.concurrency),
+                naive_concurrency=ints(a.naive_concurrency), static_batch=a.static_batch, threads=a.threads)
+    out = a.out or RESULTS / f"{datetime.date.today().isoformat()}-{a.device}"
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    have_hf = importlib.util.find_spec("transformers") is not None
+    machine = measure_machine(plan.dtypes, plan.device, seconds=1.0, n=2048 if plan.device == "cpu" else 8192)
+    log.info("machine: %s GFLOP/s, copy %.1f GB/s",
+             {k: round(v / 1e9) for k, v in machine.flops.items()}, machine.bandwidth / 1e9)
+    models = {name: make_model(name, a.work_dir) for name in plan.models}
+    exports = {name: export_hf(c, a.work_dir) if have_hf else None for name, c in models.items()}
+    runs: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    took: dict[tuple[str, str], float] = {}
+    for dtype in plan.dtypes:
+        for name, checkpoint in models.items():
+            left = a.budget_s - (time.monotonic() - start)
+            reason = over_budget(plan, checkpoint, name, dtype, took, left) if a.budget_s > 0 else None
+            if reason:
+                log.info("skipping %s %s: %s", name, dtype, reason)
+                skipped.append(f"{name} {dtype}: {reason}")
+                continue
+            t = time.monotonic()
+            res = run_pair(plan, name, checkpoint, exports[name], dtype, machine, out)
+            took[name, dtype] = time.monotonic() - t
+            write_pair(res, out)
+            runs.append(res)
+            (out / "results.json").write_text(json.dumps(
+                {"plan": asdict(plan), "machine": asdict(machine), "runs": runs, "skipped": skipped}, indent=2) + "\n")
+    summary = summary_tables(runs, machine, plan.concurrency[-1])
+    if skipped:
+        summary += "\n\nNot measured: " + "; ".join(skipped) + "."
+    (out / "summary.md").write_text(summary + f"\n\nTotal benchmark time: {time.monotonic() - start:.0f} s.\n")
+    plot_summary(runs, out / "summary.png")
+    sys.stdout.write(summary + "\n")
+    log.info("wrote %s in %.0f s", out, time.monotonic() - start)
+
+
+if __name__ == "__main__":
+    main()

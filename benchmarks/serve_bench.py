@@ -1,0 +1,343 @@
+"""A vLLM-style serving benchmark: an async, streaming load generator for the native API (/v1/generate, SSE
+events `token` and `done`) and the OpenAI one (/v1/completions, `data:` chunks ending with [DONE]).
+
+    python -m benchmarks.serve_bench --url http://127.0.0.1:8000 --model shakespeare-gpt \\
+        --input-len 32 --output-len 128 --concurrency 1,8,32 --num-prompts 8,32,64 --out results/
+
+Prompts are random token ids from the model's vocabulary made self-consistent by a /v1/detokenize ->
+/v1/tokenize round trip, so one seed gives the same prompts on every server with the same tokenizer; the native
+API gets their text, the OpenAI API their ids. Every request sets `ignore_eos`, so it generates exactly
+--output-len tokens. Each concurrency level reports what vLLM's benchmark_serving reports: request, output and
+total token throughput and the mean / median / p99 of TTFT, TPOT, ITL and end-to-end latency, plus the
+server's own decode step time from /metrics when the server exports it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+from tqdm import tqdm
+
+Api = Literal["native", "openai"]
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """Where to send load and what every request asks for."""
+
+    url: str
+    model: str
+    api: Api = "native"
+    input_len: int = 32
+    output_len: int = 128
+    temperature: float = 0.0
+    seed: int = 0
+    timeout: float = 600.0
+    api_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    ids: list[int]
+
+
+@dataclass
+class RequestResult:
+    """One request as the client saw it; times in seconds from the moment it was sent."""
+
+    ok: bool = False
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    ttft: float = 0.0
+    latency: float = 0.0
+    itls: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+# --- the wire ------------------------------------------------------------------------------------------------
+
+
+async def sse_events(resp: httpx.Response) -> AsyncIterator[tuple[str, str]]:
+    """(event, data) per Server-Sent Event; the event name is "message" when the server sends none."""
+    event, data = "message", list[str]()
+    async for line in resp.aiter_lines():
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+    if data:
+        yield event, "\n".join(data)
+
+
+def _tick(r: RequestResult, start: float, last: float) -> float:
+    """Record the arrival of one streamed piece: the first is TTFT, later ones inter-token latencies."""
+    now = time.perf_counter()
+    if r.ttft == 0.0:
+        r.ttft = now - start
+    else:
+        r.itls.append(now - last)
+    return now
+
+
+async def send_native(client: httpx.AsyncClient, spec: LoadSpec, prompt: Prompt, seed: int) -> RequestResult:
+    body = {"model": spec.model, "prompt": prompt.text, "max_tokens": spec.output_len, "temperature": spec.temperature,
+            "ignore_eos": True, "stream": True, "seed": seed}
+    r = RequestResult(prompt_tokens=len(prompt.ids))
+    start = last = time.perf_counter()
+    async with client.stream("POST", f"{spec.url}/v1/generate", json=body) as resp:
+        if resp.status_code != 200:
+            r.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:200]}"
+            return r
+        async for event, data in sse_events(resp):
+            if event == "token" and '"token_id"' in data:
+                last = _tick(r, start, last)
+                r.output_tokens += 1
+            elif event == "done":
+                usage = json.loads(data)["usage"]
+                r.prompt_tokens, r.output_tokens = usage["prompt_tokens"], usage["completion_tokens"]
+                r.ok = True
+            elif event == "error":
+                r.error = data[:200]
+    r.latency = time.perf_counter() - start
+    if not r.ok and not r.error:
+        r.error = "stream ended without a done event"
+    return r
+
+
+async def send_openai(client: httpx.AsyncClient, spec: LoadSpec, prompt: Prompt, seed: int) -> RequestResult:
+    body = {"model": spec.model, "prompt": prompt.ids, "max_tokens": spec.output_len, "temperature": spec.temperature,
+            "ignore_eos": True, "stream": True, "seed": seed, "stream_options": {"include_usage": True}}
+    r = RequestResult(prompt_tokens=len(prompt.ids))
+    start = last = time.perf_counter()
+    chunks = 0
+    async with client.stream("POST", f"{spec.url}/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            r.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:200]}"
+            return r
+        async for _, data in sse_events(resp):
+            if data == "[DONE]":
+                r.ok = not r.error
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                r.error = str(chunk["error"])[:200]
+            elif chunk.get("choices"):
+                last = _tick(r, start, last)  # per chunk, as vLLM counts it
+                chunks += 1
+            elif chunk.get("usage"):
+                r.prompt_tokens, r.output_tokens = chunk["usage"]["prompt_tokens"], chunk["usage"]["completion_tokens"]
+    r.latency = time.perf_counter() - start
+    r.output_tokens = r.output_tokens or chunks
+    if not r.ok and not r.error:
+        r.error = "stream ended without [DONE]"
+    return r
+
+
+async def make_prompts(client: httpx.AsyncClient, spec: LoadSpec, n: int) -> list[Prompt]:
+    """n prompts of spec.input_len tokens (exact for character vocabularies, nearest found for BPE)."""
+    card = (await client.get(f"{spec.url}/v1/models/{spec.model}")).raise_for_status().json()
+    vocab = int(card["details"]["vocab_size"])
+    rng = random.Random(spec.seed)
+    prompts = []
+    for _ in range(n):
+        ids = [rng.randrange(vocab) for _ in range(spec.input_len)]
+        for attempt in range(8):
+            resp = await client.post(f"{spec.url}/v1/detokenize", json={"model": spec.model, "tokens": ids})
+            text = resp.raise_for_status().json()["text"]
+            resp = await client.post(f"{spec.url}/v1/tokenize", json={"model": spec.model, "text": text})
+            ids = resp.raise_for_status().json()["tokens"]
+            if len(ids) == spec.input_len or attempt == 7:
+                break
+            ids = ids[: spec.input_len] + [rng.randrange(vocab) for _ in range(spec.input_len - len(ids))]
+        prompts.append(Prompt(text, ids))
+    return prompts
+
+
+# --- server-side step times ------------------------------------------------------------------------------------
+
+STEP_SERIES = ("attnserve_decode_step_time_seconds", "attnserve_prefill_step_time_seconds",
+               "attnserve_step_time_seconds")
+
+
+async def scrape(client: httpx.AsyncClient, spec: LoadSpec) -> dict[str, float]:
+    """Sums and counts of the engine's step-time histograms for this model ({} if the server has no /metrics)."""
+    try:
+        resp = await client.get(f"{spec.url}/metrics")
+    except httpx.HTTPError:
+        return {}
+    if resp.status_code != 200:
+        return {}
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(resp.text):
+        for s in family.samples:
+            if s.labels.get("model") == spec.model and s.name.removesuffix("_sum").removesuffix("_count") in STEP_SERIES:
+                out[s.name] = s.value
+    return out
+
+
+def step_stats(before: dict[str, float], after: dict[str, float], summary: dict[str, Any]) -> dict[str, float]:
+    """Mean decode step (forward + sampling) and mean whole engine step over one level; the decode batch is
+    the output tokens less each request's first (made by its prefill) per decode step."""
+
+    def delta(series: str, part: str) -> float:
+        return after.get(f"{series}_{part}", 0.0) - before.get(f"{series}_{part}", 0.0)
+
+    decode, _, step = STEP_SERIES
+    steps = delta(decode, "count")
+    if steps <= 0:
+        return {}
+    out = {"decode_steps": steps, "decode_step_mean_ms": 1000 * delta(decode, "sum") / steps,
+           "mean_decode_batch": (summary["total_output_tokens"] - summary["completed"]) / steps}
+    if delta(step, "count") > 0:
+        out["step_mean_ms"] = 1000 * delta(step, "sum") / delta(step, "count")
+    return out
+
+
+# --- the numbers ---------------------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile with linear interpolation (numpy's default); 0 for no values."""
+    return float(np.percentile(values, q)) if values else 0.0
+
+
+def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
+    """vLLM's benchmark_serving metrics; latencies in milliseconds, throughputs per second of wall time."""
+    ok = [r for r in results if r.ok]
+    inputs, outputs = sum(r.prompt_tokens for r in ok), sum(r.output_tokens for r in ok)
+    series = {
+        "ttft": [r.ttft for r in ok],
+        "tpot": [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1],
+        "itl": [x for r in ok for x in r.itls],
+        "e2el": [r.latency for r in ok],
+    }
+    out: dict[str, Any] = {
+        "completed": len(ok), "failed": len(results) - len(ok), "duration_s": duration,
+        "total_input_tokens": inputs, "total_output_tokens": outputs,
+        "request_throughput": len(ok) / duration, "output_throughput": outputs / duration,
+        "total_token_throughput": (inputs + outputs) / duration,
+        "errors": sorted({r.error for r in results if r.error})[:5],
+    }
+    for name, values in series.items():
+        ms = [1000 * v for v in values]
+        out[f"mean_{name}_ms"] = float(np.mean(ms)) if ms else 0.0
+        out[f"median_{name}_ms"] = percentile(ms, 50)
+        out[f"p99_{name}_ms"] = percentile(ms, 99)
+    return out
+
+
+# --- running ------------------------------------------------------------------------------------------------
+
+Sender = Callable[[httpx.AsyncClient, LoadSpec, Prompt, int], Awaitable[RequestResult]]
+
+
+async def _guarded(send: Sender, client: httpx.AsyncClient, spec: LoadSpec, prompt: Prompt, seed: int) -> RequestResult:
+    try:
+        return await send(client, spec, prompt, seed)
+    except Exception as e:  # a failed request is a result to count, never the end of the run
+        return RequestResult(prompt_tokens=len(prompt.ids), error=f"{type(e).__name__}: {e}"[:200])
+
+
+async def run_level(client: httpx.AsyncClient, spec: LoadSpec, prompts: list[Prompt], concurrency: int,
+                    request_rate: float = math.inf, progress: bool = True) -> dict[str, Any]:
+    """Send every prompt (Poisson arrivals at request_rate, at most `concurrency` in flight) and summarize."""
+    send: Sender = send_native if spec.api == "native" else send_openai
+    gate = asyncio.Semaphore(concurrency)
+    arrivals = random.Random(spec.seed + 1)
+    bar = tqdm(total=len(prompts), desc=f"{spec.model} c={concurrency}", disable=not progress, leave=False)
+
+    async def one(i: int, prompt: Prompt) -> RequestResult:
+        async with gate:
+            result = await _guarded(send, client, spec, prompt, spec.seed + i)
+        bar.update(1)
+        return result
+
+    start = time.perf_counter()
+    tasks = []
+    for i, p in enumerate(prompts):
+        tasks.append(asyncio.create_task(one(i, p)))
+        if math.isfinite(request_rate):
+            await asyncio.sleep(arrivals.expovariate(request_rate))
+    results = await asyncio.gather(*tasks)
+    duration = time.perf_counter() - start
+    bar.close()
+    return {"concurrency": concurrency, "num_prompts": len(prompts), "request_rate": request_rate,
+            **summarize(list(results), duration)}
+
+
+async def run_sweep(spec: LoadSpec, concurrencies: list[int], num_prompts: list[int],
+                    request_rate: float = math.inf, warmup: int = 1, progress: bool = True) -> dict[str, Any]:
+    """One level per concurrency (num_prompts[i] requests each), on one connection pool, after a warm-up."""
+    headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=max(concurrencies) + 4)
+    async with httpx.AsyncClient(timeout=spec.timeout, limits=limits, headers=headers) as client:
+        prompts = await make_prompts(client, spec, max(num_prompts))
+        for i in range(warmup):
+            await _guarded(send_native if spec.api == "native" else send_openai, client,
+                           replace(spec, output_len=min(8, spec.output_len)), prompts[i % len(prompts)], i)
+        levels = []
+        for c, n in zip(concurrencies, num_prompts, strict=True):
+            before = await scrape(client, spec)
+            level = await run_level(client, spec, prompts[:n], c, request_rate, progress)
+            level["server"] = step_stats(before, await scrape(client, spec), level)
+            levels.append(level)
+    return {"spec": {k: v for k, v in asdict(spec).items() if k != "api_key"},
+            "mean_prompt_tokens": sum(len(p.ids) for p in prompts) / len(prompts), "levels": levels}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.serve_bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--model", required=True)
+    p.add_argument("--api", choices=["native", "openai"], default="native")
+    p.add_argument("--num-prompts", default="32", help="one count, or one per concurrency level")
+    p.add_argument("--input-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")
+    p.add_argument("--request-rate", type=float, default=math.inf, help="Poisson arrivals per second (inf: all at once)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--api-key")
+    p.add_argument("--label", default="serve", help="file name stem for --out")
+    p.add_argument("--out", type=Path, help="folder for <label>.json, <label>.md and plots")
+    a = p.parse_args(argv)
+    concurrencies, counts = _ints(a.concurrency), _ints(a.num_prompts)
+    counts = counts * len(concurrencies) if len(counts) == 1 else counts
+    spec = LoadSpec(a.url.rstrip("/"), a.model, a.api, a.input_len, a.output_len, a.temperature, a.seed,
+                    api_key=a.api_key)
+    result = asyncio.run(run_sweep(spec, concurrencies, counts, a.request_rate, a.warmup))
+    from benchmarks.report import levels_table, plot_levels
+
+    table = levels_table(result["levels"])
+    sys.stdout.write(table + "\n")
+    if a.out is not None:
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / f"{a.label}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (a.out / f"{a.label}.md").write_text(table + "\n")
+        plot_levels({a.label: result["levels"]}, a.out / f"{a.label}.png", title=f"{a.model} ({a.api} API)")
+
+
+if __name__ == "__main__":
+    main()
