@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,14 @@ class Lines(logging.Handler):
         self.lines.append(json.loads(self.format(record)))
 
     def access(self, request_id: str) -> dict[str, Any]:
-        return next(x for x in self.lines if x["msg"] == "request" and x.get("request_id") == request_id)
+        """The access line of a request; written once its body is out, so maybe just after the client has it."""
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            found = [x for x in self.lines if x["msg"] == "request" and x.get("request_id") == request_id]
+            if found:
+                return found[0]
+            time.sleep(0.01)
+        raise AssertionError(f"no access log line for {request_id}")
 
 
 @pytest.fixture
@@ -95,10 +103,11 @@ def test_request_ids_and_access_log_lines(make_server: Any, lines: Lines) -> Non
     s = make_server(log_level="info")
     secret = "my secret prompt"
     with httpx.Client(base_url=s.url, timeout=30) as c:
-        r = c.post("/v1/generate", json={"prompt": secret, "max_tokens": 3}, headers={"X-Request-ID": "abc-123"})
+        r = c.post("/v1/generate", json={"prompt": secret, "max_tokens": 3, "ignore_eos": True},
+                   headers={"X-Request-ID": "abc-123"})
         assert r.headers["X-Request-ID"] == "abc-123"
-        with c.stream("POST", "/v1/completions", json={"prompt": secret, "max_tokens": 4, "n": 2, "stream": True},
-                      headers={"X-Request-ID": "stream-1"}) as st:
+        two = {"prompt": secret, "max_tokens": 4, "n": 2, "stream": True, "ignore_eos": True}
+        with c.stream("POST", "/v1/completions", json=two, headers={"X-Request-ID": "stream-1"}) as st:
             assert st.headers["X-Request-ID"] == "stream-1"
             assert st.read().endswith(b"data: [DONE]\n\n")
         generated = c.post("/v1/generate", json={"prompt": "x", "max_tokens": 2})

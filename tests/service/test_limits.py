@@ -4,6 +4,7 @@ waiting queue pushes back with 429 + Retry-After, and nothing a client sends yie
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -154,6 +155,14 @@ def test_full_queue_answers_429_with_retry_after(make_server: Any) -> None:
 
 def test_queue_timeout_and_request_deadline_end_with_abort(make_server: Any) -> None:
     s = make_server(max_num_seqs=1, queue_timeout=0.1, max_tokens_limit=120)
+    engine = s.models["tiny-gpt"].engine
+    execute = engine.runner.execute
+
+    def slow(*args: Any) -> Any:  # 5 ms a step: the long request takes over 0.6 s on any machine
+        time.sleep(0.005)
+        return execute(*args)
+
+    engine.runner.execute = slow
     long = {"prompt": "a", "max_tokens": 120, "ignore_eos": True, "temperature": 0}
 
     async def run() -> tuple[httpx.Response, httpx.Response]:
@@ -165,7 +174,7 @@ def test_queue_timeout_and_request_deadline_end_with_abort(make_server: Any) -> 
 
     first, second = asyncio.run(run())
     assert first.json()["finish_reason"] == "length"
-    assert first.json()["timing"]["total_time"] > 0.2  # so the second one waited past queue_timeout
+    assert first.json()["timing"]["total_time"] > 0.6  # so the second one waited past queue_timeout
     assert second.json()["finish_reason"] == "abort"
     assert second.json()["usage"]["completion_tokens"] == 0
     # X-Request-Timeout: generation still running at the deadline ends with finish_reason "abort"
