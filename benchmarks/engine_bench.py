@@ -115,9 +115,12 @@ def run_one(model: DecoderOnlyLM, tok: Tokenizer, dtype: str, batch: int, input_
 def table(rows: list[dict[str, Any]]) -> str:
     head = f"{'dtype':<9} {'batch':>5} {'tok/s':>9} {'decode ms/step':>15} {'(median)':>9} {'prefill ms':>11} {'wall s':>8}"
     lines = [head, "-" * len(head)]
+    def ms(v: float | None, width: int) -> str:
+        return f"{v:>{width}.2f}" if v is not None else f"{'-':>{width}}"  # no full-batch decode step
+
     for r in rows:
-        lines.append(f"{r['dtype']:<9} {r['batch']:>5} {r['tokens_per_s']:>9.1f} {r['decode_step_ms_mean']:>15.2f} "
-                     f"{r['decode_step_ms_median']:>9.2f} {r['prefill_step_ms']:>11.2f} {r['wall_s']:>8.2f}")
+        lines.append(f"{r['dtype']:<9} {r['batch']:>5} {r['tokens_per_s']:>9.1f} {ms(r['decode_step_ms_mean'], 15)} "
+                     f"{ms(r['decode_step_ms_median'], 9)} {r['prefill_step_ms']:>11.2f} {r['wall_s']:>8.2f}")
     return "\n".join(lines)
 
 
