@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import settings_for
+from support import settings_for
 
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.generate import GenerationConfig, generate

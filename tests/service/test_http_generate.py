@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from conftest import LiveServer
+from support import LiveServer
 
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.generate import GenerationConfig, generate

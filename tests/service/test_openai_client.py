@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import LiveServer
+from support import LiveServer
 
 PROMPT = "JULIET: O Romeo"
 

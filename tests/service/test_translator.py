@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import LiveServer
+from support import LiveServer
 
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.generate import GenerationConfig, generate
