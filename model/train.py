@@ -121,7 +121,7 @@ class LMTask:
             arch="decoder-only", vocab_size=self.tokenizer.vocab_size, d_model=a.d_model, h=a.heads, d_ff=a.d_ff,
             n_encoder_layers=0, n_decoder_layers=a.layers, max_len=a.block, norm="pre", positional="learned",
             activation="gelu", scale_embeddings=False, dropout=a.dropout, attn_dropout=a.attn_dropout,
-            bias=a.bias, tie_embeddings=True,
+            bias=bool(a.bias), tie_embeddings=True,
         )
 
     def train_step(self, model: nn.Module, device: torch.device, autocast: AbstractContextManager[Any]) -> Step:
@@ -181,7 +181,7 @@ class TranslationTask:
             d_ff=a.d_ff, n_encoder_layers=a.encoder_layers or a.layers, n_decoder_layers=a.layers,
             max_len=a.max_len, norm="post", positional="sinusoidal", activation="relu", scale_embeddings=True,
             share_embeddings=True, tie_embeddings=True, dropout=a.dropout, attn_dropout=a.attn_dropout,
-            bias=a.bias,
+            bias=bool(a.bias),
         )
 
     def _next_batch(self) -> TranslationBatch:
