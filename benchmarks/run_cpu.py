@@ -20,6 +20,7 @@ import importlib.util
 import json
 import logging
 import math
+import statistics
 import subprocess
 import sys
 import time
@@ -57,11 +58,11 @@ class Plan:
     threads: int | None = None
     waves: dict[str, int] = field(default_factory=lambda: {"shakespeare-gpt": 2, "gpt2-small": 1})
     min_prompts: dict[str, int] = field(default_factory=lambda: {"shakespeare-gpt": 8, "gpt2-small": 2})
-    naive_prompts: dict[str, int] = field(default_factory=lambda: {"shakespeare-gpt": 4, "gpt2-small": 2})
+    naive_prompts: dict[str, int] = field(default_factory=lambda: {"shakespeare-gpt": 4, "gpt2-small": 1})
 
     def prompts(self, model: str, concurrencies: tuple[int, ...], naive: bool = False) -> list[int]:
         if naive:
-            return [max(self.naive_prompts.get(model, 2), c) for c in concurrencies]
+            return [max(self.naive_prompts.get(model, 1), c) for c in concurrencies]
         return [max(self.min_prompts.get(model, 2), self.waves.get(model, 1) * c) for c in concurrencies]
 
     @property
@@ -183,19 +184,24 @@ def run_pair(plan: Plan, name: str, checkpoint: Path, hf_folder: Path | None, dt
 
 
 def probe_step(checkpoint: Path, dtype: str, device: str, batch: int = 8) -> float:
-    """Seconds of one forward of `batch` single tokens in `dtype`: the shape of a decode step, without a cache."""
+    """Seconds of one forward of `batch` single tokens in `dtype` (the shape of a decode step, no cache): the
+    median of 5, on one thread, which other processes on the machine disturb least."""
     model = load_checkpoint(checkpoint).model.to(device=device, dtype=DTYPES[dtype]).eval()
     x = torch.zeros(batch, 1, dtype=torch.long, device=device)
-    with torch.inference_mode():
-        model(x)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(3):
-            model(x)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-    return (time.perf_counter() - t) / 3
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times = []
+    try:
+        with torch.inference_mode():
+            for _ in range(6):
+                t = time.perf_counter()
+                model(x)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times[1:])
 
 
 def over_budget(plan: Plan, checkpoint: Path, name: str, dtype: str, took: dict[tuple[str, str], float],
@@ -275,8 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     runs: list[dict[str, Any]] = []
     skipped: list[str] = []
     took: dict[tuple[str, str], float] = {}
-    for dtype in plan.dtypes:
-        for name, checkpoint in models.items():
+    for name, checkpoint in models.items():  # the small model first, each model's first dtype first
+        for dtype in plan.dtypes:
             left = a.budget_s - (time.monotonic() - start)
             reason = over_budget(plan, checkpoint, name, dtype, took, left) if a.budget_s > 0 else None
             if reason:
