@@ -8,35 +8,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 from service.engine.detokenizer import Decode, IncrementalDetokenizer
 from service.engine.request import (
     EngineDead,
-    EngineError,
     EngineOverloaded,
     EngineStopped,
+    InvalidRequest,
     Request,
+    RequestStats,
     RequestStatus,
     RequestTooLong,
     StepOutput,
+    StepStats,
 )
 from service.engine.runner import ModelRunner
 from service.engine.sampler import Sample, Sampler
 from service.engine.scheduler import BlockManager, ScheduledRequest, Scheduler
+from service.engine.stream import CALLER, Caller, RequestStream, deliver
 
 if TYPE_CHECKING:
     from torch import Tensor
 
 log = logging.getLogger("attnserve.engine")
+
+# Re-exported: callers import the engine's public records from here.
+__all__ = ["CALLER", "Caller", "EngineConfig", "InvalidRequest", "RequestStats", "RequestStream", "StepStats"]
 
 
 @dataclass(frozen=True)
@@ -50,58 +54,6 @@ class EngineConfig:
     max_model_len: int = 512
 
 
-@dataclass(frozen=True)
-class StepStats:
-    """One engine step, for metrics."""
-
-    model: str
-    batch_size: int
-    num_prefill_tokens: int
-    num_decode_tokens: int
-    prefill_time: float
-    decode_time: float
-    step_time: float
-    num_running: int
-    num_waiting: int
-    num_preempted: int
-    blocks_total: int
-    blocks_free: int
-
-
-@dataclass(frozen=True)
-class RequestStats:
-    """One finished request, for metrics and logs."""
-
-    model: str
-    request_id: str
-    finish_reason: str
-    prompt_tokens: int
-    output_tokens: int
-    queue_time: float | None
-    ttft: float | None
-    e2e: float
-    itls: tuple[float, ...] = ()
-
-
-@dataclass
-class Caller:
-    """What one caller (an HTTP request) shares with every engine request it opens: an optional deadline, and
-    the token counts of those requests once their streams close (for the caller's access log)."""
-
-    deadline: float | None = None  # monotonic seconds
-    prompt: str | None = None  # the request's text, set only where the service logs prompts
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-# Set by the HTTP layer for the duration of one HTTP request; requests opened under it inherit its deadline.
-CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("attnserve_caller", default=None)
-
-
-class InvalidRequest(EngineError):
-    """A request the model cannot run whatever the load (e.g. an empty source for a translator)."""
-
-
 @dataclass
 class _Live:
     """Engine-thread state of a request: its record, detokenizer and where its outputs go."""
@@ -110,40 +62,6 @@ class _Live:
     detok: IncrementalDetokenizer
     stream: RequestStream | None
     itls: list[float] = field(default_factory=list)
-
-
-class RequestStream:
-    """Async iterator over one request's StepOutputs; as a context manager it aborts on early exit."""
-
-    def __init__(
-        self, engine: Engine, request: Request, loop: asyncio.AbstractEventLoop, caller: Caller | None = None
-    ) -> None:
-        self.engine, self.request, self.loop, self.caller = engine, request, loop, caller
-        self.queue: asyncio.Queue[StepOutput] = asyncio.Queue()
-        self.finished = False
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> StepOutput:
-        if self.finished:
-            raise StopAsyncIteration
-        out = await self.queue.get()
-        self.finished = out.finished
-        return out
-
-    async def __aenter__(self) -> RequestStream:
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if not self.finished:
-            self.engine.abort(self.request.request_id)
-        if self.caller is not None:
-            req = self.request
-            self.caller.prompt_tokens += len(req.source_ids if req.source_ids is not None else req.prompt_ids)
-            self.caller.completion_tokens += len(req.output_ids)
 
 
 class Engine:
@@ -459,9 +377,6 @@ class Engine:
             by_loop.setdefault(stream.loop, []).append((stream, out))
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
-                loop.call_soon_threadsafe(_deliver, items)
+                loop.call_soon_threadsafe(deliver, items)
 
 
-def _deliver(items: list[tuple[RequestStream, StepOutput]]) -> None:
-    for stream, out in items:
-        stream.queue.put_nowait(out)

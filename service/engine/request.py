@@ -152,3 +152,40 @@ class EngineStopped(EngineError):
 
 class EngineDead(EngineError):
     """The engine loop died; the process should be restarted."""
+
+
+class InvalidRequest(EngineError):
+    """A request the model cannot run whatever the load (e.g. an empty source for a translator)."""
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One engine step, for metrics."""
+
+    model: str
+    batch_size: int
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    prefill_time: float
+    decode_time: float
+    step_time: float
+    num_running: int
+    num_waiting: int
+    num_preempted: int
+    blocks_total: int
+    blocks_free: int
+
+
+@dataclass(frozen=True)
+class RequestStats:
+    """One finished request, for metrics and logs."""
+
+    model: str
+    request_id: str
+    finish_reason: str
+    prompt_tokens: int
+    output_tokens: int
+    queue_time: float | None
+    ttft: float | None
+    e2e: float
+    itls: tuple[float, ...] = ()

@@ -17,19 +17,25 @@ from service import inspect
 from service.engine.request import AttentionSpec, StepOutput
 from service.errors import APIError
 from service.registry import ServedModel
-from service.routes.deps import request_id, sampling_params, served_model, settings_of, until_disconnect
+from service.routes.deps import (
+    error_responses,
+    request_id,
+    sampling_params,
+    served_model,
+    settings_of,
+    until_disconnect,
+)
 from service.schemas import (
     AttentionDryRun,
     AttentionRequest,
     AttentionResponse,
     AttentionStreamSpec,
-    ErrorResponse,
     InspectionLimits,
 )
 from service.settings import Settings
 
 router = APIRouter(tags=["attention"])
-ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429, 503)}
+ERRORS = error_responses(400, 401, 404, 413, 429, 503)
 Span = tuple[int, int] | None
 
 

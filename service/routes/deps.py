@@ -15,10 +15,15 @@ from service.engine.engine import CALLER
 from service.engine.request import SamplingParams
 from service.errors import APIError
 from service.registry import ServedModel
-from service.schemas import SamplingFields
+from service.schemas import ErrorResponse, SamplingFields
 from service.settings import Settings
 
 T = TypeVar("T")
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` for the error statuses a route can answer, all in OpenAI's error shape."""
+    return {s: {"model": ErrorResponse} for s in statuses}
 
 # Temperatures below this sample as greedy (as vLLM does): dividing logits by ~1e-300 overflows to inf.
 GREEDY_BELOW = 1e-5

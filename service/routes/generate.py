@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -13,6 +12,7 @@ from service.errors import APIError
 from service.registry import ServedModel
 from service.routes.attention import stream_spec, streamed_attention
 from service.routes.deps import (
+    error_responses,
     request_id,
     sampling_params,
     served_model,
@@ -20,10 +20,10 @@ from service.routes.deps import (
     sse,
     until_disconnect,
 )
-from service.schemas import ErrorResponse, GenerateRequest, GenerateResponse, Timing, TokenInfo, Usage
+from service.schemas import GenerateRequest, GenerateResponse, Timing, TokenInfo, Usage
 
 router = APIRouter(tags=["generate"])
-ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429, 503)}
+ERRORS = error_responses(400, 401, 404, 413, 429, 503)
 
 
 def _token_info(served: ServedModel, out: StepOutput, with_logprobs: bool) -> TokenInfo:

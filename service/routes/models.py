@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request
 
 from service.inspect import describe_attention
 from service.registry import ServedModel
-from service.routes.deps import check_token_ids, served_model, settings_of
+from service.routes.deps import check_token_ids, error_responses, served_model, settings_of
 from service.schemas import (
     DetokenizeRequest,
     DetokenizeResponse,
-    ErrorResponse,
     ModelCard,
     ModelList,
     TokenizeRequest,
@@ -20,7 +17,7 @@ from service.schemas import (
 )
 
 router = APIRouter(tags=["models"])
-ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in (400, 401, 404)}
+ERRORS = error_responses(400, 401, 404)
 
 
 def _card(request: Request, served: ServedModel) -> ModelCard:

@@ -17,6 +17,7 @@ from service.errors import APIError
 from service.registry import ServedModel
 from service.routes.deps import (
     check_token_ids,
+    error_responses,
     merge,
     request_id,
     sampling_params,
@@ -30,12 +31,11 @@ from service.schemas import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    ErrorResponse,
     Usage,
 )
 
 router = APIRouter(tags=["openai"])
-ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429, 503)}
+ERRORS = error_responses(400, 401, 404, 413, 429, 503)
 
 
 @dataclass

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -80,11 +80,3 @@ def paper_pe() -> Callable[[int, int], torch.Tensor]:
     return _pe
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from intra-op threads, and spinning threads are slow on a shared 2-core box.
-    The model-package test files opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -25,14 +25,7 @@ TRANSLATOR_MIN_BLEU_100 = 18.0  # measured 18.60
 LM_MAX_LOSS_SLICE = 1.65  # measured 1.6268
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is faster, and on a loaded machine intra-op threads that wait on each
-    other can be 30x slower. The previous setting is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", ["shakespeare-gpt", "multi30k-en-de"])

@@ -28,15 +28,7 @@ from model.train import (
 )
 from model.transformer import Transformer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is faster, and on a loaded machine intra-op threads that wait on each
-    other can be 30x slower. The previous setting is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # --- the learning rate --------------------------------------------------------------------------------------
 

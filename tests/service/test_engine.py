@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from support import settings_for
 
 from model.checkpoint import Checkpoint, load_checkpoint
@@ -30,17 +29,12 @@ from service.engine.request import (
 )
 from service.registry import ServedModel, build_served_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared CPU: one thread is faster
+
 PROMPTS = ["ROMEO:", "JULIET: O Romeo, Romeo", "a", "Zwei Hunde spielen im Schnee.", "It is the east, and",
            "Two dogs play", "But soft, what light through yonder window breaks?", "O"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models on a busy shared CPU: one intra-op thread per engine beats oversubscribed spinning."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

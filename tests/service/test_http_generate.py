@@ -11,11 +11,12 @@ from typing import Any
 
 import httpx
 import pytest
-import torch
 from support import LiveServer
 
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.generate import GenerationConfig, generate
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared CPU: one thread is faster
 
 PROMPTS = [
     "ROMEO:", "JULIET: O Romeo, Romeo", "a", "Zwei Hunde spielen im Schnee.", "It is the east, and Juliet",
@@ -25,13 +26,6 @@ PROMPTS = [
 assert len(set(PROMPTS)) == 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models on a busy shared CPU: one intra-op thread per engine beats oversubscribed spinning."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import openai
 import pytest
-import torch
 from support import LiveServer
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared CPU: one thread is faster
 
 PROMPT = "JULIET: O Romeo"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models on a busy shared CPU: one intra-op thread per engine beats oversubscribed spinning."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import openai
 import pytest
-import torch
 from support import LiveServer
 
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.generate import GenerationConfig, generate
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared CPU: one thread is faster
 
 SOURCES = [
     "Two dogs play in the snow.", "A man rides a bike.", "Zwei Hunde spielen im Schnee.", "the sun",
@@ -23,13 +24,6 @@ SOURCES = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models on a busy shared CPU: one intra-op thread per engine beats oversubscribed spinning."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

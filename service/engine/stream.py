@@ -1,0 +1,71 @@
+"""The caller's side of a request: the async stream of its outputs, and what one HTTP request shares with the
+engine requests it opens (a deadline; token counts for the access log)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Protocol
+
+from service.engine.request import Request, StepOutput
+
+
+class Aborter(Protocol):
+    def abort(self, request_id: str) -> None: ...
+
+
+@dataclass
+class Caller:
+    """What one caller (an HTTP request) shares with every engine request it opens: an optional deadline, and
+    the token counts of those requests once their streams close (for the caller's access log)."""
+
+    deadline: float | None = None  # monotonic seconds
+    prompt: str | None = None  # the request's text, set only where the service logs prompts
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+# Set by the HTTP layer for the duration of one HTTP request; requests opened under it inherit its deadline.
+CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("attnserve_caller", default=None)
+
+
+class RequestStream:
+    """Async iterator over one request's StepOutputs; as a context manager it aborts on early exit."""
+
+    def __init__(
+        self, engine: Aborter, request: Request, loop: asyncio.AbstractEventLoop, caller: Caller | None = None
+    ) -> None:
+        self.engine, self.request, self.loop, self.caller = engine, request, loop, caller
+        self.queue: asyncio.Queue[StepOutput] = asyncio.Queue()
+        self.finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> StepOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        out = await self.queue.get()
+        self.finished = out.finished
+        return out
+
+    async def __aenter__(self) -> RequestStream:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self.finished:
+            self.engine.abort(self.request.request_id)
+        if self.caller is not None:
+            req = self.request
+            self.caller.prompt_tokens += len(req.source_ids if req.source_ids is not None else req.prompt_ids)
+            self.caller.completion_tokens += len(req.output_ids)
+
+
+def deliver(items: list[tuple[RequestStream, StepOutput]]) -> None:
+    """Runs on the event loop: hand each output to its stream."""
+    for stream, out in items:
+        stream.queue.put_nowait(out)
