@@ -44,13 +44,15 @@ SHAKESPEARE_ARGS = --task lm --data "$(DATA)" --out $(SHAKESPEARE_OUT) \
 	--schedule cosine --min-lr 1e-4 --warmup 20 --weight-decay 0.1 \
 	--clip 1.0 --eval-interval 40 --eval-limit 96 --log-interval 5 --seed 1337 --threads $(TRAIN_THREADS)
 
-# Two stages: a 260-step cosine run, then (resumed from its exact state) a second, lower cosine to step 400
-# that used the rest of the CPU budget on the shipping machine.
+# Three stages, each resumed from the exact state of the one before: a 260-step cosine run, a lower cosine to step
+# 400, and a third cosine toward step 1400 stopped by its time limit (step 1270 on the shipping machine).
 train-shakespeare:
 	@test -n "$(DATA)" || { echo "usage: make train-shakespeare DATA=path/to/tinyshakespeare/input.txt"; exit 2; }
 	$(BIN)/python -m model.train $(SHAKESPEARE_ARGS) --lr 2e-3 --max-steps 260 --max-minutes $(TRAIN_MINUTES)
 	$(BIN)/python -m model.train $(SHAKESPEARE_ARGS) --resume --lr 1.5e-3 --max-steps 400 --decay-steps 400 \
 		--max-minutes $(TRAIN_MINUTES)
+	$(BIN)/python -m model.train $(SHAKESPEARE_ARGS) --resume --lr 1.5e-3 --max-steps 1400 --decay-steps 1400 \
+		--max-minutes 35
 
 train-multi30k:
 	@test -n "$(DATA)" || { echo "usage: make train-multi30k DATA=path/to/multi30k (the folder with the .gz files)"; exit 2; }
@@ -60,6 +62,12 @@ train-multi30k:
 		--schedule noam --lr-scale 0.3 --warmup 100 --max-tokens 1536 --max-steps 100000 \
 		--clip 1.0 --eval-interval 50 --log-interval 5 --seed 1337 --save-dtype float16 \
 		--threads $(TRAIN_THREADS) --max-minutes $(TRAIN_MINUTES)
+	$(BIN)/python -m model.train --task translation --data "$(DATA)" --out $(MULTI30K_OUT) --resume \
+		--src-lang en --tgt-lang de --vocab-size 6000 --max-len 128 \
+		--layers 3 --d-model 256 --heads 4 --d-ff 1024 --dropout 0.1 --label-smoothing 0.1 \
+		--schedule noam --lr-scale 0.3 --warmup 100 --max-tokens 1536 --max-steps 100000 \
+		--clip 1.0 --eval-interval 50 --log-interval 5 --seed 1337 --save-dtype float16 \
+		--threads $(TRAIN_THREADS) --max-minutes 36
 
 # --- the container image (README "Deploy") -------------------------------------------------------------------
 # Offline: make docker-build BASE_IMAGE=<local base> DOCKER_BUILD_FLAGS="--network host"
