@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.engine.engine import InvalidRequest
 from service.engine.request import EngineDead, EngineError, EngineOverloaded, EngineStopped, RequestTooLong
+from service.inspection.selection import SelectionError
 
 log = logging.getLogger("attnserve.http")
 
@@ -88,6 +89,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(EngineError)
     async def _engine_error(request: Request, exc: EngineError) -> JSONResponse:
         return respond(request, engine_error(exc))
+
+    @app.exception_handler(SelectionError)
+    async def _selection(request: Request, exc: SelectionError) -> JSONResponse:
+        return respond(request, APIError(400, str(exc), param=exc.param, code="invalid_selection"))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -13,9 +13,9 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 
-from service import inspect
-from service.engine.request import AttentionSpec, StepOutput
 from service.errors import APIError
+from service.inspection import compute, encoding, maps, render, tokens
+from service.inspection.selection import AXES, Selection, estimated_bytes, fit, resolve
 from service.registry import ServedModel
 from service.routes.deps import (
     error_responses,
@@ -29,7 +29,6 @@ from service.schemas import (
     AttentionDryRun,
     AttentionRequest,
     AttentionResponse,
-    AttentionStreamSpec,
     InspectionLimits,
 )
 from service.settings import Settings
@@ -94,21 +93,18 @@ def _check_tokens(served: ServedModel, inp: Inputs, budget: int, settings: Setti
                        f"{longest}", param="prompt", code="context_length_exceeded")
 
 
-def _selection(served: ServedModel, body: AttentionRequest, n_enc: int, n_dec: int) -> inspect.Selection:
+def _selection(served: ServedModel, body: AttentionRequest, n_enc: int, n_dec: int) -> Selection:
+    """The request's selection checked against the model (a SelectionError answers 400 naming the field)."""
     q = body.queries
-    try:
-        return inspect.resolve(served.checkpoint.config, body.kinds, body.layers, body.heads, q.start if q else 0,
-                               q.end if q else None, body.aggregation, n_enc, n_dec,
-                               body.sparsify.top_k if body.sparsify else None)
-    except inspect.SelectionError as e:
-        raise APIError(400, str(e), param=e.param, code="invalid_selection") from e
+    return resolve(served.checkpoint.config, body.kinds, body.layers, body.heads, q.start if q else 0,
+                   q.end if q else None, body.aggregation, n_enc, n_dec, body.sparsify.top_k if body.sparsify else None)
 
 
-def _values_message(sel: inspect.Selection, limit: int) -> str | None:
+def _values_message(sel: Selection, limit: int) -> str | None:
     if sel.values <= limit:
         return None
     msg = f"the selection has {sel.values:,} attention values; the limit (inspect_max_values) is {limit:,}"
-    smaller = inspect.fit(sel, limit)
+    smaller = fit(sel, limit)
     if smaller is None:
         return msg + ": no selection of this input fits; shorten it"
     return (msg + f": a smaller selection that fits is {json.dumps(smaller.as_request())} ({smaller.values:,} "
@@ -147,32 +143,32 @@ async def _generate(request: Request, served: ServedModel, body: AttentionReques
     tok = served.tokenizer
     base = len(inp.decoder_text)
     return Inputs(inp.encoder_ids, inp.encoder_spans, inp.decoder_ids + out_ids,
-                  inp.decoder_spans + inspect.generated_spans(tok, out_ids, base), inp.encoder_text,
+                  inp.decoder_spans + tokens.generated_spans(tok, out_ids, base), inp.encoder_text,
                   inp.decoder_text + tok.decode(out_ids), len(out_ids))
 
 
-def _map_out(m: inspect.MapData, body: AttentionRequest) -> tuple[dict[str, Any], int]:
+def _map_out(m: maps.MapData, body: AttentionRequest) -> tuple[dict[str, Any], int]:
     """One map's fields and how many values it carries."""
     h, t_q, t_k = m.weights.shape
-    q_axis, k_axis = inspect.AXES[m.kind]
+    q_axis, k_axis = AXES[m.kind]
     out: dict[str, Any] = {"kind": m.kind, "layer": m.layer, "heads": list(m.heads), "aggregation": m.aggregation,
                            "queries": q_axis, "keys": k_axis, "query_start": m.q_start, "query_end": m.q_start + t_q,
-                           "shape": [h, t_q, t_k], "causal": m.causal, "mask": inspect.mask_text(m)}
+                           "shape": [h, t_q, t_k], "causal": m.causal, "mask": encoding.mask_text(m)}
     if body.stats:
-        out["stats"] = inspect.head_stats(m)
+        out["stats"] = maps.head_stats(m)
     if not body.return_weights:
         return out, 0
     if body.sparsify is not None:
         top_k, threshold = body.sparsify.top_k, body.sparsify.threshold
-        sp = inspect.sparsify(m, top_k, threshold)
+        sp = maps.sparsify(m, top_k, threshold)
         out["sparse"] = {"method": "top_k" if top_k is not None else "threshold",
                          "parameter": top_k if top_k is not None else threshold,
-                         **inspect.sparse_fields(sp, m, body.encoding, body.precision)}
+                         **encoding.sparse_fields(sp, m, body.encoding, body.precision)}
         return out, sp.nnz
     if body.encoding == "base64":
-        out["data"] = inspect.encode_array(m.weights.numpy(), "float16")
+        out["data"] = encoding.encode_array(m.weights.numpy(), "float16")
     else:
-        out["weights"] = inspect.json_rows(m, body.precision)
+        out["weights"] = encoding.json_rows(m, body.precision)
     return out, h * t_q * t_k
 
 
@@ -193,7 +189,7 @@ async def attention(body: AttentionRequest, request: Request) -> Any:
         sparse = body.sparsify is not None
         return AttentionDryRun(model=served.name, encoder_tokens=len(inp.encoder_ids),
                                decoder_tokens=len(inp.decoder_ids) + budget, maps=sel.num_maps, values=sel.values,
-                               estimated_bytes=inspect.estimated_bytes(sel, body.encoding, body.precision, sparse),
+                               estimated_bytes=estimated_bytes(sel, body.encoding, body.precision, sparse),
                                within_limits=message is None, message=message, limits=_limits(settings))
     if message is not None:
         raise APIError(413, message, param="layers", code="inspection_too_large")
@@ -202,56 +198,23 @@ async def attention(body: AttentionRequest, request: Request) -> Any:
         sel = _selection(served, body, len(inp.encoder_ids), len(inp.decoder_ids))
     async with _gate(request.app):
         t0 = time.monotonic()
-        weights = await asyncio.to_thread(inspect.capture, served.model, inp.encoder_ids, inp.decoder_ids, sel)
+        weights = await asyncio.to_thread(compute.capture, served.model, inp.encoder_ids, inp.decoder_ids,
+                                          sel.captured_layers)
         elapsed = time.monotonic() - t0
-    maps = inspect.build_maps(weights, sel)
+    found = maps.build_maps(weights, sel)
     tok = served.tokenizer
     if body.format == "png":
         labels = {"encoder": [tok.token_text(i) for i in inp.encoder_ids],
                   "decoder": [tok.token_text(i) for i in inp.decoder_ids]}
-        try:
-            png = await asyncio.to_thread(inspect.render_png, maps, labels)
-        except inspect.SelectionError as e:
-            raise APIError(400, str(e), param=e.param, code="invalid_selection") from e
+        png = await asyncio.to_thread(render.render_png, found, labels)
         return Response(png, media_type="image/png")
-    outs = [_map_out(m, body) for m in maps]
+    outs = [_map_out(m, body) for m in found]
     n_dec_given = len(inp.decoder_ids) - inp.generated
     return AttentionResponse.model_validate({
         "model": served.name, "architecture": served.checkpoint.config.arch,
         "encoder_text": inp.encoder_text, "decoder_text": inp.decoder_text,
-        "encoder_tokens": inspect.token_views(tok, inp.encoder_ids, inp.encoder_spans, len(inp.encoder_ids))
+        "encoder_tokens": tokens.token_views(tok, inp.encoder_ids, inp.encoder_spans, len(inp.encoder_ids))
         if served.is_encoder_decoder else None,
-        "decoder_tokens": inspect.token_views(tok, inp.decoder_ids, inp.decoder_spans, n_dec_given),
+        "decoder_tokens": tokens.token_views(tok, inp.decoder_ids, inp.decoder_spans, n_dec_given),
         "generated_tokens": inp.generated, "values": sum(n for _, n in outs), "maps": [o for o, _ in outs],
         "limits": _limits(settings), "compute_time": round(elapsed, 6)})
-
-
-# --- attention rows streamed by /v1/generate ----------------------------------------------------------------------
-
-
-def stream_spec(served: ServedModel, spec: AttentionStreamSpec, stream: bool, num_tokens: int,
-                settings: Settings) -> AttentionSpec:
-    """Check /v1/generate's return_attention against the model and the limits; the engine's record of it."""
-    if not stream:
-        raise APIError(400, "return_attention needs stream: true (each token event carries its row)",
-                       param="return_attention")
-    if num_tokens > settings.inspect_max_tokens:
-        raise APIError(413, f"with return_attention the prompt and max_tokens cover {num_tokens} tokens; the limit "
-                       f"(inspect_max_tokens) is {settings.inspect_max_tokens}: lower max_tokens or shorten the "
-                       "prompt", param="max_tokens", code="inspection_too_large")
-    try:
-        sel = inspect.resolve(served.checkpoint.config, list(spec.kinds or ["decoder_self"]), spec.layers,
-                              spec.heads, 0, None, spec.aggregation, 1, 1)
-    except inspect.SelectionError as e:
-        raise APIError(400, str(e), param=f"return_attention.{e.param}", code="invalid_selection") from e
-    layers = next(iter(sel.layers.values()))
-    return AttentionSpec(tuple(sel.layers), layers, sel.heads, spec.aggregation)
-
-
-def streamed_attention(spec: AttentionSpec, out: StepOutput) -> dict[str, Any] | None:
-    """The `attention` field of an SSE token event (StreamedAttention)."""
-    if out.attention is None:
-        return None
-    return {"layers": list(spec.layers or ()), "heads": list(spec.heads or ()), "aggregation": spec.aggregation,
-            **out.attention}
-

@@ -9,8 +9,8 @@ from fastapi.responses import StreamingResponse
 
 from service.engine.request import AttentionSpec, StepOutput
 from service.errors import APIError
+from service.inspection.streaming import stream_spec, streamed_attention
 from service.registry import ServedModel
-from service.routes.attention import stream_spec, streamed_attention
 from service.routes.deps import (
     error_responses,
     request_id,
@@ -20,7 +20,8 @@ from service.routes.deps import (
     sse,
     until_disconnect,
 )
-from service.schemas import GenerateRequest, GenerateResponse, Timing, TokenInfo, Usage
+from service.schemas import AttentionStreamSpec, GenerateRequest, GenerateResponse, Timing, TokenInfo, Usage
+from service.settings import Settings
 
 router = APIRouter(tags=["generate"])
 ERRORS = error_responses(400, 401, 404, 413, 429, 503)
@@ -32,6 +33,19 @@ def _token_info(served: ServedModel, out: StepOutput, with_logprobs: bool) -> To
     top = {tok.token_text(t.token_id): t.logprob for t in out.top_logprobs} if out.top_logprobs else None
     return TokenInfo(token_id=out.token_id, text=out.text, logprob=out.logprob if with_logprobs else None,
                      top_logprobs=top)
+
+
+def _attention_spec(served: ServedModel, spec: AttentionStreamSpec, stream: bool, num_tokens: int,
+                    settings: Settings) -> AttentionSpec:
+    """return_attention checked against the stream flag and the inspection limits; the engine's record of it."""
+    if not stream:
+        raise APIError(400, "return_attention needs stream: true (each token event carries its row)",
+                       param="return_attention")
+    if num_tokens > settings.inspect_max_tokens:
+        raise APIError(413, f"with return_attention the prompt and max_tokens cover {num_tokens} tokens; the limit "
+                       f"(inspect_max_tokens) is {settings.inspect_max_tokens}: lower max_tokens or shorten the "
+                       "prompt", param="max_tokens", code="inspection_too_large")
+    return stream_spec(served.checkpoint.config, spec.kinds, spec.layers, spec.heads, spec.aggregation)
 
 
 def _usage(out: StepOutput) -> Usage:
@@ -50,8 +64,9 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse 
     params = sampling_params(body, settings_of(request), body.logprobs)
     req = served.make_request(request_id(request, "gen"), body.prompt, params)
     if body.return_attention is not None:
-        req.attention = stream_spec(served, body.return_attention, body.stream,
-                                    req.num_tokens + len(req.source_ids or []) + params.max_tokens, settings_of(request))
+        req.attention = _attention_spec(served, body.return_attention, body.stream,
+                                        req.num_tokens + len(req.source_ids or []) + params.max_tokens,
+                                        settings_of(request))
     stream = served.engine.open(req)
     if body.stream:
         return StreamingResponse(_events(served, stream, body.logprobs is not None, req.attention),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from service.inspect import describe_attention
+from service.inspection.selection import describe_attention
 from service.registry import ServedModel
 from service.routes.deps import check_token_ids, error_responses, served_model, settings_of
 from service.schemas import (

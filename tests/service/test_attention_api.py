@@ -18,7 +18,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from model.tokenizer import Tokenizer
-from service.inspect import decode_array
+from service.inspection.encoding import decode_array
 
 TEXTS = ["the quick brown fox jumps over the lazy dog\n", "attention is all you need; über naïve\n"] * 20
 TIMEOUT = 60.0  # the first PNG imports matplotlib
