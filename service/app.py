@@ -10,13 +10,13 @@ import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -27,14 +27,14 @@ from service.errors import error_body, install
 from service.logs import setup_logging
 from service.metrics import CONTENT_TYPE, Metrics
 from service.registry import ServedModel, load_models
-from service.routes import attention, generate, health, models, openai
+from service.routes import attention, generate, health, models, openai, pages
+from service.routes.pages import DOCS_ASSETS, STATIC, VIEWER_ASSETS
 from service.settings import Settings
 
 log = logging.getLogger("attnserve.app")
 
-OPEN_PATHS = {"/health", "/ready", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc", "/inspect"}
-VIEWER_ASSETS = "/inspect/assets/"  # the viewer's static files hold no data: open like the page itself
-STATIC = Path(__file__).resolve().parent / "static"
+OPEN_PATHS = {"/", "/health", "/ready", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc", "/inspect"}
+OPEN_PREFIXES = (VIEWER_ASSETS + "/", DOCS_ASSETS + "/")  # static files that hold no data: open like their pages
 NO_DRAIN_PATHS = {"/health", "/ready", "/metrics"}
 TIMEOUT_HEADER = "x-request-timeout"  # seconds; generation still running then ends with finish_reason "abort"
 LOGGED_PROMPT_CHARS = 2000
@@ -115,7 +115,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 served.engine.stop()
                 metrics.set_engine_up(served.name, False)
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc from assets in the package, not a CDN
+        static_url=DOCS_ASSETS,
         title="attnserve",
         version=__version__,
         description="Serve Transformers with continuous batching, streaming, an OpenAI-compatible API, "
@@ -130,14 +131,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.draining = False
     app.state.started = time.time()
     install(app)
-    for router in (health.router, models.router, generate.router, openai.router, attention.router):
+    for router in (health.router, models.router, generate.router, openai.router, attention.router, pages.router):
         app.include_router(router)
-    app.mount(VIEWER_ASSETS.rstrip("/"), StaticFiles(directory=STATIC), name="viewer-assets")
-
-    @app.get("/inspect", include_in_schema=False)
-    async def viewer() -> FileResponse:
-        """The attention viewer (plain HTML + JS, works offline)."""
-        return FileResponse(STATIC / "index.html", media_type="text/html")
+    app.mount(VIEWER_ASSETS, StaticFiles(directory=STATIC), name="viewer-assets")
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics_endpoint(request: Request) -> Response:
@@ -154,7 +150,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         request.state.request_id = rid[:128]
         path = request.url.path
         response: Response
-        if api_keys and path not in OPEN_PATHS and not path.startswith(VIEWER_ASSETS) and not (
+        if api_keys and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES) and not (
                 path == "/metrics" and not settings.metrics_require_auth):
             auth = request.headers.get("authorization", "")
             key = auth[7:].encode() if auth.lower().startswith("bearer ") else b""

@@ -63,6 +63,13 @@ class ServedModel:
     def context_length(self) -> int:
         return self.engine.config.max_model_len
 
+    def default_max_tokens(self, prompt_ids: list[int]) -> int | None:
+        """A translator's max_tokens when a request gives none: sized to the source (2 x its tokens + 10), within
+        the decoder's room after BOS. None for an LM: the schema's default applies."""
+        if not self.is_encoder_decoder:
+            return None
+        return max(1, min(2 * len(prompt_ids) + 10, self.context_length - 1))
+
     def make_request(self, request_id: str, text: str | None, params: SamplingParams,
                      prompt_ids: list[int] | None = None) -> Request:
         """A translator gets the text as its source and starts decoding from BOS; an LM continues the text."""

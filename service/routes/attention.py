@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 
+from service.engine.request import SamplingParams
 from service.errors import APIError
 from service.inspection import compute, encoding, maps, render, tokens
 from service.inspection.selection import AXES, Selection, estimated_bytes, fit, resolve
@@ -25,12 +26,7 @@ from service.routes.deps import (
     settings_of,
     until_disconnect,
 )
-from service.schemas import (
-    AttentionDryRun,
-    AttentionRequest,
-    AttentionResponse,
-    InspectionLimits,
-)
+from service.schemas.inspection import AttentionDryRun, AttentionRequest, AttentionResponse, InspectionLimits
 from service.settings import Settings
 
 router = APIRouter(tags=["attention"])
@@ -123,9 +119,15 @@ def _gate(app: FastAPI) -> asyncio.Semaphore:
     return gate
 
 
-async def _generate(request: Request, served: ServedModel, body: AttentionRequest, inp: Inputs) -> Inputs:
+def _params(request: Request, served: ServedModel, body: AttentionRequest, inp: Inputs) -> SamplingParams:
+    """How `generate` samples: the request's `sampling`, max_tokens sized to a translator's source by default."""
+    ids = inp.encoder_ids if served.is_encoder_decoder else inp.decoder_ids
+    return sampling_params(body.sampling, settings_of(request), None, default_max_tokens=served.default_max_tokens(ids),
+                           prompt=inp.encoder_text if served.is_encoder_decoder else inp.decoder_text)
+
+
+async def _generate(request: Request, served: ServedModel, params: SamplingParams, inp: Inputs) -> Inputs:
     """Generate the continuation (translator: the target) through the engine; return the extended inputs."""
-    params = sampling_params(body, settings_of(request), None)
     ids = inp.encoder_ids if served.is_encoder_decoder else inp.decoder_ids
     stream = served.engine.open(served.make_request(request_id(request, "insp"), None, params, prompt_ids=ids))
 
@@ -175,13 +177,15 @@ def _map_out(m: maps.MapData, body: AttentionRequest) -> tuple[dict[str, Any], i
 @router.post("/v1/attention", response_model=AttentionResponse | AttentionDryRun, responses={
     **ERRORS, 200: {"content": {"image/png": {}}, "description": "JSON, or a PNG heatmap when format is png"}})
 async def attention(body: AttentionRequest, request: Request) -> Any:
+    """The softmax attention of one teacher-forced pass (generated first with `generate`), selected by kind,
+    layer, head and query rows; aggregated, rolled out, summarized, sparsified; JSON, base64 or a PNG heatmap.
+    `dry_run` reports the size without computing; past the limits a 413 names a selection that fits."""
     served = served_model(request, body.model)
     settings = settings_of(request)
-    if body.stream:
-        raise APIError(400, "stream is not supported here; use /v1/generate with return_attention", param="stream")
     inp = _inputs(served, body)
     generate = body.generate and not (served.is_encoder_decoder and body.target)
-    budget = body.max_tokens if generate else 0
+    params = _params(request, served, body, inp) if generate else None
+    budget = params.max_tokens if params is not None else 0
     _check_tokens(served, inp, budget, settings)
     sel = _selection(served, body, len(inp.encoder_ids), len(inp.decoder_ids) + budget)
     message = _values_message(sel, settings.inspect_max_values)
@@ -193,8 +197,8 @@ async def attention(body: AttentionRequest, request: Request) -> Any:
                                within_limits=message is None, message=message, limits=_limits(settings))
     if message is not None:
         raise APIError(413, message, param="layers", code="inspection_too_large")
-    if generate:
-        inp = await _generate(request, served, body, inp)
+    if params is not None:
+        inp = await _generate(request, served, params, inp)
         sel = _selection(served, body, len(inp.encoder_ids), len(inp.decoder_ids))
     async with _gate(request.app):
         t0 = time.monotonic()

@@ -15,7 +15,7 @@ from service.engine.engine import CALLER
 from service.engine.request import SamplingParams
 from service.errors import APIError
 from service.registry import ServedModel
-from service.schemas import ErrorResponse, SamplingFields
+from service.schemas.common import ErrorResponse, Sampling
 from service.settings import Settings
 
 T = TypeVar("T")
@@ -52,11 +52,15 @@ def settings_of(request: Request) -> Settings:
     return settings
 
 
-def sampling_params(body: SamplingFields, settings: Settings, logprobs: int | None, seed_offset: int = 0) -> SamplingParams:
-    """Check the limits that depend on settings and build the engine's SamplingParams."""
+def sampling_params(body: Sampling, settings: Settings, logprobs: int | None, seed_offset: int = 0,
+                    default_max_tokens: int | None = None, prompt: object = None) -> SamplingParams:
+    """Check the limits that depend on settings and build the engine's SamplingParams.
+
+    `default_max_tokens` replaces the schema's default when the request gives none (a translator sizes it to its
+    source: ServedModel.default_max_tokens); `prompt` is what the access log shows with log_prompts."""
     max_tokens = body.max_tokens
     if "max_tokens" not in body.model_fields_set:  # the default is never refused, only capped
-        max_tokens = min(max_tokens, settings.max_tokens_limit)
+        max_tokens = min(default_max_tokens or max_tokens, settings.max_tokens_limit)
     elif max_tokens > settings.max_tokens_limit:
         raise APIError(400, f"max_tokens is {body.max_tokens}; the limit is {settings.max_tokens_limit}",
                        param="max_tokens")
@@ -71,8 +75,7 @@ def sampling_params(body: SamplingFields, settings: Settings, logprobs: int | No
         raise APIError(400, f"logprobs is {logprobs}; the limit is {settings.max_logprobs}", param="logprobs")
     caller = CALLER.get()
     if settings.log_prompts and caller is not None:  # the access log line carries it; off by default
-        text = getattr(body, "prompt", None) or getattr(body, "source", None)
-        caller.prompt = None if text is None else str(text)
+        caller.prompt = None if prompt is None else str(prompt)
     return SamplingParams(
         max_tokens=max_tokens, temperature=0.0 if body.temperature < GREEDY_BELOW else body.temperature,
         top_k=body.top_k, top_p=max(body.top_p, MIN_TOP_P),

@@ -20,7 +20,9 @@ from service.routes.deps import (
     sse,
     until_disconnect,
 )
-from service.schemas import AttentionStreamSpec, GenerateRequest, GenerateResponse, Timing, TokenInfo, Usage
+from service.schemas.common import Usage
+from service.schemas.inspection import AttentionStreamSpec
+from service.schemas.native import GenerateRequest, GenerateResponse, Timing, TokenInfo
 from service.settings import Settings
 
 router = APIRouter(tags=["generate"])
@@ -60,9 +62,14 @@ def _timing(out: StepOutput) -> Timing:
 @router.post("/v1/generate", response_model=GenerateResponse, responses={
     **ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream is true"}})
 async def generate(body: GenerateRequest, request: Request) -> GenerateResponse | StreamingResponse:
+    """Continue a prompt (a decoder-only model) or translate a source sentence (a translator). JSON, or with
+    `stream` Server-Sent Events: one `token` event per token (with `return_attention`, its attention row), then
+    `done` with finish_reason, usage and timing. A translator's default max_tokens is sized to its source."""
     served = served_model(request, body.model)
-    params = sampling_params(body, settings_of(request), body.logprobs)
-    req = served.make_request(request_id(request, "gen"), body.prompt, params)
+    ids = served.tokenizer.encode(body.prompt)
+    params = sampling_params(body, settings_of(request), body.logprobs,
+                             default_max_tokens=served.default_max_tokens(ids), prompt=body.prompt)
+    req = served.make_request(request_id(request, "gen"), body.prompt, params, prompt_ids=ids)
     if body.return_attention is not None:
         req.attention = _attention_spec(served, body.return_attention, body.stream,
                                         req.num_tokens + len(req.source_ids or []) + params.max_tokens,

@@ -7,14 +7,8 @@ from fastapi import APIRouter, Request
 from service.inspection.selection import describe_attention
 from service.registry import ServedModel
 from service.routes.deps import check_token_ids, error_responses, served_model, settings_of
-from service.schemas import (
-    DetokenizeRequest,
-    DetokenizeResponse,
-    ModelCard,
-    ModelList,
-    TokenizeRequest,
-    TokenizeResponse,
-)
+from service.schemas.native import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from service.schemas.openai import ModelCard, ModelList
 
 router = APIRouter(tags=["models"])
 ERRORS = error_responses(400, 401, 404)
@@ -29,17 +23,21 @@ def _card(request: Request, served: ServedModel) -> ModelCard:
 
 @router.get("/v1/models", response_model=ModelList, responses=ERRORS)
 async def list_models(request: Request) -> ModelList:
+    """The served models in OpenAI's list shape; `details` carries architecture, sizes, context length
+    (`context_length`) and what attention inspection offers."""
     models: dict[str, ServedModel] = request.app.state.models
     return ModelList(data=[_card(request, m) for m in models.values()])
 
 
 @router.get("/v1/models/{model}", response_model=ModelCard, responses=ERRORS)
 async def get_model(model: str, request: Request) -> ModelCard:
+    """One served model's card (404 if no model has this name)."""
     return _card(request, served_model(request, model))
 
 
 @router.post("/v1/tokenize", response_model=TokenizeResponse, responses=ERRORS)
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+    """Text to the model's token ids, with each token's text."""
     served = served_model(request, body.model)
     ids = served.tokenizer.encode(body.text)
     return TokenizeResponse(model=served.name, tokens=ids, token_strings=[served.tokenizer.token_text(i) for i in ids],
@@ -48,6 +46,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
 
 @router.post("/v1/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    """Token ids back to text (400 for an id outside the vocabulary)."""
     served = served_model(request, body.model)
     check_token_ids(served, body.tokens, "tokens")
     return DetokenizeResponse(model=served.name, text=served.tokenizer.decode(body.tokens))

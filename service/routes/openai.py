@@ -26,13 +26,8 @@ from service.routes.deps import (
     sse,
     until_disconnect,
 )
-from service.schemas import (
-    CompletionChoice,
-    CompletionLogprobs,
-    CompletionRequest,
-    CompletionResponse,
-    Usage,
-)
+from service.schemas.common import Usage
+from service.schemas.openai import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 
 router = APIRouter(tags=["openai"])
 ERRORS = error_responses(400, 401, 404, 413, 429, 503)
@@ -84,6 +79,8 @@ def _add_token(choice: _Choice, served: ServedModel, out: StepOutput) -> None:
 @router.post("/v1/completions", response_model=CompletionResponse, responses={
     **ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks when stream is true"}})
 async def completions(body: CompletionRequest, request: Request) -> CompletionResponse | StreamingResponse:
+    """OpenAI's completions API: n, stop, seed, logprobs, echo, and streaming chunks ending in `[DONE]`
+    (`stream_options.include_usage` adds a usage chunk). Works with the official openai client."""
     served = served_model(request, body.model)
     settings = settings_of(request)
     if body.n > settings.max_n:
@@ -102,8 +99,10 @@ async def completions(body: CompletionRequest, request: Request) -> CompletionRe
     streams: list[RequestStream] = []
     async with AsyncExitStack() as stack:
         for pi, (text, ids) in enumerate(prompts):
+            ids = served.tokenizer.encode(text) if ids is None else ids
             for j in range(body.n):
-                params = sampling_params(body, settings, body.logprobs, seed_offset=j)
+                params = sampling_params(body, settings, body.logprobs, seed_offset=j,
+                                         default_max_tokens=served.default_max_tokens(ids), prompt=body.prompt)
                 req = served.make_request(f"{rid}-{pi}-{j}", text, params, prompt_ids=ids)
                 stream = served.engine.open(req)
                 await stack.enter_async_context(stream)  # aborts it if anything below fails

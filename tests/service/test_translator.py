@@ -100,3 +100,13 @@ def test_translations_survive_preemption(make_server: Callable[..., LiveServer],
 def test_an_empty_source_is_a_400(server: LiveServer) -> None:
     r = httpx.post(f"{server.url}/v1/generate", json={"model": "tiny-mt", "prompt": ""})
     assert r.status_code == 400 and "prompt" in r.json()["error"]["message"]
+
+
+def test_the_default_max_tokens_is_sized_to_the_source(server: LiveServer, mt: Checkpoint) -> None:
+    """2 x source tokens + 10, within the decoder's room after BOS (tiny-mt's context is 128): never a cut at 16."""
+    long = " ".join(SOURCES[:5])
+    lengths = [len(mt.tokenizer.encode(s)) for s in (SOURCES[0], long)]
+    assert 2 * lengths[0] + 10 > 16 and 2 * lengths[1] + 10 > 127, lengths
+    for source, n in zip((SOURCES[0], long), lengths, strict=True):
+        got = translate_all(server.url, [{"prompt": source, "temperature": 0, "ignore_eos": True}])[0]
+        assert got["usage"]["completion_tokens"] == min(2 * n + 10, 127), source

@@ -1,7 +1,4 @@
-"""Every request and response body of the API: native, OpenAI-compatible and inspection.
-
-Limits that depend on settings (max_tokens cap, n, stop lists) are checked in the routes with messages that
-name the field and the limit; the bounds here are the ones that hold for any deployment."""
+"""Inspection: POST /v1/attention, the attention rows streamed by /v1/generate, and the per-model facts."""
 
 from __future__ import annotations
 
@@ -9,53 +6,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-# Any string constraint makes pydantic check that a string is valid Unicode: a lone surrogate ("\\ud800" in
-# JSON) is refused as a 400 naming the field instead of failing in the tokenizer. The body limit bounds it anyway.
-MAX_TEXT_CHARS = 2**20
+from service.schemas.common import MAX_TEXT_CHARS, Sampling
 
-# --- shared -------------------------------------------------------------------------------------------------
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | int | None = None
-
-
-class ErrorResponse(BaseModel):
-    """OpenAI's error shape, used by every endpoint."""
-
-    error: ErrorDetail
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class SamplingFields(BaseModel):
-    """The sampling fields shared by the native and OpenAI-compatible endpoints."""
-
-    model_config = ConfigDict(extra="forbid", str_max_length=MAX_TEXT_CHARS)
-
-    model: str | None = Field(None, description="a served model's name; the default model if omitted")
-    max_tokens: int = Field(16, ge=1, description="tokens to generate at most")
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 means greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 disables top-k")
-    repetition_penalty: float = Field(1.0, ge=0.01, le=10.0, description="1 is off; below 0.01 logits overflow")
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="same seed, same text, at any load")
-    stop: str | list[str] | None = Field(None, description="stop sequences; never part of the output")
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = Field(False, description="keep generating past EOS (benchmarks)")
-    stream: bool = False
-
-
-# --- native -------------------------------------------------------------------------------------------------
+AttentionKind = Literal["encoder_self", "decoder_self", "cross"]
+SequenceName = Literal["encoder", "decoder"]
 
 
 class AttentionStreamSpec(BaseModel):
@@ -68,147 +22,6 @@ class AttentionStreamSpec(BaseModel):
     layers: list[int] | None = Field(None, description="layer indices; all if omitted")
     heads: list[int] | None = Field(None, description="head indices; all if omitted")
     aggregation: Literal["none", "mean", "max"] = "mean"
-
-
-class GenerateRequest(SamplingFields):
-    """Native generation: the prompt (for a translator, the source sentence) and sampling fields."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"prompt": "ROMEO:", "max_tokens": 32, "temperature": 0.8, "seed": 1}]},
-    )
-
-    prompt: str = Field(..., description="text to continue, or the source sentence for a translator")
-    logprobs: int | None = Field(None, ge=0, description="top-N alternatives per token (0: the chosen one only)")
-    return_attention: AttentionStreamSpec | None = Field(
-        None, description="stream each generated token's attention row (stream must be true)"
-    )
-
-
-class Timing(BaseModel):
-    queue_time: float | None = Field(None, description="seconds waiting before the first step")
-    time_to_first_token: float | None = None
-    total_time: float | None = None
-
-
-class TokenInfo(BaseModel):
-    token_id: int
-    text: str
-    logprob: float | None = None
-    top_logprobs: dict[str, float] | None = None
-
-
-class GenerateResponse(BaseModel):
-    id: str
-    model: str
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    usage: Usage
-    timing: Timing
-    tokens: list[TokenInfo] | None = Field(None, description="per-token logprobs when asked for")
-
-
-# --- OpenAI-compatible completions ---------------------------------------------------------------------------
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class CompletionRequest(SamplingFields):
-    """OpenAI's /v1/completions request (plus top_k, repetition_penalty, ignore_eos as vLLM accepts)."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"model": "shakespeare-gpt", "prompt": "ROMEO:", "max_tokens": 32}]},
-    )
-
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(..., description="text, texts or token ids")
-    n: int = Field(1, ge=1)
-    best_of: int | None = Field(None, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
-    stream_options: StreamOptions | None = None
-    suffix: str | None = None
-    user: str | None = None
-    logit_bias: dict[str, float] | None = None
-
-
-class CompletionLogprobs(BaseModel):
-    tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float | None] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
-    text_offset: list[int] = Field(default_factory=list)
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None = None
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
-
-
-# --- models, tokenizer ----------------------------------------------------------------------------------------
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "attnserve"
-    details: dict[str, Any] = Field(default_factory=dict)
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_max_length=MAX_TEXT_CHARS)
-    model: str | None = None
-    text: str
-
-
-class TokenizeResponse(BaseModel):
-    model: str
-    tokens: list[int]
-    token_strings: list[str]
-    count: int
-
-
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_max_length=MAX_TEXT_CHARS)
-    model: str | None = None
-    tokens: list[int]
-
-
-class DetokenizeResponse(BaseModel):
-    model: str
-    text: str
-
-
-class HealthResponse(BaseModel):
-    status: str
-    models: dict[str, str] = Field(default_factory=dict)
-
-
-# --- inspection -----------------------------------------------------------------------------------------------
-# POST /v1/attention, the attention rows streamed by /v1/generate, and the per-model inspection facts.
-
-AttentionKind = Literal["encoder_self", "decoder_self", "cross"]
-SequenceName = Literal["encoder", "decoder"]
 
 
 class QueryRange(BaseModel):
@@ -235,22 +48,23 @@ class Sparsify(BaseModel):
         return self
 
 
-class AttentionRequest(SamplingFields):
+class AttentionRequest(BaseModel):
     """Teacher-forced attention of one input, with selection, aggregation, sparsification and encoding.
 
     A decoder-only model reads `prompt`; a translator reads `source` (or `prompt`) and an optional `target`.
-    With `generate` and no target, the server first generates the continuation (the sampling fields apply),
-    then inspects input + output in one pass."""
+    With `generate` and no target, the server first generates the continuation as `sampling` says, then inspects
+    input + output in one pass. Nothing streams here: /v1/generate with `return_attention` does."""
 
     model_config = ConfigDict(
-        extra="forbid",
+        extra="forbid", str_max_length=MAX_TEXT_CHARS,
         json_schema_extra={"examples": [
-            {"prompt": "ROMEO: But soft", "layers": [0], "aggregation": "mean"},
-            {"source": "Two dogs play in the snow.", "generate": True, "max_tokens": 20, "temperature": 0,
-             "kinds": ["cross"], "encoding": "base64"},
+            {"model": "shakespeare-gpt", "prompt": "ROMEO: But soft", "layers": [0], "aggregation": "mean"},
+            {"model": "multi30k-en-de", "source": "Two dogs play in the snow.", "generate": True,
+             "sampling": {"max_tokens": 20, "temperature": 0}, "kinds": ["cross"], "encoding": "base64"},
         ]},
     )
 
+    model: str | None = Field(None, description="a served model's name; the default model if omitted")
     prompt: str | None = Field(None, description="a decoder-only model's text (a translator takes it as source)")
     source: str | None = Field(None, description="a translator's source sentence")
     target: str | None = Field(None, description="a translator's target sentence (teacher-forced after BOS)")
@@ -269,6 +83,24 @@ class AttentionRequest(SamplingFields):
     precision: int = Field(4, ge=1, le=8, description="decimal places of JSON floats")
     format: Literal["json", "png"] = Field("json", description="png: a rendered heatmap (grid when several maps)")
     dry_run: bool = Field(False, description="report what would be sent (values, bytes, limits); compute nothing")
+    sampling: Sampling = Field(default_factory=lambda: Sampling.model_validate({}),
+                               description="with `generate`: how to sample (the fields of /v1/generate; also "
+                               "accepted flat at the top level)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_sampling(cls, data: Any) -> Any:
+        """Accept the sampling fields at the top level too (the shape before `sampling` existed)."""
+        if not isinstance(data, dict):
+            return data
+        flat = {k: data[k] for k in Sampling.model_fields if k in data}
+        if not flat:
+            return data
+        nested = data.get("sampling")
+        if nested is not None and not isinstance(nested, dict):
+            return data  # let the field's own validation name the problem
+        rest = {k: v for k, v in data.items() if k not in flat}
+        return {**rest, "sampling": {**flat, **(nested or {})}}
 
 
 class TokenView(BaseModel):
