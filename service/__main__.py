@@ -1,7 +1,8 @@
 """`python -m service`: serve the models over HTTP. Flags override ATTNSERVE_* environment variables.
 
-SIGTERM drains: /ready turns 503 and new requests get 503 while in-flight requests finish (up to the drain
-timeout); the rest end with finish_reason "abort"; then the server exits 0. A second signal exits at once."""
+SIGTERM (or Ctrl-C) drains: /ready turns 503 and new requests get 503 while in-flight requests finish (up to the
+drain timeout); the rest end with finish_reason "abort"; then the server exits 0. A second signal stops at once:
+open connections are cut and the process dies of that signal (exit status 143 for SIGTERM, 130 for Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from fastapi import FastAPI
 
 from model.checkpoint import CheckpointError
 from service.app import create_app, drain_engines
-from service.settings import Settings
+from service.logs import log_config
+from service.settings import Settings, SettingsError
 
 log = logging.getLogger("attnserve.server")
 
@@ -41,7 +43,11 @@ class DrainingServer(uvicorn.Server):
             await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._draining or not hasattr(self.config, "loaded_app"):
+        if not hasattr(self.config, "loaded_app"):
+            return super().handle_exit(sig, frame)
+        if self._draining:  # the second signal: no waiting for connections; uvicorn re-raises the signal at the end
+            log.warning("second signal: stopping now", extra={"signal": signal.Signals(sig).name})
+            self.force_exit = True
             return super().handle_exit(sig, frame)
         self._draining = True
         log.info("draining", extra={"signal": signal.Signals(sig).name, "timeout_s": self.settings.drain_timeout})
@@ -53,23 +59,46 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every flag has its help text and the default it falls back to."""
+    d = Settings.model_fields
+    p = argparse.ArgumentParser(
+        prog="python -m service", description="Serve Transformers over HTTP. Every flag can also be set as an "
+        "environment variable ATTNSERVE_<NAME> (see service/settings.py); flags win.",
+        epilog="Example: python -m service --port 8080 --default-model shakespeare-gpt   (or: make serve PORT=8080)")
+    p.add_argument("--host", help=f"address to listen on (default {d['host'].default})")
+    p.add_argument("--port", type=int, metavar="PORT", help=f"port to listen on (default {d['port'].default})")
+    p.add_argument("--models-dir", type=Path, metavar="DIR", help="serve every checkpoint folder under it (default: the shipped "
+                   "models in model/checkpoints)")
+    p.add_argument("--model", dest="models", action="append", type=Path, metavar="PATH",
+                   help="also serve this checkpoint folder: ours or a Hugging Face GPT-2 folder (repeatable)")
+    p.add_argument("--no-default-models", action="store_true",
+                   help="do not serve the shipped models (only those given with --model/--models-dir)")
+    p.add_argument("--default-model", metavar="NAME", help="the model a request without `model` gets (default: "
+                   "the first served model: --models-dir folders by name, then --model ones; multi30k-en-de with "
+                   "the shipped models); an unknown name stops the start")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto: cuda when torch sees a GPU")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and KV cache (auto: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--kv-cache-blocks", type=int, metavar="N", help="KV cache blocks per model (default: "
+                   f"{d['kv_cache_bytes'].default // 2**20} MiB worth)")
+    p.add_argument("--max-num-seqs", type=int, metavar="N", help="sequences decoded together per model "
+                   f"(default {d['max_num_seqs'].default})")
+    p.add_argument("--api-key", dest="api_keys", action="append", metavar="KEY",
+                   help="require `Authorization: Bearer KEY` (repeatable); no keys: the API is open")
+    p.add_argument("--drain-timeout", type=float, metavar="SECONDS", help="seconds in-flight requests get after SIGTERM "
+                   f"(default {d['drain_timeout'].default:g})")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"], help="default info")
+    p.add_argument("--log-probes", action="store_true", default=None,
+                   help="also write access-log lines for /health and /ready (off: probes every few seconds "
+                   "would drown the log)")
+    return p
+
+
 def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m service", description="Serve Transformers over HTTP.")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--models-dir", type=Path, help="serve every checkpoint folder under it")
-    p.add_argument("--model", dest="models", action="append", type=Path, help="a checkpoint folder (repeatable)")
-    p.add_argument("--no-default-models", action="store_true", help="do not serve the shipped models")
-    p.add_argument("--default-model")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--threads", type=int)
-    p.add_argument("--kv-cache-blocks", type=int)
-    p.add_argument("--max-num-seqs", type=int)
-    p.add_argument("--api-key", dest="api_keys", action="append")
-    p.add_argument("--drain-timeout", type=float)
-    p.add_argument("--log-level")
-    args = vars(p.parse_args(argv))
+    """The flags given, as Settings overrides (flags not given leave the environment's values)."""
+    args = vars(build_parser().parse_args(argv))
     if args.pop("no_default_models"):
         args["models_dir"] = None
         args["_no_models_dir"] = True
@@ -85,9 +114,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app = create_app(settings)
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                                log_config=log_config(settings.log_level, settings.log_json),
                                 access_log=False, timeout_graceful_shutdown=5, lifespan="off")
         DrainingServer(config, settings).run()
-    except (CheckpointError, OSError) as e:  # a bad model folder or file: say which, no traceback
+    except (CheckpointError, SettingsError, OSError) as e:  # a bad model folder, file or setting: say which
         log.error("cannot start: %s", e, extra={"error": str(e)})
         sys.exit(2)
     sys.exit(0)

@@ -26,16 +26,17 @@ from service.engine.engine import CALLER, Caller
 from service.errors import error_body, install
 from service.logs import setup_logging
 from service.metrics import CONTENT_TYPE, Metrics
-from service.registry import ServedModel, load_models
+from service.registry import ServedModel, discover, load_models
 from service.routes import attention, generate, health, models, openai, pages
 from service.routes.pages import DOCS_ASSETS, STATIC, VIEWER_ASSETS
-from service.settings import Settings
+from service.settings import Settings, SettingsError
 
 log = logging.getLogger("attnserve.app")
 
 OPEN_PATHS = {"/", "/health", "/ready", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc", "/inspect"}
 OPEN_PREFIXES = (VIEWER_ASSETS + "/", DOCS_ASSETS + "/")  # static files that hold no data: open like their pages
 NO_DRAIN_PATHS = {"/health", "/ready", "/metrics"}
+PROBE_PATHS = {"/health", "/ready"}  # access-logged only with log_probes: orchestrators call them every few seconds
 TIMEOUT_HEADER = "x-request-timeout"  # seconds; generation still running then ends with finish_reason "abort"
 LOGGED_PROMPT_CHARS = 2000
 
@@ -98,14 +99,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        found = [p.name for p in discover(settings)]
+        if settings.default_model is not None and settings.default_model not in found:
+            raise SettingsError(f"default model '{settings.default_model}' is not among the served models "
+                                f"{sorted(found)}")
         app.state.models = load_models(settings, metrics.record_step, metrics.record_finish)
         for name, served in app.state.models.items():
             metrics.add_model(name, served.describe())
         names = list(app.state.models)
-        app.state.default_model = settings.default_model if settings.default_model in names else (
-            names[0] if names else None)
+        app.state.default_model = settings.default_model or (names[0] if names else None)
         app.state.ready = True
-        log.info("ready", extra={"models": names})
+        log.info("ready", extra={"models": names, "default_model": app.state.default_model})
         try:
             yield
         finally:
@@ -199,6 +203,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def _access_log(request: Request, status: int, start: float, caller: Caller | None = None,
                     complete: bool = True) -> None:
         """One JSON line per HTTP request: id, route, status, latency and, for generation, token counts."""
+        if request.url.path in PROBE_PATHS and not settings.log_probes:
+            return
         extra: dict[str, object] = {
             "request_id": request.state.request_id, "method": request.method, "path": request.url.path,
             "status": status, "latency_ms": round((time.monotonic() - start) * 1000, 2),

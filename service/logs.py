@@ -7,7 +7,9 @@ import logging
 import time
 from typing import Any
 
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+# uvicorn adds `color_message` (the message with ANSI colours) to its records: not a field for a JSON line
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "color_message"}
+PLAIN = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
 class JsonFormatter(logging.Formatter):
@@ -34,4 +36,13 @@ def setup_logging(level: str = "info", json_lines: bool = True) -> None:
         logger.addHandler(handler)
         logger.propagate = False
     for h in logger.handlers:
-        h.setFormatter(JsonFormatter() if json_lines else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        h.setFormatter(JsonFormatter() if json_lines else logging.Formatter(PLAIN))
+
+
+def log_config(level: str = "info", json_lines: bool = True) -> dict[str, Any]:
+    """uvicorn's `log_config`: its loggers write the same lines as ours (JSON by default) to stderr."""
+    formatter: dict[str, Any] = {"()": JsonFormatter} if json_lines else {"format": PLAIN}
+    handler = {"class": "logging.StreamHandler", "formatter": "default", "stream": "ext://sys.stderr"}
+    logger = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return {"version": 1, "disable_existing_loggers": False, "formatters": {"default": formatter},
+            "handlers": {"default": handler}, "loggers": {"uvicorn": logger, "uvicorn.access": logger}}

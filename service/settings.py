@@ -11,6 +11,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "model" / "checkpoints"
 
 
+class SettingsError(ValueError):
+    """A setting the server cannot honour (an unknown --default-model); the start stops with its message."""
+
+
 class Settings(BaseSettings):
     """Service configuration. Environment: ATTNSERVE_<NAME>; lists as JSON (e.g. ATTNSERVE_API_KEYS='["k1"]')."""
 
@@ -20,7 +24,8 @@ class Settings(BaseSettings):
     port: int = 8000
     models_dir: Path | None = Field(default=SHIPPED_MODELS, description="serve every checkpoint folder under it")
     models: list[Path] = Field(default_factory=list, description="extra checkpoint folders (ours or GPT-2)")
-    default_model: str | None = None
+    default_model: str | None = Field(default=None, description="the model of requests that name none (default: "
+                                      "the first served model by name); an unknown name stops the start")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     threads: int | None = Field(default=None, description="torch intra-op threads (default: torch's choice)")
@@ -30,7 +35,9 @@ class Settings(BaseSettings):
     kv_cache_blocks: int | None = Field(default=None, description="KV blocks per model (overrides the bytes)")
     kv_cache_bytes: int = 256 * 2**20
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int = Field(default=512, description="token budget of one engine step; longer "
+                                        "prompts are prefilled in chunks of it (chunked prefill)")
+    enforce_eager: bool = Field(default=False, description="never capture CUDA graphs (always on CPU)")
     max_waiting_requests: int = 512
     max_waiting_tokens: int = 262144
     queue_timeout: float | None = 60.0
@@ -55,6 +62,7 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list)
     drain_timeout: float = 30.0
     log_prompts: bool = False
+    log_probes: bool = Field(default=False, description="access-log lines for /health and /ready too")
     log_json: bool = True
     log_level: str = "info"
 

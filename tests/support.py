@@ -1,13 +1,20 @@
-"""Test support: random-weight checkpoints, settings for tests, and live uvicorn servers on 127.0.0.1."""
+"""Test support: random-weight checkpoints, settings for tests, live servers on 127.0.0.1 (a uvicorn thread or the
+real `python -m service` process), a free port, one Server-Sent Events parser and a way to slow an engine down."""
 
 from __future__ import annotations
 
+import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 import uvicorn
 
@@ -25,7 +32,11 @@ CORPUS = (
 )
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
 def free_port() -> int:
+    """A loopback port nobody listens on (the OS picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -75,3 +86,72 @@ def settings_for(models_dir: Path, **overrides: Any) -> Settings:
                                 block_size=4, log_level="warning", drain_timeout=5.0)
     base.update(overrides)
     return Settings(**base)
+
+
+class ServiceProcess:
+    """`python -m service` on a free loopback port, its output (stdout and stderr) in a file."""
+
+    def __init__(self, models_dir: Path, log: Path, *args: str, wait: bool = True) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        env = {**os.environ, "ATTNSERVE_BLOCK_SIZE": "4", "ATTNSERVE_KV_CACHE_BLOCKS": "512",
+               "ATTNSERVE_LOG_LEVEL": "info"}
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "service", "--models-dir", str(models_dir), "--port", str(self.port),
+                 "--dtype", "float32", "--device", "cpu", *args], cwd=ROOT, env=env, stdout=out,
+                stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            assert self.proc.poll() is None, self.output()
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("server did not become ready")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def sse_events(lines: Iterable[str]) -> Iterator[tuple[str, Any]]:
+    """(event, data) per Server-Sent Event from a text/event-stream's lines, lazily: the event name ("message"
+    when none is given) and the JSON data, or the raw text where it is not JSON (OpenAI's "[DONE]")."""
+    event = "message"
+    for line in lines:
+        if line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data = line[5:].strip()
+            yield event, data if data == "[DONE]" else json.loads(data)
+        elif line == "":
+            event = "message"
+
+
+async def read_sse(resp: httpx.Response) -> list[tuple[str, Any]]:
+    """An async response's events, read to its end."""
+    return list(sse_events([line async for line in resp.aiter_lines()]))
+
+
+def slow_steps(engine: Any, seconds: float) -> None:
+    """Sleep before each engine step (its public per-iteration method), so that a long request takes long enough
+    for a client to leave, a queue to fill or a deadline to pass in the middle."""
+    step = engine.step
+
+    def slow() -> None:
+        time.sleep(seconds)
+        step()
+
+    engine.step = slow

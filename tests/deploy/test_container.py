@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -22,6 +21,7 @@ import pytest
 import torch
 from httpx_sse import connect_sse
 from prometheus_client.parser import text_string_to_metric_families
+from support import free_port
 
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import preset
@@ -37,12 +37,6 @@ LONG_STREAM = 400  # tokens: long enough that SIGTERM lands mid-stream
 
 def docker(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, check=check)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def base_image() -> str:

@@ -64,12 +64,6 @@ def variable_queries(dashboard: dict[str, Any]) -> list[str]:
     return out
 
 
-def test_metric_name_extraction() -> None:
-    expr = ('histogram_quantile(0.9, sum by (le, model) (rate(a_seconds_bucket{model=~"$model", x="by(y)"}'
-            '[$__rate_interval]))) / on (model) group_left b_total offset 5m + c and ignoring (le) d')
-    assert metric_names(expr) == {"a_seconds_bucket", "b_total", "c", "d"}
-
-
 def test_provisioning_matches_the_compose_mounts_and_the_dashboard() -> None:
     ds = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())
     (source,) = ds["datasources"]

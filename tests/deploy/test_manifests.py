@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import re
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from httpx_sse import connect_sse
+from support import free_port
 
 from service.metrics import Metrics
 from service.settings import Settings
@@ -26,12 +26,6 @@ ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
 K8S_VERSIONS = ["1.28", kubernetes_validate.utils.latest_version()]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- docker-compose ---------------------------------------------------------------------------------------------

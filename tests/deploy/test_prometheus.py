@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "deploy" / "prometheus.yml"
@@ -26,12 +26,6 @@ needs_prometheus = pytest.mark.skipif(PROMETHEUS is None,
                                       reason="prometheus not installed (Debian package prometheus)")
 MODEL = "tiny-gpt"
 LOAD = (5, 7, 9)  # max_tokens of the requests sent; ignore_eos makes each output exactly this long
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def send_load(url: str) -> None:

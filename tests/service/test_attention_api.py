@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from support import read_sse
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from model.tokenizer import Tokenizer
@@ -92,14 +93,8 @@ async def _stream_rows(url: str, body: dict[str, Any]) -> tuple[list[int], list[
     async with httpx.AsyncClient(timeout=TIMEOUT) as client, client.stream("POST", f"{url}/v1/generate",
                                                                            json=body) as r:
         assert r.status_code == 200, await r.aread()
-        event = None
-        async for line in r.aiter_lines():
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: ") and event == "token":
-                data = json.loads(line[6:])
-                if "token_id" not in data:  # a text-only event (the detokenizer's tail)
-                    continue
+        for event, data in await read_sse(r):
+            if event == "token" and "token_id" in data:  # not a text-only event (the detokenizer's tail)
                 ids.append(data["token_id"])
                 rows.append(data["attention"])
     return ids, rows

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from support import slow_steps
 
 from service.engine.request import RequestStatus
 
@@ -64,22 +65,12 @@ def test_nan_logits_fail_one_request_and_nothing_else(make_server: Any) -> None:
     assert served.engine.blocks.num_free == served.engine.blocks.num_blocks
 
 
-def _slow_down(served: Any, seconds: float) -> None:
-    execute = served.engine.runner.execute
-
-    def slow(*args: Any) -> Any:
-        time.sleep(seconds)
-        return execute(*args)
-
-    served.engine.runner.execute = slow
-
-
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_disconnect_aborts_within_a_step_and_frees_blocks(make_server: Any, stream: bool) -> None:
     s = make_server(max_tokens_limit=120)
     served = s.models["tiny-gpt"]
     engine = served.engine
-    _slow_down(served, 0.02)
+    slow_steps(engine, 0.02)
     body = json.dumps({"prompt": "ROMEO:", "max_tokens": 120, "ignore_eos": True, "stream": stream}).encode()
     sock = socket.create_connection(("127.0.0.1", s.port))
     sock.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -103,7 +94,7 @@ def test_client_disconnect_aborts_within_a_step_and_frees_blocks(make_server: An
 def test_a_dead_engine_loop_fails_its_requests_and_health_says_so(make_server: Any) -> None:
     s = make_server(max_tokens_limit=120)
     served = s.models["tiny-gpt"]
-    _slow_down(served, 0.01)
+    slow_steps(served.engine, 0.01)
     schedule = served.engine.scheduler.schedule
 
     def broken() -> Any:

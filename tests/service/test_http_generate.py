@@ -4,14 +4,13 @@ streamed, a small KV pool preempts without changing outputs, clients who leave a
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
-from support import LiveServer
+from support import LiveServer, slow_steps, sse_events
 
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.generate import GenerationConfig, generate
@@ -55,18 +54,6 @@ def post_alone(url: str, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
         assert r.status_code == 200, r.text
         out.append(r.json())
     return out
-
-
-def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(event, data) pairs from a text/event-stream, parsed line by line."""
-    event = "message"
-    for line in lines:
-        if line.startswith("event: "):
-            event = line[7:]
-        elif line.startswith("data: "):
-            yield event, json.loads(line[6:])
-        elif line == "":
-            event = "message"
 
 
 def stream(url: str, body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -173,17 +160,6 @@ class AbortSpy:
     def __call__(self, request_id: str) -> None:
         self.calls.append((request_id, self.engine.steps))
         self._abort(request_id)
-
-
-def slow_steps(engine: Any, seconds: float) -> None:
-    """Each forward sleeps first, so a 120-token request takes seconds and a client can leave in the middle."""
-    execute = engine.runner.execute
-
-    def slow(*args: Any) -> Any:
-        time.sleep(seconds)
-        return execute(*args)
-
-    engine.runner.execute = slow
 
 
 def wait_for_free_blocks(engine: Any, timeout: float = 5.0) -> int:

@@ -4,12 +4,12 @@ waiting queue pushes back with 429 + Retry-After, and nothing a client sends yie
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
+from support import slow_steps
 
 LIMITS = dict(max_tokens_limit=8, max_n=2, max_stop_sequences=2, max_stop_length=5, max_logprobs=3,
               max_body_bytes=4096)
@@ -156,13 +156,7 @@ def test_full_queue_answers_429_with_retry_after(make_server: Any) -> None:
 def test_queue_timeout_and_request_deadline_end_with_abort(make_server: Any) -> None:
     s = make_server(max_num_seqs=1, queue_timeout=0.1, max_tokens_limit=120)
     engine = s.models["tiny-gpt"].engine
-    execute = engine.runner.execute
-
-    def slow(*args: Any) -> Any:  # 5 ms a step: the long request takes over 0.6 s on any machine
-        time.sleep(0.005)
-        return execute(*args)
-
-    engine.runner.execute = slow
+    slow_steps(engine, 0.005)  # 5 ms a step: the long request takes over 0.6 s on any machine
     long = {"prompt": "a", "max_tokens": 120, "ignore_eos": True, "temperature": 0}
 
     async def run() -> tuple[httpx.Response, httpx.Response]:

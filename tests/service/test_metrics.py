@@ -5,7 +5,6 @@ length is known before it is sent; max_num_seqs=1 makes the engine's steps count
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ import httpx
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
+from support import read_sse
 
 from service import __version__
 
@@ -73,19 +73,6 @@ def body(prompt: Any, max_tokens: int, **extra: Any) -> dict[str, Any]:
     return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, **extra}
 
 
-async def sse_events(resp: httpx.Response) -> list[tuple[str, Any]]:
-    """Read an SSE response to its end: (event name, decoded data) per event."""
-    events, name = [], ""
-    async for line in resp.aiter_lines():
-        if line.startswith("event:"):
-            name = line[6:].strip()
-        elif line.startswith("data:"):
-            data = line[5:].strip()
-            events.append((name, data if data == "[DONE]" else json.loads(data)))
-            name = ""
-    return events
-
-
 async def drive_load(url: str, encode: Callable[[str], list[int]]) -> tuple[list[Sent], Counter[tuple], int]:
     """The known load. Returns the engine requests, HTTP (model, route, method, status) counts, scrapes made."""
     sent: list[Sent] = []
@@ -102,12 +89,12 @@ async def drive_load(url: str, encode: Callable[[str], list[int]]) -> tuple[list
         r1 = (await post(GEN, body("ROMEO:", 5), 200)).json()
         sent.append(Sent(len(encode("ROMEO:")), 5))
         async with client.stream("POST", GEN, json=body("JULIET:", 7, stream=True)) as resp:
-            assert sum(e == "token" and "token_id" in d for e, d in await sse_events(resp)) == 7
+            assert sum(e == "token" and "token_id" in d for e, d in await read_sse(resp)) == 7
         http[(MODEL, GEN, "POST", "200")] += 1
         sent.append(Sent(len(encode("JULIET:")), 7))
         async with client.stream("POST", COMP, json=body([1, 2, 3, 4], 3, stream=True, model=MODEL,
                                                           stream_options={"include_usage": True})) as resp:
-            events = await sse_events(resp)
+            events = await read_sse(resp)
         assert events[-1][1] == "[DONE]" and events[-2][1]["usage"]["completion_tokens"] == 3
         http[(MODEL, COMP, "POST", "200")] += 1
         sent.append(Sent(4, 3))

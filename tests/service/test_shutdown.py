@@ -1,66 +1,17 @@
 """The real process: `python -m service` drains on SIGTERM (in-flight streams finish, new requests get 503, exit
-0) and refuses to start on a model it must not or cannot load (pickle, corrupt safetensors), saying which."""
+0), stops at once on a second signal, and refuses to start on a model it must not or cannot load (pickle, corrupt safetensors), saying which."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Process:
-    """`python -m service` on a free loopback port, its output in a file."""
-
-    def __init__(self, models_dir: Path, log: Path, *args: str, wait: bool = True) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        env = {**os.environ, "ATTNSERVE_BLOCK_SIZE": "4", "ATTNSERVE_KV_CACHE_BLOCKS": "512",
-               "ATTNSERVE_LOG_LEVEL": "info"}
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "service", "--models-dir", str(models_dir), "--port", str(self.port),
-                 "--dtype", "float32", "--device", "cpu", *args], cwd=ROOT, env=env, stdout=out,
-                stderr=subprocess.STDOUT)
-        if wait:
-            self.wait_ready()
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            assert self.proc.poll() is None, self.output()
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError("server did not become ready")
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+from support import ServiceProcess
 
 
 async def _stream(c: httpx.AsyncClient, body: dict[str, Any], started: asyncio.Event) -> tuple[int, str | None]:
@@ -77,7 +28,7 @@ async def _stream(c: httpx.AsyncClient, body: dict[str, Any], started: asyncio.E
     return tokens, reason
 
 
-async def _sigterm_during_streams(p: Process, n: int, max_tokens: int) -> tuple[list[tuple[int, str | None]], dict]:
+async def _sigterm_during_streams(p: ServiceProcess, n: int, max_tokens: int) -> tuple[list[tuple[int, str | None]], dict]:
     body = {"prompt": "ROMEO:", "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0}
     after: dict[str, Any] = {}
     async with httpx.AsyncClient(base_url=p.url, timeout=120) as c:
@@ -97,7 +48,7 @@ async def _sigterm_during_streams(p: Process, n: int, max_tokens: int) -> tuple[
 
 def test_sigterm_lets_in_flight_streams_finish_and_exits_0(checkpoints_dir: Path, tmp_path: Path) -> None:
     # two seats, so the 12 streams run in turns and are still in flight well after the signal
-    p = Process(checkpoints_dir, tmp_path / "server.log", "--max-num-seqs", "2", "--drain-timeout", "60")
+    p = ServiceProcess(checkpoints_dir, tmp_path / "server.log", "--max-num-seqs", "2", "--drain-timeout", "60")
     try:
         results, after = asyncio.run(_sigterm_during_streams(p, 12, 100))
         assert after == {"status": 503, "code": "shutting_down", "health": 200}
@@ -110,7 +61,7 @@ def test_sigterm_lets_in_flight_streams_finish_and_exits_0(checkpoints_dir: Path
 
 
 def test_streams_past_the_drain_timeout_end_with_abort(checkpoints_dir: Path, tmp_path: Path) -> None:
-    p = Process(checkpoints_dir, tmp_path / "server.log", "--max-num-seqs", "1", "--drain-timeout", "0.3")
+    p = ServiceProcess(checkpoints_dir, tmp_path / "server.log", "--max-num-seqs", "1", "--drain-timeout", "0.3")
     try:
         results, after = asyncio.run(_sigterm_during_streams(p, 6, 120))
         assert after["status"] == 503
@@ -120,6 +71,37 @@ def test_streams_past_the_drain_timeout_end_with_abort(checkpoints_dir: Path, tm
         assert p.proc.wait(timeout=60) == 0
     finally:
         p.stop()
+
+
+def test_a_second_signal_stops_at_once(checkpoints_dir: Path, tmp_path: Path) -> None:
+    """Draining 40 long streams through one seat would take many seconds; the second SIGTERM cuts them and the
+    process dies of the signal (exit status 143 in a shell) within a moment."""
+    p = ServiceProcess(checkpoints_dir, tmp_path / "server.log", "--max-num-seqs", "1", "--drain-timeout", "60")
+    body = {"prompt": "ROMEO:", "max_tokens": 120, "ignore_eos": True, "temperature": 0}
+
+    async def run() -> tuple[float, list[Any]]:
+        async with httpx.AsyncClient(base_url=p.url, timeout=120) as c:
+            started = asyncio.Event()
+            streams = [asyncio.create_task(_stream(c, body, started)) for _ in range(40)]
+            await asyncio.wait_for(started.wait(), 60)
+            p.proc.send_signal(signal.SIGTERM)
+            while (await c.get("/ready")).status_code == 200:
+                await asyncio.sleep(0.01)
+            t0 = time.monotonic()
+            p.proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(p.proc.wait, 30)
+            return time.monotonic() - t0, await asyncio.gather(*streams, return_exceptions=True)
+
+    try:
+        elapsed, results = asyncio.run(run())
+        assert p.proc.returncode == -signal.SIGTERM, p.output()
+    finally:
+        p.stop()
+    assert elapsed < 3.0, elapsed
+    unfinished = [r for r in results if isinstance(r, BaseException) or r[1] != "length"]
+    assert len(unfinished) > 20, "most streams were still waiting when the second signal came"
+    out = p.output()
+    assert '"msg": "second signal: stopping now"' in out and "Traceback" not in out
 
 
 def test_pickled_or_corrupt_weights_are_refused_at_start(checkpoints_dir: Path, tmp_path: Path) -> None:
@@ -137,7 +119,7 @@ def test_pickled_or_corrupt_weights_are_refused_at_start(checkpoints_dir: Path, 
     for name in ("config.json", "tokenizer.json"):
         (corrupt / name).write_bytes((good / name).read_bytes())
     (corrupt / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes()[:1000])
-    procs = [Process(d.parent, tmp_path / f"{d.parent.name}.log", wait=False) for d in (pickled, corrupt)]
+    procs = [ServiceProcess(d.parent, tmp_path / f"{d.parent.name}.log", wait=False) for d in (pickled, corrupt)]
     try:
         codes = [p.proc.wait(timeout=120) for p in procs]
     finally:

@@ -4,14 +4,13 @@ streamed or not, with a KV pool that holds all requests or one that forces preem
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from support import LiveServer
+from support import LiveServer, sse_events
 
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.generate import GenerationConfig, generate
@@ -74,10 +73,9 @@ def test_streamed_and_openai_translations_match(server: LiveServer) -> None:
     body = {"model": "tiny-mt", "prompt": SOURCES[0], "max_tokens": 25, "temperature": 0}
     whole = translate_all(server.url, [body])[0]
     with httpx.stream("POST", f"{server.url}/v1/generate", json={**body, "stream": True}, timeout=60) as r:
-        lines = list(r.iter_lines())
-    pieces = [line for line in lines if line.startswith("data: ")]
-    assert lines.count("event: done") == 1
-    assert "".join(json.loads(p[6:]).get("text", "") for p in pieces[:-1]) == whole["text"]
+        events = list(sse_events(r.iter_lines()))
+    assert [e for e, _ in events].count("done") == 1 and events[-1][0] == "done"
+    assert "".join(d.get("text", "") for e, d in events if e == "token") == whole["text"]
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
     c = client.completions.create(model="tiny-mt", prompt=SOURCES[0], max_tokens=25, temperature=0)
     assert c.choices[0].text == whole["text"]
