@@ -217,6 +217,21 @@ def _gpt2_tokenizer(folder: Path) -> Tokenizer:
     return Tokenizer(tok, specials)
 
 
+# The GPT-2 layout, one table for import and export: Hugging Face name -> ours. Per layer (h.{i}. <->
+# decoder.layers.{i}.) each entry also says whether it is a Conv1D weight, stored transposed (y = x W + b);
+# c_attn holds q, k and v side by side along its output axis.
+GPT2_TOP = {"wte.weight": "tgt_embed.weight", "wpe.weight": "positions.weight",
+            "ln_f.weight": "decoder.norm.weight", "ln_f.bias": "decoder.norm.bias"}
+GPT2_QKV = ("w_q", "w_k", "w_v")
+GPT2_LAYER = {
+    "attn.c_proj.weight": ("self_attn.w_o.weight", True), "attn.c_proj.bias": ("self_attn.w_o.bias", False),
+    "mlp.c_fc.weight": ("ffn.w_1.weight", True), "mlp.c_fc.bias": ("ffn.w_1.bias", False),
+    "mlp.c_proj.weight": ("ffn.w_2.weight", True), "mlp.c_proj.bias": ("ffn.w_2.bias", False),
+    "ln_1.weight": ("res_self.norm.weight", False), "ln_1.bias": ("res_self.norm.bias", False),
+    "ln_2.weight": ("res_ffn.norm.weight", False), "ln_2.bias": ("res_ffn.norm.bias", False),
+}
+
+
 def import_gpt2(path: str | Path) -> Checkpoint:
     """A Hugging Face GPT-2 folder -> our decoder-only model (Conv1D weights transposed, c_attn split in 3)."""
     folder = Path(path)
@@ -224,24 +239,16 @@ def import_gpt2(path: str | Path) -> Checkpoint:
     hf = _read_safetensors(folder)
     hf = {k.removeprefix("transformer."): v for k, v in hf.items()}
     d = cfg.d_model
-    ours: dict[str, Tensor] = {"tgt_embed.weight": hf.pop("wte.weight"), "positions.weight": hf.pop("wpe.weight")}
     try:
+        ours: dict[str, Tensor] = {mine: hf[theirs] for theirs, mine in GPT2_TOP.items()}
         for i in range(cfg.n_decoder_layers):
             p, q = f"h.{i}.", f"decoder.layers.{i}."
             w, b = hf[p + "attn.c_attn.weight"], hf[p + "attn.c_attn.bias"]  # Conv1D: (d, 3d), y = x W + b
-            for j, name in enumerate(("w_q", "w_k", "w_v")):
+            for j, name in enumerate(GPT2_QKV):
                 ours[q + f"self_attn.{name}.weight"] = w[:, j * d : (j + 1) * d].t()
                 ours[q + f"self_attn.{name}.bias"] = b[j * d : (j + 1) * d]
-            ours[q + "self_attn.w_o.weight"] = hf[p + "attn.c_proj.weight"].t()
-            ours[q + "self_attn.w_o.bias"] = hf[p + "attn.c_proj.bias"]
-            ours[q + "ffn.w_1.weight"] = hf[p + "mlp.c_fc.weight"].t()
-            ours[q + "ffn.w_1.bias"] = hf[p + "mlp.c_fc.bias"]
-            ours[q + "ffn.w_2.weight"] = hf[p + "mlp.c_proj.weight"].t()
-            ours[q + "ffn.w_2.bias"] = hf[p + "mlp.c_proj.bias"]
-            for ln, res in (("ln_1", "res_self"), ("ln_2", "res_ffn")):
-                ours[q + f"{res}.norm.weight"] = hf[p + f"{ln}.weight"]
-                ours[q + f"{res}.norm.bias"] = hf[p + f"{ln}.bias"]
-        ours["decoder.norm.weight"], ours["decoder.norm.bias"] = hf["ln_f.weight"], hf["ln_f.bias"]
+            for theirs, (mine, conv1d) in GPT2_LAYER.items():
+                ours[q + mine] = hf[p + theirs].t() if conv1d else hf[p + theirs]
     except KeyError as e:
         raise CheckpointError(f"model.safetensors: GPT-2 weight {e.args[0]} is missing") from e
     model = DecoderOnlyLM(cfg)
@@ -264,25 +271,13 @@ def export_gpt2(model: DecoderOnlyLM, tokenizer: Tokenizer, path: str | Path) ->
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    hf: dict[str, Tensor] = {
-        "transformer.wte.weight": sd["tgt_embed.weight"],
-        "transformer.wpe.weight": sd["positions.weight"],
-        "transformer.ln_f.weight": sd["decoder.norm.weight"],
-        "transformer.ln_f.bias": sd["decoder.norm.bias"],
-    }
+    hf: dict[str, Tensor] = {f"transformer.{theirs}": sd[mine] for theirs, mine in GPT2_TOP.items()}
     for i in range(cfg.n_decoder_layers):
         p, q = f"transformer.h.{i}.", f"decoder.layers.{i}."
-        hf[p + "attn.c_attn.weight"] = torch.cat([sd[q + f"self_attn.{n}.weight"].t() for n in ("w_q", "w_k", "w_v")], 1)
-        hf[p + "attn.c_attn.bias"] = torch.cat([sd[q + f"self_attn.{n}.bias"] for n in ("w_q", "w_k", "w_v")])
-        hf[p + "attn.c_proj.weight"] = sd[q + "self_attn.w_o.weight"].t()
-        hf[p + "attn.c_proj.bias"] = sd[q + "self_attn.w_o.bias"]
-        hf[p + "mlp.c_fc.weight"] = sd[q + "ffn.w_1.weight"].t()
-        hf[p + "mlp.c_fc.bias"] = sd[q + "ffn.w_1.bias"]
-        hf[p + "mlp.c_proj.weight"] = sd[q + "ffn.w_2.weight"].t()
-        hf[p + "mlp.c_proj.bias"] = sd[q + "ffn.w_2.bias"]
-        for ln, res in (("ln_1", "res_self"), ("ln_2", "res_ffn")):
-            hf[p + f"{ln}.weight"] = sd[q + f"{res}.norm.weight"]
-            hf[p + f"{ln}.bias"] = sd[q + f"{res}.norm.bias"]
+        hf[p + "attn.c_attn.weight"] = torch.cat([sd[q + f"self_attn.{n}.weight"].t() for n in GPT2_QKV], 1)
+        hf[p + "attn.c_attn.bias"] = torch.cat([sd[q + f"self_attn.{n}.bias"] for n in GPT2_QKV])
+        for theirs, (mine, conv1d) in GPT2_LAYER.items():
+            hf[p + theirs] = sd[q + mine].t() if conv1d else sd[q + mine]
     save_file({k: v.contiguous() for k, v in hf.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
     eos = tokenizer.eos_id if tokenizer.eos_id is not None else 0
     bos = tokenizer.bos_id if tokenizer.bos_id is not None else eos
