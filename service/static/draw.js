@@ -4,6 +4,7 @@ import { MASKED, maxOf, viridis } from "./matrices.js";
 
 const MONO = "ui-monospace, SFMono-Regular, Menlo, Consolas, monospace";
 const INK = "#1d2330", MUTED = "#667085", FRAME = "#d0d5dd", TITLE = "600 13px system-ui, sans-serif";
+const GENERATED = "#047857";  // labels of generated tokens (prompt and source tokens stay ink)
 
 // Size the canvas in CSS pixels (crisp on HiDPI screens), paint it white; the context works in CSS pixels.
 export function sizeCanvas(c, width, height) {
@@ -43,24 +44,30 @@ function bitmap(m, vmax) {
   return off;
 }
 
-// Rows are queries, columns keys; colors scale to the matrix's own max. argmax: a dot on each row's maximum.
-export function drawMatrix(c, avail, m, rows, cols, title, argmax = false) {
+// Rows are queries, columns keys; colors scale to vmax (default the matrix's own max; larger values saturate).
+// argmax: a dot on each row's maximum; marks: {rows, cols} flags of generated tokens, labelled in green.
+export function drawMatrix(c, avail, m, rows, cols, title, { argmax = false, vmax = null, marks = null } = {}) {
   const left = textWidth(rows, 0, 140) + 12, top = textWidth(cols, 0, 140) + 40;
   const cell = Math.max(2, Math.min(40, Math.floor((avail - left - 20) / m.Tk)));
   const width = Math.max(left + cell * m.Tk + 20, textWidth([title], 0, avail, TITLE) + 12);
-  const ctx = sizeCanvas(c, width, top + cell * m.Tq + 16), vmax = maxOf(m);
+  const ctx = sizeCanvas(c, width, top + cell * m.Tq + 16);
+  vmax = vmax || maxOf(m);
+  const ink = (flags, k) => (flags && flags[k] ? GENERATED : "#344054");
   ctx.fillStyle = INK;
   ctx.font = TITLE;
   ctx.fillText(title, 4, 12);
   ctx.imageSmoothingEnabled = false;
   ctx.drawImage(bitmap(m, vmax), left, top, cell * m.Tk, cell * m.Tq);
   ctx.font = `${Math.min(12, Math.max(8, cell - 2))}px ${MONO}`;
-  ctx.fillStyle = "#344054";
   const every = Math.max(1, Math.ceil(10 / cell));  // label every n-th token when cells are small
   ctx.textAlign = "right";
-  for (let i = 0; i < m.Tq; i += every) ctx.fillText(rows[i] ?? "", left - 6, top + (i + 0.5) * cell);
+  for (let i = 0; i < m.Tq; i += every) {
+    ctx.fillStyle = ink(marks && marks.rows, m.qStart + i);
+    ctx.fillText(rows[m.qStart + i] ?? "", left - 6, top + (i + 0.5) * cell);
+  }
   ctx.textAlign = "left";
   for (let j = 0; j < m.Tk; j += every) {
+    ctx.fillStyle = ink(marks && marks.cols, j);
     ctx.save();
     ctx.translate(left + (j + 0.5) * cell, top - 6);
     ctx.rotate(-Math.PI / 2);
@@ -82,8 +89,8 @@ export function drawMatrix(c, avail, m, rows, cols, title, argmax = false) {
   return { type: "matrix", left, top, cell, m, rows, cols, vmax };
 }
 
-// A thumbnail per (layer, head), each on its own color scale; cell(layer, head) -> {m, stat}.
-export function drawGrid(c, avail, layers, heads, cell) {
+// A thumbnail per (layer, head), each on its own color scale (scale(m), default its max); cell(layer, head) -> {m, stat}.
+export function drawGrid(c, avail, layers, heads, cell, scale = maxOf) {
   const pad = 14, header = 22, side = 34, caption = 14;
   const thumb = Math.max(56, Math.min(132, Math.floor((avail - side) / heads.length) - pad));
   const ctx = sizeCanvas(c, side + heads.length * (thumb + pad), header + layers.length * (thumb + pad + caption) + 8);
@@ -103,7 +110,7 @@ export function drawGrid(c, avail, layers, heads, cell) {
     heads.forEach((head, k) => {
       const x = side + k * (thumb + pad), { m, stat } = cell(layer, head);
       ctx.imageSmoothingEnabled = false;
-      ctx.drawImage(bitmap(m, maxOf(m)), x, y, thumb, thumb);
+      ctx.drawImage(bitmap(m, scale(m)), x, y, thumb, thumb);
       ctx.strokeStyle = FRAME;
       ctx.strokeRect(x - 0.5, y - 0.5, thumb + 1, thumb + 1);
       if (stat) {
@@ -118,8 +125,9 @@ export function drawGrid(c, avail, layers, heads, cell) {
   return { type: "grid", cells };
 }
 
-// Query tokens left, key tokens right, a line per weight (opacity = weight, color = head); focus: one query.
-export function drawLines(c, avail, rows, cols, titles, series, focus) {
+// Query tokens left, key tokens right, a line per weight (opacity = weight, color = head); focus: one query;
+// marks: {rows, cols} flags of generated tokens, labelled in green.
+export function drawLines(c, avail, rows, cols, titles, series, focus, marks = null) {
   const lineH = 20, topPad = 30, wl = textWidth(rows, 110, 400) + 16, wr = textWidth(cols, 110, 400) + 16;
   const w = Math.min(avail, wl + wr + 420);
   const ctx = sizeCanvas(c, w, topPad + Math.max(rows.length, cols.length) * lineH + 10), xl = wl, xr = w - wr;
@@ -148,10 +156,13 @@ export function drawLines(c, avail, rows, cols, titles, series, focus) {
   ctx.globalAlpha = 1;
   ctx.font = `12px ${MONO}`;
   ctx.textAlign = "right";
-  rows.forEach((t, i) => { ctx.fillStyle = focus === i ? "#4f46e5" : INK; ctx.fillText(t, xl - 6, topPad + (i + 0.5) * lineH); });
+  const ink = (flags, k) => (flags && flags[k] ? GENERATED : INK);
+  rows.forEach((t, i) => {
+    ctx.fillStyle = focus === i ? "#4f46e5" : ink(marks && marks.rows, i);
+    ctx.fillText(t, xl - 6, topPad + (i + 0.5) * lineH);
+  });
   ctx.textAlign = "left";
-  ctx.fillStyle = INK;
-  cols.forEach((t, j) => ctx.fillText(t, xr + 6, topPad + (j + 0.5) * lineH));
+  cols.forEach((t, j) => { ctx.fillStyle = ink(marks && marks.cols, j); ctx.fillText(t, xr + 6, topPad + (j + 0.5) * lineH); });
   return { type: "lines", xl, xr, topPad, lineH, n: rows.length };
 }
 

@@ -58,9 +58,12 @@ export function matrix(map, head) {
   return { Tq: map.Tq, Tk: map.Tk, qStart: map.qStart, get };
 }
 
-export function maxOf(m) {
+// The largest weight, the colour scale's top; skipFirst leaves out key 0, where an attention sink would set the
+// scale and leave everything else nearly black.
+export function maxOf(m, skipFirst = false) {
   let top = 0;
-  for (let i = 0; i < m.Tq; i++) for (let j = 0; j < m.Tk; j++) { const v = m.get(i, j); if (v !== null && v > top) top = v; }
+  const from = skipFirst && m.Tk > 1 ? 1 : 0;
+  for (let i = 0; i < m.Tq; i++) for (let j = from; j < m.Tk; j++) { const v = m.get(i, j); if (v !== null && v > top) top = v; }
   return top || 1;
 }
 export const rowsOf = (m) => Array.from({ length: m.Tq }, (_, i) => Array.from({ length: m.Tk }, (_, j) => m.get(i, j)));

@@ -1,6 +1,8 @@
 """The attention viewer in a real headless Chromium against a live server: it lists the models, inspects a
-translator, draws the heatmap (pixels read back from the canvas), shows the alignment's source and target tokens,
-enlarges a map from the model view, and exports PNG and JSON. Screenshots go to tests/artifacts/."""
+translator, draws the heatmap (pixels read back from the canvas), shows the alignment's source and target tokens
+(rows labelled by the token predicted, or read), enlarges a map from the model view, exports PNG and JSON, opens the
+rollout at the last layer, windows the head view of long inputs, marks generated tokens and can scale colours
+without the first key. Screenshots go to tests/artifacts/."""
 
 from __future__ import annotations
 
@@ -71,8 +73,12 @@ def test_viewer_inspects_a_translator(make_server: Callable[..., Any], browser_p
     assert model in listed and "tiny-gpt" in listed
     page.select_option("#model", model)
     assert page.is_visible("#source") and not page.is_visible("#prompt")
+    details = httpx.get(f"{server.url}/v1/models/{model}").json()["details"]
+    assert f"context {details['context_length']} tokens" in page.inner_text("#model-info")
+    assert page.is_checked("#generate"), "a translator with no target generates one"
     page.fill("#source", SOURCE)
     page.fill("#target", TARGET)
+    assert not page.is_checked("#generate")
     page.click("#inspect")
     _rendered(page, "heatmap")
     assert page.evaluate(CANVAS_COLORS) > 50, "the heatmap canvas is blank"
@@ -85,10 +91,19 @@ def test_viewer_inspects_a_translator(make_server: Callable[..., Any], browser_p
     _rendered(page, "alignment")
     assert page.evaluate(CANVAS_COLORS) > 50
     tokenize = httpx.post(f"{server.url}/v1/tokenize", json={"model": model, "text": SOURCE}).json()
-    source_chips = page.eval_on_selector_all("#align-source .tok", "es => es.map(e => e.textContent)")
-    target_chips = page.eval_on_selector_all("#align-target .tok", "es => es.map(e => e.textContent)")
+    chips = "es => es.map(e => e.textContent)"
+    source_chips = page.eval_on_selector_all("#align-source .tok", chips)
     assert len(source_chips) == tokenize["count"] and "".join(source_chips).replace("␣", " ") == SOURCE
-    assert "".join(target_chips[1:]).replace("␣", " ") == TARGET and target_chips[0] in ("<s>", "<bos>")
+    # by default a row is the token its decoder position predicts: the target itself, then what follows it
+    assert page.input_value("#rows") == "predicted" and "predicts" in page.inner_text("#caption")
+    target_chips = page.eval_on_selector_all("#align-target .tok", chips)
+    assert "".join(target_chips[:-1]).replace("␣", " ") == TARGET and target_chips[-1] == "⟨next⟩"
+    page.select_option("#rows", "input")
+    _rendered(page, "alignment")
+    read = page.eval_on_selector_all("#align-target .tok", chips)
+    assert read[0] in ("<s>", "<bos>") and read[1:] == target_chips[:-1], "the same rows, labelled one token earlier"
+    page.select_option("#rows", "predicted")
+    _rendered(page, "alignment")
     page.hover("#align-target .tok >> nth=2")
     assert page.eval_on_selector("#align-source .tok", "e => e.style.background") != ""
     page.screenshot(path=str(ARTIFACTS / "viewer-alignment.png"), full_page=True)
@@ -123,6 +138,8 @@ def test_viewer_inspects_a_translator(make_server: Callable[..., Any], browser_p
     page.click(".tabs button[data-view=rollout]")
     _rendered(page, "rollout")
     assert page.evaluate(CANVAS_COLORS) > 20
+    rollout_layers = page.eval_on_selector_all("#layer option", "os => os.map(o => o.value)")
+    assert page.input_value("#layer") == rollout_layers[-1], "rollout opens at the last layer"
     page.screenshot(path=str(ARTIFACTS / "viewer-rollout.png"), full_page=True)
     assert not page.errors, page.errors
 
@@ -141,7 +158,35 @@ def test_viewer_generates_then_inspects(make_server: Callable[..., Any], browser
     assert "5 generated" in page.inner_text("#status")
     tokens = page.evaluate("window.attentionViewer.state.result.decoder_tokens.map(t => t.generated)")
     assert tokens == [False] * 6 + [True] * 5
+    assert "Green labels are generated tokens" in page.inner_text("#caption")
     image = page.locator("#view").screenshot()
     assert image[:8] == b"\x89PNG\r\n\x1a\n" and len(base64.b64encode(image)) > 1000
     assert page.evaluate(CANVAS_COLORS) > 5
+    assert not page.errors, page.errors
+
+
+def test_viewer_scales_without_the_sink_and_windows_long_inputs(make_server: Callable[..., Any],
+                                                                 browser_page: Any) -> None:
+    server = make_server()
+    page = browser_page
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.goto(f"{server.url}/inspect?model=tiny-gpt")
+    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+    page.fill("#prompt", "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet")
+    page.click("#inspect")
+    _rendered(page, "heatmap")
+    scale = page.inner_text("#legend-max")
+    page.check("#skip-sink")
+    _rendered(page, "heatmap")
+    assert "first key excluded" in page.inner_text("#legend-max") and page.inner_text("#legend-max") != scale
+    page.screenshot(path=str(ARTIFACTS / "viewer-lm-no-sink.png"), full_page=True)
+    page.click(".tabs button[data-view=head]")
+    _rendered(page, "head")
+    n = page.evaluate("window.attentionViewer.state.result.decoder_tokens.length")
+    assert n > 40 and page.is_visible("#window-ctl") and f"of {n}" in page.inner_text("#window-label")
+    assert page.evaluate("window.attentionViewer.state.current.queries.length") == 40
+    page.screenshot(path=str(ARTIFACTS / "viewer-head-window.png"), full_page=True)
+    page.eval_on_selector("#window", "e => { e.value = 0; e.dispatchEvent(new Event('input')); }")
+    _rendered(page, "head")
+    assert page.inner_text("#window-label").startswith("0–39")
     assert not page.errors, page.errors
