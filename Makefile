@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 TORCH_VERSION ?= 2.13.0
+# torch's CPU wheels: `make setup` takes torch from here first (its +cpu build outranks PyPI's CUDA one). For the
+# CUDA build: make setup TORCH_INDEX_URL=   (PyPI's default) or TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: setup serve test lint bench train-shakespeare train-multi30k docker-build docker-run clean
 
@@ -13,7 +16,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q "torch==$(TORCH_VERSION)"
+	$(BIN)/pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
 	$(BIN)/pip install -q -e ".[dev,train]"
 	touch $@
 
@@ -54,26 +57,22 @@ train-shakespeare:
 	$(BIN)/python -m model.train $(SHAKESPEARE_ARGS) --resume --lr 1.5e-3 --max-steps 1400 --decay-steps 1400 \
 		--max-minutes 35
 
+MULTI30K_ARGS = --task translation --data "$(DATA)" --out $(MULTI30K_OUT) \
+	--src-lang en --tgt-lang de --vocab-size 6000 --max-len 128 \
+	--layers 3 --d-model 256 --heads 4 --d-ff 1024 --dropout 0.1 --label-smoothing 0.1 \
+	--schedule noam --lr-scale 0.3 --warmup 100 --max-tokens 1536 --max-steps 100000 \
+	--clip 1.0 --eval-interval 50 --log-interval 5 --seed 1337 --save-dtype float16 --threads $(TRAIN_THREADS)
+
+# Two stages: a run stopped by its time limit, then the same schedule resumed for 36 more minutes.
 train-multi30k:
 	@test -n "$(DATA)" || { echo "usage: make train-multi30k DATA=path/to/multi30k (the folder with the .gz files)"; exit 2; }
-	$(BIN)/python -m model.train --task translation --data "$(DATA)" --out $(MULTI30K_OUT) \
-		--src-lang en --tgt-lang de --vocab-size 6000 --max-len 128 \
-		--layers 3 --d-model 256 --heads 4 --d-ff 1024 --dropout 0.1 --label-smoothing 0.1 \
-		--schedule noam --lr-scale 0.3 --warmup 100 --max-tokens 1536 --max-steps 100000 \
-		--clip 1.0 --eval-interval 50 --log-interval 5 --seed 1337 --save-dtype float16 \
-		--threads $(TRAIN_THREADS) --max-minutes $(TRAIN_MINUTES)
-	$(BIN)/python -m model.train --task translation --data "$(DATA)" --out $(MULTI30K_OUT) --resume \
-		--src-lang en --tgt-lang de --vocab-size 6000 --max-len 128 \
-		--layers 3 --d-model 256 --heads 4 --d-ff 1024 --dropout 0.1 --label-smoothing 0.1 \
-		--schedule noam --lr-scale 0.3 --warmup 100 --max-tokens 1536 --max-steps 100000 \
-		--clip 1.0 --eval-interval 50 --log-interval 5 --seed 1337 --save-dtype float16 \
-		--threads $(TRAIN_THREADS) --max-minutes 36
+	$(BIN)/python -m model.train $(MULTI30K_ARGS) --max-minutes $(TRAIN_MINUTES)
+	$(BIN)/python -m model.train $(MULTI30K_ARGS) --resume --max-minutes 36
 
 # --- the container image (README "Deploy") -------------------------------------------------------------------
 # Offline: make docker-build BASE_IMAGE=<local base> DOCKER_BUILD_FLAGS="--network host"
 IMAGE ?= attnserve:latest
 BASE_IMAGE ?= python:3.11-slim
-TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 DOCKER_BUILD_FLAGS ?=
 DOCKER_RUN_FLAGS ?= -p $(PORT):8000
 
