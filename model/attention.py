@@ -1,7 +1,8 @@
-"""Scaled dot-product attention and multi-head attention (section 3.2), with masks and weight capture.
+"""Scaled dot-product attention and multi-head attention (section 3.2), with weight capture.
 
-Masks are boolean and broadcast to (B, h, T_q, T_k); True means "may attend" (torch SDPA's convention).
-"""
+Two paths compute the same thing: the fast path (torch SDPA, fused kernels, weights never materialized) and the
+explicit path (softmax(QK^T / sqrt(d_k)) V written out), which also hands the weights to an `AttentionCapture`.
+Masks are boolean (model/masks.py); True means "may attend"."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -17,25 +17,6 @@ if TYPE_CHECKING:
     from model.kv_cache import KVCache
 
 KINDS = ("encoder_self", "decoder_self", "cross")
-
-
-def causal_mask(t_q: int, t_k: int, device: torch.device | None = None) -> Tensor:
-    """(T_q, T_k) lower-triangular mask; the queries are the last T_q of the T_k positions."""
-    return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)
-
-
-def padding_mask(key_valid: Tensor) -> Tensor:
-    """(B, T_k) True-for-real-token -> (B, 1, 1, T_k), broadcast over heads and queries."""
-    return key_valid[:, None, None, :]
-
-
-def combine_masks(*masks: Tensor | None) -> Tensor | None:
-    """Logical AND of the masks that are present (causal and key padding combine this way)."""
-    out: Tensor | None = None
-    for m in masks:
-        if m is not None:
-            out = m if out is None else out & m
-    return out
 
 
 def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -51,11 +32,10 @@ def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None = None) -> Tenso
 def scaled_dot_product_attention(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout_p: float = 0.0
 ) -> Tensor:
-    """Fast path: torch SDPA (fused kernels, weights never materialized). q (B,h,T_q,d_k), k/v (B,h,T_k,d_k)."""
+    """Fast path: torch SDPA. q (B,h,T_q,d_k), k/v (B,h,T_k,d_k); rows with no visible key are 0."""
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-    # Rows with no visible key (e.g. padded queries) must be 0, as in the explicit path.
     return out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
 
 
@@ -74,6 +54,19 @@ class AttentionCapture:
         self.weights[(kind, layer)] = weights.detach()  # (B, h, T_q, T_k)
 
 
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, kind: str, layer: int,
+    capture: AttentionCapture | None = None, dropout_p: float = 0.0,
+) -> Tensor:
+    """Attention(Q, K, V) on (B, h, T, d_k) tensors: the explicit path when `capture` wants this layer's
+    weights, else the fast path. Returns (B, h, T_q, d_k)."""
+    if capture is not None and capture.wants(kind, layer):
+        weights = attention_weights(q, k, mask)  # (B, h, T_q, T_k)
+        capture.record(kind, layer, weights)
+        return F.dropout(weights, dropout_p) @ v
+    return scaled_dot_product_attention(q, k, v, mask, dropout_p)
+
+
 class MultiHeadAttention(nn.Module):
     """MultiHead(Q, K, V) = Concat(head_1..head_h) W_O with head_i = Attention(Q W_Q_i, K W_K_i, V W_V_i)."""
 
@@ -90,11 +83,15 @@ class MultiHeadAttention(nn.Module):
         self.w_o = nn.Linear(d_model, d_model, bias=bias)
         self.dropout = dropout
 
-    def split_heads(self, x: Tensor) -> Tensor:
+    def heads(self, x: Tensor) -> Tensor:
         b, t, _ = x.shape
-        return x.view(b, t, self.h, self.d_k).transpose(1, 2)  # (B, h, T, d_k)
+        return x.view(b, t, self.h, self.d_k)  # (B, T, h, d_k): a view, no copy
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        return self.heads(x).transpose(1, 2)  # (B, h, T, d_k)
 
     def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of x (B, T, d_model) as (B, h, T, d_k)."""
         return self.split_heads(self.w_k(x)), self.split_heads(self.w_v(x))
 
     def forward(
@@ -105,28 +102,24 @@ class MultiHeadAttention(nn.Module):
         cache: KVCache | None = None,
         capture: AttentionCapture | None = None,
     ) -> Tensor:
-        """x (B, T_q, d_model); memory (B, T_k, d_model) for cross-attention. With a cache, the cache supplies
-        the keys/values to attend over and their mask (causality and padding included)."""
-        q = self.split_heads(self.w_q(x))  # (B, h, T_q, d_k)
-        if self.kind == "cross":
-            def kv() -> tuple[Tensor, Tensor]:  # a cache may hold these already (never called then)
-                if memory is None:
-                    raise ValueError("cross-attention needs the encoder memory")
-                return self.project_kv(memory)
-            if cache is not None:
-                k, v, mask = cache.cross_attention(self.layer_idx, kv)
+        """x (B, T_q, d_model); memory (B, T_k, d_model) for cross-attention. With a cache, the cache stores
+        this step's keys/values and attends over everything it holds (its own masks and layout)."""
+        b, t, _ = x.shape
+        if cache is not None:
+            q = self.heads(self.w_q(x))  # (B, T_q, h, d_k)
+            if self.kind == "cross":
+                out = cache.attend_cross(self.layer_idx, q, lambda: self.project_kv(_need(memory)), capture)
             else:
-                k, v = kv()
-        else:
-            k, v = self.project_kv(x)  # (B, h, T_new, d_k)
-            if cache is not None:
-                k, v, mask = cache.self_attention(self.layer_idx, k, v)
+                out = cache.attend(self.layer_idx, q, self.heads(self.w_k(x)), self.heads(self.w_v(x)), capture)
+            return self.w_o(out.reshape(b, t, self.h * self.d_k))  # (B, T_q, d_model)
+        q = self.split_heads(self.w_q(x))  # (B, h, T_q, d_k)
+        k, v = self.project_kv(_need(memory) if self.kind == "cross" else x)  # (B, h, T_k, d_k)
         p = self.dropout if self.training else 0.0
-        if capture is not None and capture.wants(self.kind, self.layer_idx):
-            weights = attention_weights(q, k, mask)  # (B, h, T_q, T_k)
-            capture.record(self.kind, self.layer_idx, weights)
-            out = F.dropout(weights, p) @ v
-        else:
-            out = scaled_dot_product_attention(q, k, v, mask, p)
-        b, _, t, _ = out.shape
+        out = attend(q, k, v, mask, self.kind, self.layer_idx, capture, p)
         return self.w_o(out.transpose(1, 2).reshape(b, t, self.h * self.d_k))  # (B, T_q, d_model)
+
+
+def _need(memory: Tensor | None) -> Tensor:
+    if memory is None:
+        raise ValueError("cross-attention needs the encoder memory")
+    return memory

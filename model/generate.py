@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from model.kv_cache import ContiguousKVCache
+from model.sampling import exponential_noise, filter_logits, sample
 from model.transformer import DecoderOnlyLM, Transformer
 
 
@@ -26,20 +27,6 @@ class GenerationConfig:
     length_penalty: float = 0.6  # GNMT's alpha, used by the paper with beam 4
     eos_id: int | None = None
     use_cache: bool = True
-
-
-def filter_logits(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
-    """Temperature, then top-k, then nucleus (top-p) filtering; removed entries become -inf. logits (V,)."""
-    logits = logits / temperature
-    if 0 < top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k).values[..., -1, None]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        remove = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
-    return logits
 
 
 class _Stepper:
@@ -82,7 +69,7 @@ def generate(
         return beam_search(model, prompt, cfg, source)
     max_total = model.config.max_len
     step = _Stepper(model, source, 1, cfg.use_cache)
-    gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+    gen = torch.Generator(step.device).manual_seed(cfg.seed) if cfg.seed is not None else None
     seq = torch.tensor([prompt], device=step.device)
     out: list[int] = []
     for _ in range(cfg.max_new_tokens):
@@ -92,8 +79,11 @@ def generate(
         if cfg.temperature == 0.0:
             token = int(logits.argmax())
         else:
-            probs = filter_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1).cpu()
-            token = int(torch.multinomial(probs, 1, generator=gen))
+            row = logits[None]  # (1, V)
+            one = row.new_ones(1)
+            probs = filter_logits(row, one * cfg.temperature, one * cfg.top_k if cfg.top_k > 0 else None,
+                                  one * cfg.top_p if cfg.top_p < 1.0 else None).softmax(-1)
+            token = int(sample(probs, exponential_noise(tuple(probs.shape), gen, probs.device))[0])
         if token == cfg.eos_id:
             break
         out.append(token)

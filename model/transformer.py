@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from model.attention import AttentionCapture, causal_mask, combine_masks, padding_mask
+from model.attention import AttentionCapture
 from model.config import TransformerConfig
 from model.layers import DecoderLayer, EncoderLayer, LearnedPositions, SinusoidalPositions
+from model.masks import causal_mask, combine_masks, padding_mask
 
 if TYPE_CHECKING:
     from model.kv_cache import KVCache

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from model.kv_cache import BlockPool
+from model.paged_cache import BlockPool
 from model.tokenizer import Tokenizer
 from model.transformer import DecoderOnlyLM, Transformer, num_parameters
 from service.engine.engine import Engine, EngineConfig, RequestStats, StepStats
@@ -123,8 +123,11 @@ def build_served_model(
     cfg = ckpt.config
     per_block = BlockPool.bytes_per_block(cfg, settings.block_size, dtype)
     num_blocks = settings.kv_cache_blocks or max(1, settings.kv_cache_bytes // per_block)
-    runner = ModelRunner(ckpt.model, num_blocks, settings.block_size, device, dtype)
+    seat_len = -(-cfg.max_len // settings.block_size) * settings.block_size  # a seat holds the longest request
+    runner = ModelRunner(ckpt.model, settings.max_num_seqs, seat_len, settings.block_size, device, dtype,
+                         max(settings.max_num_batched_tokens, settings.max_num_seqs), settings.enforce_eager)
     config = EngineConfig(
+        num_blocks=num_blocks,
         block_size=settings.block_size,
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,

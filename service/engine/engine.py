@@ -14,28 +14,26 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from service.engine.blocks import BlockManager
 from service.engine.detokenizer import Decode, IncrementalDetokenizer
 from service.engine.request import (
     EngineDead,
     EngineOverloaded,
     EngineStopped,
     InvalidRequest,
+    ModelOutput,
     Request,
     RequestStats,
     RequestStatus,
     RequestTooLong,
+    SamplingParams,
     StepOutput,
     StepStats,
 )
 from service.engine.runner import ModelRunner
-from service.engine.sampler import Sample, Sampler
-from service.engine.scheduler import BlockManager, ScheduledRequest, Scheduler
+from service.engine.scheduler import Sampled, Scheduler, SchedulerOutput
 from service.engine.stream import CALLER, Caller, RequestStream, deliver
-
-if TYPE_CHECKING:
-    from torch import Tensor
 
 log = logging.getLogger("attnserve.engine")
 
@@ -45,6 +43,7 @@ __all__ = ["CALLER", "Caller", "EngineConfig", "InvalidRequest", "RequestStats",
 
 @dataclass(frozen=True)
 class EngineConfig:
+    num_blocks: int = 1024  # the KV budget in blocks (admission and preemption decide by it)
     block_size: int = 16
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -79,9 +78,10 @@ class Engine:
     ) -> None:
         self.name, self.runner, self.config = name, runner, config
         self.decode, self.eos_id = decode, eos_id
-        self.blocks = BlockManager(runner.pool.num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
-        self.sampler = Sampler()
+        self.blocks = BlockManager(config.num_blocks, config.block_size, runner.pool.num_seats,
+                                   runner.pool.blocks_per_seat)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, eos_id,
+                                   config.max_model_len)
         self.on_step, self.on_finish = on_step, on_finish
         self._inbox: queue.SimpleQueue[tuple[str, Request | str]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -116,7 +116,7 @@ class Engine:
             raise RequestTooLong(
                 f"the source has {len(req.source_ids)} tokens; the maximum is {self.config.max_model_len}"
             )
-        need = self.blocks.blocks_for(total) + (self.blocks.blocks_for(len(req.source_ids or [])))
+        need = self.blocks.blocks_for(total) + self.blocks.blocks_for(len(req.source_ids or []))
         if need > self.blocks.num_blocks:
             raise RequestTooLong(
                 f"the request needs {need} KV blocks and the pool has {self.blocks.num_blocks}; "
@@ -159,9 +159,10 @@ class Engine:
         self._thread.start()
 
     def warmup(self, prompt_ids: Sequence[int], source_ids: Sequence[int] | None = None, steps: int = 4) -> None:
-        """Run a few real steps before the loop starts, so the first user does not pay for lazy init."""
-        from service.engine.request import SamplingParams
-
+        """Run a few real steps before the loop starts, so the first user does not pay for lazy init (and, on
+        CUDA, capture the decode graphs)."""
+        if self.runner.graphs is not None:
+            self.runner.graphs.capture_all()
         for n in (1, 2):  # a batch of one and of two: both code paths
             for i in range(n):
                 req = Request(f"warmup-{n}-{i}", list(prompt_ids), SamplingParams(max_tokens=steps, temperature=0.0,
@@ -236,62 +237,38 @@ class Engine:
                 self._finish(live, RequestStatus.FINISHED_ABORTED, error=f"waited over {timeout:g} s in the queue")
 
     def step(self) -> None:
-        """One iteration: schedule, execute (prefill batch, decode batch), sample, update, deliver."""
+        """One iteration: schedule, execute (one forward, sampled on the device), update, deliver."""
         t0 = time.monotonic()
         self._expire(t0)
         plan = self.scheduler.schedule()
         self._count_pending()
-        for s in plan.prefills:
+        for s in plan.scheduled:
             if s.request.scheduled_time is None:
                 s.request.scheduled_time = t0
         if plan.is_empty:
             self._flush()
             time.sleep(0.001)
             return
-        prefill_time = decode_time = 0.0
-        for batch in (plan.prefills, plan.decodes):
-            if not batch:
-                continue
-            t = time.monotonic()
-            try:
-                logits = self.runner.execute(batch, []) if batch is plan.prefills else self.runner.execute([], batch)
-            except Exception:  # a failed forward fails its batch, never the engine
-                log.exception("forward failed for %d requests", len(batch))
-                for s in batch:
-                    self._finish(self._live[s.request.request_id], RequestStatus.FINISHED_ERROR,
-                                 error="the model failed on this request")
-                continue
-            samples = self._sample(logits, [s.request for s in batch])
-            dt = time.monotonic() - t
-            if batch is plan.prefills:
-                prefill_time = dt
-            else:
-                decode_time = dt
-            for s, sample in zip(batch, samples, strict=True):
-                self._update(s, sample.token_id, sample.logprob, sample.top_logprobs, sample.error)
+        t = time.monotonic()
+        decode = plan.num_decode_tokens  # before update() appends this step's tokens
+        try:
+            output = self.runner.execute(plan.scheduled)
+        except Exception:  # a failed forward fails its batch, never the engine
+            log.exception("forward failed for %d requests", len(plan.scheduled))
+            output = ModelOutput([-1] * len(plan.scheduled), errors=["the model failed on this request"] * len(plan.scheduled))
+        forward = time.monotonic() - t
+        for sampled in self.scheduler.update(plan, output):
+            self._deliver(sampled, output.attention.get(sampled.request.request_id))
         self._flush()
         self.steps += 1
         if self.on_step is not None:
-            self.on_step(StepStats(
-                self.name, len(plan.prefills) + len(plan.decodes), sum(s.num_new for s in plan.prefills),
-                len(plan.decodes), prefill_time, decode_time, time.monotonic() - t0, len(self.scheduler.running),
-                len(self.scheduler.waiting), len(plan.preempted), self.blocks.num_blocks, self.blocks.num_free,
-            ))
+            self.on_step(self._stats(plan, decode, forward, time.monotonic() - t0))
 
-    def _sample(self, logits: Tensor, reqs: list[Request]) -> list[Sample]:
-        """Sample the batch; if that raises, sample each request alone so that only the bad one fails (a
-        seeded request sampled twice then draws once more than usual: only in a step where another failed)."""
-        try:
-            return self.sampler(logits, reqs)
-        except Exception:
-            out: list[Sample] = []
-            for i, req in enumerate(reqs):
-                try:
-                    out += self.sampler(logits[i : i + 1], [req])
-                except Exception as e:
-                    log.warning("sampling failed", extra={"request_id": req.request_id, "error": repr(e)[:200]})
-                    out.append(Sample(-1, 0.0, (), error="sampling failed on this request's logits"))
-            return out
+    def _stats(self, plan: SchedulerOutput, decode: int, forward: float, step_time: float) -> StepStats:
+        prefill = plan.num_tokens - decode
+        return StepStats(self.name, len(plan.scheduled), prefill, decode, forward if prefill else 0.0,
+                         forward if not prefill else 0.0, step_time, len(self.scheduler.running),
+                         len(self.scheduler.waiting), len(plan.preempted), self.blocks.num_blocks, self.blocks.num_free)
 
     def _count_pending(self) -> None:
         waiting = self.scheduler.waiting
@@ -299,43 +276,31 @@ class Engine:
             self._pending = len(waiting) + self._inbox.qsize()
             self._pending_tokens = sum(r.num_tokens for r in waiting)
 
-    def _update(self, s: ScheduledRequest, token: int, logprob: float, top: tuple, error: str | None) -> None:
-        req = s.request
+    def _deliver(self, sampled: Sampled, attention: dict | None) -> None:
+        """Turn what the scheduler's update made of a row into the request's output (text, stop strings, end)."""
+        req = sampled.request
         live = self._live.get(req.request_id)
-        if live is None or req.status.is_finished:
+        if live is None:
+            return
+        if sampled.token is None:  # it ended without a new token: EOS, a stop token id or an error
+            self._finish(live, sampled.finished or RequestStatus.FINISHED_ERROR, error=sampled.error)
             return
         now = time.monotonic()
-        req.num_computed = s.start + s.num_new
-        if error is not None:
-            self._finish(live, RequestStatus.FINISHED_ERROR, error=error)
-            return
-        p = req.params
-        if (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
-            self._finish(live, RequestStatus.FINISHED_STOPPED)
-            return
-        req.output_ids.append(token)
         if req.first_token_time is None:
             req.first_token_time = now
         elif req.last_token_time is not None:
             live.itls.append(now - req.last_token_time)
         req.last_token_time = now
-        text = live.detok.add(token)
-        status = None
+        text = live.detok.add(sampled.token)
+        status = sampled.finished
         if live.detok.stopped:
             status = RequestStatus.FINISHED_STOPPED
-        elif len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
-            status = RequestStatus.FINISHED_LENGTH
-        self._emit(live, StepOutput(req.request_id, token, text, logprob, top, num_prompt_tokens=self._prompt_len(req),
-                                    num_output_tokens=len(req.output_ids), queue_time=self._queue_time(req),
-                                    ttft=req.first_token_time - req.arrival_time,
-                                    attention=self.runner.attention.get(req.request_id)))
+        self._emit(live, StepOutput(req.request_id, sampled.token, text, sampled.logprob, sampled.top_logprobs,
+                                    num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=len(req.output_ids),
+                                    queue_time=self._queue_time(req), ttft=req.first_token_time - req.arrival_time,
+                                    attention=attention))
         if status is not None:
             self._finish(live, status)
-
-    @staticmethod
-    def _prompt_len(req: Request) -> int:
-        """Tokens the caller sent: a translator's prompt is its source (its decoder prompt is only BOS)."""
-        return len(req.source_ids if req.source_ids is not None else req.prompt_ids)
 
     @staticmethod
     def _queue_time(req: Request) -> float | None:
@@ -346,7 +311,7 @@ class Engine:
         if req.status.is_finished and req.request_id not in self._live:
             return
         self.scheduler.finish(req, status)
-        self.sampler.release(req.request_id)
+        self.runner.release(req.request_id)
         self._live.pop(req.request_id, None)
         req.finish_time = time.monotonic()
         req.error = error
@@ -355,10 +320,10 @@ class Engine:
         e2e = req.finish_time - req.arrival_time
         ttft = None if req.first_token_time is None else req.first_token_time - req.arrival_time
         self._emit(live, StepOutput(req.request_id, None, tail, finished=True, finish_reason=reason, error=error,
-                                    num_prompt_tokens=self._prompt_len(req), num_output_tokens=len(req.output_ids),
+                                    num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=len(req.output_ids),
                                     queue_time=self._queue_time(req), ttft=ttft, e2e=e2e))
         if self.on_finish is not None and not req.request_id.startswith("warmup-"):
-            self.on_finish(RequestStats(self.name, req.request_id, reason, len(req.prompt_ids), len(req.output_ids),
+            self.on_finish(RequestStats(self.name, req.request_id, reason, req.num_prompt_tokens, len(req.output_ids),
                                         self._queue_time(req), ttft, e2e, tuple(live.itls)))
 
     # --- delivery to the event loop ----------------------------------------------------------------------------

@@ -41,6 +41,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0  # drop tokens whose probability is below min_p times the most likely one's
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -53,6 +54,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,8 @@ class Request:
     """One generation request and its state inside the engine.
 
     Decoder tokens are `prompt_ids + output_ids`; `num_computed` of them have K/V in the cache. A translator's
-    request also has `source_ids` for the encoder, whose cross-attention K/V live in `cross_block_ids`."""
+    request also has `source_ids` for the encoder, whose cross-attention K/V count as `num_cross_blocks`. A
+    running request sits in a seat of the KV pool and holds its first `block_ids`."""
 
     request_id: str
     prompt_ids: list[int]
@@ -81,7 +87,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
-    cross_block_ids: list[int] = field(default_factory=list)
+    num_cross_blocks: int = 0
+    seat: int | None = None
     num_computed: int = 0
     num_preemptions: int = 0
     scheduled_time: float | None = None  # first time it left the waiting queue
@@ -103,11 +110,30 @@ class Request:
     def is_encoder_decoder(self) -> bool:
         return self.source_ids is not None
 
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Tokens the caller sent: a translator's prompt is its source (its decoder prompt is only BOS). The one
+        count that usage, metrics and logs all report."""
+        return len(self.source_ids if self.source_ids is not None else self.prompt_ids)
+
 
 @dataclass(frozen=True)
 class TokenLogprob:
     token_id: int
     logprob: float
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    """What the runner returns for one step, one entry per scheduled request, in the plan's order (already on
+    the host: one transfer). token_ids[i] is -1 where the request sampled nothing (a prefill chunk that does
+    not reach its last token) or where errors[i] says why its logits were unusable."""
+
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    top_logprobs: list[tuple[TokenLogprob, ...]] | None = None
+    errors: list[str | None] | None = None
+    attention: dict[str, dict[str, Any]] = field(default_factory=dict)  # request id -> this step's rows
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
-"""Batched prefill and decode on the device: the only engine file that imports the model package.
+"""One ragged forward per engine step, from persistent device buffers, sampled on the device.
 
-A step runs at most two forwards: one padded batch of prefills (new or recomputed requests, translator
-requests also run their encoder here) and one batch of single-token decodes. Both read and write K/V through a
-`PagedKVCache` over one preallocated `BlockPool`, addressed by each request's block table."""
+The only engine files that import the model package are this one and its device-side helpers (inputs,
+sampler, cuda_graphs). A step packs its plan into the persistent input buffers (one host-to-device copy), runs
+the translator's encoder for requests that start, runs one forward over every scheduled token (decode rows and
+prefill chunks together; model/paged_cache.py attends each request over its own seat in place), samples the
+rows that end their known tokens, and brings the packed result back in one device-to-host copy."""
 
 from __future__ import annotations
 
@@ -12,141 +14,149 @@ import torch
 from torch import Tensor
 
 from model.attention import AttentionCapture, MultiHeadAttention
-from model.kv_cache import BlockPool, PagedKVCache
+from model.paged_cache import BlockPool, PagedKVCache
 from model.transformer import DecoderOnlyLM, Transformer
+from service.engine.cuda_graphs import DecodeGraphs
+from service.engine.inputs import Prepared, StepInputs
+from service.engine.request import ModelOutput, TokenLogprob
+from service.engine.sampler import ERROR_NAN, Sampler
 from service.engine.scheduler import ScheduledRequest
 
 
 class ModelRunner:
-    """Owns the model on its device and the KV block pool; turns scheduled requests into next-token logits."""
+    """Owns the model on its device, the KV pool, the input buffers and the sampler."""
 
     def __init__(
         self,
         model: Transformer | DecoderOnlyLM,
-        num_blocks: int,
+        num_seats: int,
+        seat_len: int,
         block_size: int = 16,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
+        max_num_batched_tokens: int = 2048,
+        enforce_eager: bool = False,
     ) -> None:
         self.device, self.dtype = torch.device(device), dtype
         self.model = model.to(device=self.device, dtype=dtype).eval()
         self.config = model.config
         self.block_size = block_size
-        self.pool = BlockPool(self.config, num_blocks, block_size, self.device, dtype)
-        self.attention: dict[str, dict[str, Any]] = {}  # request id -> this step's rows (AttentionSpec)
+        self.pool = BlockPool(self.config, num_seats, seat_len, block_size, self.device, dtype)
+        max_source = self.config.max_len if self.config.is_encoder_decoder else 0
+        self.inputs = StepInputs(self.pool, max_num_batched_tokens, num_seats, max_source, self.device)
+        self.sampler = Sampler(self.device)
         self.num_threads = torch.get_num_threads()  # the process's intra-op setting when the model was loaded
+        use_graphs = self.device.type == "cuda" and not enforce_eager and not self.config.is_encoder_decoder
+        self.graphs: DecodeGraphs | None = DecodeGraphs(self, num_seats, seat_len) if use_graphs else None
+
+    @property
+    def transfers(self) -> Any:
+        return self.inputs.transfers
 
     def bind_thread(self) -> None:
         """Apply `num_threads` to the calling thread (the engine loop): OpenMP's thread count is per OS thread,
         so a new thread would use one per core whatever `torch.set_num_threads` said elsewhere."""
         torch.set_num_threads(self.num_threads)
 
-    # --- index arithmetic: where each token's K/V lives --------------------------------------------------------
+    def release(self, request_id: str) -> None:
+        self.sampler.release(request_id)
 
-    def _slots(self, tables: list[list[int]], length: int) -> Tensor:
-        """(B, length) slot of every position 0..length-1 of each request (positions past the table -> slot 0)."""
-        width = max(1, max(len(t) for t in tables))
-        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)  # (B, n_blocks)
-        pos = torch.arange(length)
-        block = table.gather(1, (pos // self.block_size).clamp(max=width - 1).expand(len(tables), -1))
-        return (block * self.block_size + pos % self.block_size).to(self.device)  # (B, L)
+    # --- the step -----------------------------------------------------------------------------------------------
 
-    def _write_cross(self, batch: list[ScheduledRequest]) -> None:
-        """Run the encoder once for new translator requests and store each layer's cross-attention K/V."""
+    @torch.inference_mode()
+    def execute(self, plan: list[ScheduledRequest]) -> ModelOutput:
+        """Run the plan's tokens through the model; sample each request whose chunk reaches its last token."""
+        capture_ids = {s.request.request_id for s in plan if s.request.attention is not None}
+        bucket = self.graphs.bucket(plan) if self.graphs is not None and not capture_ids else None
+        prep = self.inputs.prepare(plan, capture_ids, *(bucket or (None, None)))
+        if prep.encode:
+            self._encode(prep)
+        cache = None
+        if bucket is not None and self.graphs is not None:
+            hidden = self.graphs.run(bucket, prep)  # (S_bucket, d_model)
+        else:
+            cache = PagedKVCache(self.pool, prep.layout)
+            d = self.inputs.d
+            tokens, positions = d["tokens"][: prep.num_rows][None], d["positions"][: prep.num_rows][None]
+            hidden = self.model.decode(tokens, positions, cache=cache, capture=self._capture(plan))[0]  # (N, d)
+        if not prep.sampled:
+            return ModelOutput([-1] * len(plan))
+        rows = self.inputs.d["sample_rows"][: len(prep.sampled)]
+        logits = self.model.logits(hidden.index_select(0, rows)).float()  # (R, vocab)
+        packed = self.sampler(logits, self.inputs.d_params, [s.request for s in prep.sampled])
+        host = self.transfers.d2h(packed).tolist()  # the step's one device-to-host copy
+        return self._output(plan, prep, host, cache)
+
+    def forward_decode(self, num_rows: int, layout: Any) -> Tensor:
+        """The decode forward over the first num_rows rows of the input buffers (what a CUDA graph captures)."""
+        d = self.inputs.d
+        tokens, positions = d["tokens"][:num_rows][None], d["positions"][:num_rows][None]
+        return self.model.decode(tokens, positions, cache=PagedKVCache(self.pool, layout))[0]
+
+    def _encode(self, prep: Prepared) -> None:
+        """Run the encoder once for translator requests that start, and store each layer's cross K/V."""
         assert isinstance(self.model, Transformer)
-        sources = [s.request.source_ids or [] for s in batch]
-        s_max = max(len(s) for s in sources)
-        src = torch.tensor([s + [0] * (s_max - len(s)) for s in sources], device=self.device)
-        src_valid = torch.arange(s_max, device=self.device)[None, :] < torch.tensor(
-            [len(s) for s in sources], device=self.device
-        )[:, None]  # (B, S)
-        memory = self.model.encode(src, src_valid)  # (B, S, d_model)
-        slots = self._slots([s.request.cross_block_ids for s in batch], s_max)[src_valid]  # (N,)
+        src, valid = self.inputs.sources(len(prep.encode), prep.source_len)
+        memory = self.model.encode(src, valid)  # (B, S, d_model)
+        lens = [len(s.request.source_ids or []) for s in prep.encode]
         for i, layer in enumerate(self.model.decoder.layers):
             attn = layer.cross_attn
             assert isinstance(attn, MultiHeadAttention)
             k, v = attn.project_kv(memory)  # (B, h, S, d_k)
-            self.pool.write(i, slots, k.transpose(1, 2)[src_valid], v.transpose(1, 2)[src_valid])
+            for b, (s, n) in enumerate(zip(prep.encode, lens, strict=True)):
+                self.pool.write_cross(i, s.request.seat or 0, k[b, :, :n].transpose(0, 1), v[b, :, :n].transpose(0, 1))
 
-    def _cross_view(self, batch: list[ScheduledRequest]) -> tuple[Tensor | None, Tensor | None]:
-        if not self.config.is_encoder_decoder:
-            return None, None
-        lengths = [len(s.request.source_ids or []) for s in batch]
-        s_max = max(lengths)
-        slots = self._slots([s.request.cross_block_ids for s in batch], s_max)
-        valid = torch.arange(s_max)[None, :] < torch.tensor(lengths)[:, None]  # (B, S)
-        return slots, valid[:, None, None, :].to(self.device)  # (B, S), (B, 1, 1, S)
+    # --- what comes back ------------------------------------------------------------------------------------------
 
-    # --- forwards ----------------------------------------------------------------------------------------------
+    def _output(self, plan: list[ScheduledRequest], prep: Prepared, host: list[list[float]],
+                cache: PagedKVCache | None) -> ModelOutput:
+        ids, errors = [-1] * len(plan), [None] * len(plan)  # type: list[int], list[str | None]
+        want_lp = any(s.request.params.logprobs is not None for s in prep.sampled)
+        lps: list[float] = [0.0] * len(plan)
+        tops: list[tuple[TokenLogprob, ...]] = [()] * len(plan)
+        attention: dict[str, dict[str, Any]] = {}
+        k_all = (len(host[0]) - 3) // 2 if want_lp and host else 0
+        for i, s in enumerate(plan):
+            j = prep.sample_index[i]
+            if j < 0:
+                continue
+            row = host[j]
+            if row[1] > 0:
+                errors[i] = ERROR_NAN
+                self.pool.clear(s.request.seat or 0)  # its K/V may hold NaN
+                continue
+            ids[i] = int(row[0])
+            n_top = s.request.params.logprobs or 0
+            if want_lp:
+                lps[i] = row[2]
+                tops[i] = tuple(TokenLogprob(int(row[3 + k_all + t]), row[3 + t]) for t in range(n_top))
+            if cache is not None and s.request.attention is not None:
+                attention[s.request.request_id] = self._rows(s, cache)
+        return ModelOutput(ids, lps if want_lp else None, tops if want_lp else None, errors, attention)
 
-    def _forward(self, batch: list[ScheduledRequest], capture: AttentionCapture | None = None) -> Tensor:
-        """Feed tokens [start, start + num_new) of each request; logits (B, vocab) at each one's last new token."""
-        b = len(batch)
-        t = max(s.num_new for s in batch)
-        total = max(s.start + s.num_new for s in batch)
-        starts = torch.tensor([s.start for s in batch])
-        num_new = torch.tensor([s.num_new for s in batch])
-        ids = [s.request.all_ids[s.start : s.start + s.num_new] for s in batch]
-        tokens = torch.tensor([x + [0] * (t - len(x)) for x in ids], device=self.device)  # (B, T)
-        q_pos = starts[:, None] + torch.arange(t)[None, :]  # (B, T) absolute positions of the queries
-        q_valid = torch.arange(t)[None, :] < num_new[:, None]  # (B, T)
-        read = self._slots([s.request.block_ids for s in batch], total)  # (B, L)
-        k_pos = torch.arange(total)
-        # query i of request b sees key j iff j <= its position; padded queries see key 0 only (no empty rows)
-        mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & q_valid[:, :, None]
-        mask[:, :, 0] = True
-        write_rows = None if bool(q_valid.all()) else q_valid.reshape(-1).nonzero().squeeze(1).to(self.device)
-        write = read.gather(1, q_pos.clamp(max=total - 1).to(self.device))[q_valid.to(self.device)]  # (N,)
-        cross_slots, cross_mask = self._cross_view(batch)
-        cache = PagedKVCache(
-            self.pool, write, write_rows, read, mask[:, None].to(self.device), cross_slots, cross_mask
-        )
-        positions = q_pos.clamp(max=self.config.max_len - 1).to(self.device)
-        hidden = self.model.decode(tokens, positions, cache=cache, capture=capture)  # (B, T, d_model)
-        last = hidden[torch.arange(b, device=self.device), (num_new - 1).to(self.device)]  # (B, d_model)
-        return self.model.logits(last).float()  # (B, vocab)
-
-    # --- attention rows for requests that stream them -----------------------------------------------------------
-
-    @staticmethod
-    def _capture_for(batch: list[ScheduledRequest]) -> AttentionCapture | None:
+    def _capture(self, plan: list[ScheduledRequest]) -> AttentionCapture | None:
         """A capture (the explicit attention path) only when some request in the batch asks for rows."""
-        specs = [s.request.attention for s in batch if s.request.attention is not None]
+        specs = [s.request.attention for s in plan if s.request.attention is not None]
         if not specs:
             return None
         layers = None if any(a.layers is None for a in specs) else {i for a in specs for i in a.layers or ()}
         return AttentionCapture({k for a in specs for k in a.kinds}, layers)
 
-    def _keep_rows(self, batch: list[ScheduledRequest], capture: AttentionCapture) -> None:
-        """Each asking request's row at its last new token (the query that predicts the next token)."""
-        for b, s in enumerate(batch):
-            spec = s.request.attention
-            if spec is None:
-                continue
-            q, n_keys = s.num_new - 1, {"decoder_self": s.start + s.num_new, "cross": len(s.request.source_ids or [])}
-            heads = list(spec.heads) if spec.heads is not None else list(range(self.config.h))
-            rows: dict[str, Any] = {"query_position": s.start + q}
-            for kind in spec.kinds:
-                layers = spec.layers if spec.layers is not None else range(self.config.n_decoder_layers)
-                w = torch.stack([capture.weights[(kind, i)][b, heads, q, : n_keys[kind]] for i in layers])  # (L, H, T_k)
-                if spec.aggregation in ("mean", "max"):
-                    w = w.mean(1, keepdim=True) if spec.aggregation == "mean" else w.amax(1, keepdim=True)
-                rows[kind] = w.double().round(decimals=6).tolist()
-            self.attention[s.request.request_id] = rows
+    def _rows(self, s: ScheduledRequest, cache: PagedKVCache) -> dict[str, Any]:
+        """The request's row at its last new token (the query that predicts the next token)."""
+        spec = s.request.attention
+        assert spec is not None
+        seat = s.request.seat or 0
+        n_keys = {"decoder_self": s.start + s.num_new, "cross": len(s.request.source_ids or [])}
+        heads = list(spec.heads) if spec.heads is not None else list(range(self.config.h))
+        layers = spec.layers if spec.layers is not None else range(self.config.n_decoder_layers)
+        rows: dict[str, Any] = {"query_position": s.start + s.num_new - 1}
+        for kind in spec.kinds:
+            w = torch.stack([cache.rows[(kind, i)][seat][heads, : n_keys[kind]] for i in layers])  # (L, H, T_k)
+            if spec.aggregation in ("mean", "max"):
+                w = w.mean(1, keepdim=True) if spec.aggregation == "mean" else w.amax(1, keepdim=True)
+            rows[kind] = w.double().round(decimals=6).tolist()
+        return rows
 
-    @torch.inference_mode()
-    def execute(self, prefills: list[ScheduledRequest], decodes: list[ScheduledRequest]) -> Tensor:
-        """Logits (len(prefills) + len(decodes), vocab), prefills first; attention rows land in self.attention."""
-        self.attention.clear()
-        parts = []
-        for batch in (prefills, decodes):
-            if not batch:
-                continue
-            encode = [s for s in batch if s.encode_source]
-            if encode:
-                self._write_cross(encode)
-            capture = self._capture_for(batch)
-            parts.append(self._forward(batch, capture))
-            if capture is not None:
-                self._keep_rows(batch, capture)
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+__all__ = ["BlockPool", "ModelRunner"]

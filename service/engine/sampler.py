@@ -1,98 +1,91 @@
-"""Logits to tokens: penalties, temperature, top-k, top-p, per-request seeded generators, logprobs.
+"""Logits to tokens on the device, for the whole batch at once: penalties, temperature, top-k, top-p, min-p,
+per-request seeds, logprobs. The result is packed into one tensor so that the step has one device-to-host copy.
 
-Each row is processed on its own (row-wise ops only), so a request's choice never depends on what else is in
-the batch; a seeded request draws from its own generator, so the same seed gives the same text at any load."""
+Each row is processed on its own (row-wise ops only) and a seeded request draws its noise from its own
+generator, so the same seed gives the same tokens alone or anywhere in a batch of any size."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import cast
 
 import torch
 from torch import Tensor
 
-from service.engine.request import Request, SamplingParams, TokenLogprob
+from model.sampling import filter_logits, sample
+from service.engine.request import Request, SamplingParams
+
+ERROR_NAN = "the model produced NaN or infinite logits"
+PARAMS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
-@dataclass(frozen=True)
-class Sample:
-    token_id: int
-    logprob: float
-    top_logprobs: tuple[TokenLogprob, ...]
-    error: str | None = None  # this request's logits were unusable; the engine fails it alone
-
-
-def apply_penalties(logits: Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int]) -> Tensor:
-    """Repetition penalty (CTRL: divide positive / multiply negative logits of seen tokens, prompt included);
-    presence and frequency penalties (OpenAI: subtract per generated token)."""
-    if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long, device=logits.device)
-        if seen.numel():
-            vals = logits[seen]
-            logits = logits.clone()
-            logits[seen] = torch.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
-    if (params.presence_penalty or params.frequency_penalty) and output_ids:
-        counts = torch.bincount(torch.tensor(output_ids, device=logits.device), minlength=logits.numel()).to(logits)
-        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(logits)
-    return logits
-
-
-def filter_logits(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
-    """Temperature, then top-k, then top-p (the smallest set of tokens whose probability reaches top_p)."""
-    logits = logits / temperature
-    if 0 < top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        remove = probs.cumsum(-1) - probs >= top_p
-        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
-    return logits
+def param_values(p: SamplingParams) -> list[float]:
+    """One row's column of the params tensor, in PARAMS order."""
+    return [float(getattr(p, name)) for name in PARAMS]
 
 
 class Sampler:
-    """Chooses one token per row of logits, with each request's own parameters and generator."""
+    """Chooses one token per row of logits with each request's parameters; owns the seeded generators."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.generators: dict[str, torch.Generator] = {}
-        self._default = torch.Generator()
+        self._default = torch.Generator(device=device)
         self._default.seed()
 
     def generator(self, req: Request) -> torch.Generator:
-        if req.params.seed is None:
-            return self._default
         gen = self.generators.get(req.request_id)
         if gen is None:
-            gen = self.generators[req.request_id] = torch.Generator().manual_seed(req.params.seed)
+            assert req.params.seed is not None
+            gen = self.generators[req.request_id] = torch.Generator(self.device).manual_seed(req.params.seed)
         return gen
 
     def release(self, request_id: str) -> None:
         self.generators.pop(request_id, None)
 
-    def __call__(self, logits: Tensor, requests: list[Request]) -> list[Sample]:
-        """logits (B, vocab) float32 on any device -> one Sample per request."""
-        logits = logits.float().cpu()
-        greedy_ids = logits.argmax(-1).tolist()
-        want_logprobs = any(r.params.logprobs is not None for r in requests)
-        logprobs = logits.log_softmax(-1) if want_logprobs else None
-        out = []
-        for i, req in enumerate(requests):
+    def penalize(self, logits: Tensor, reqs: list[Request]) -> Tensor:
+        """Repetition penalty (CTRL: divide positive / multiply negative logits of seen tokens, prompt included);
+        presence and frequency penalties (OpenAI: subtract per generated token). Only rows that ask pay for it
+        (their token lists travel to the device then)."""
+        logits = logits.clone()
+        for j, req in enumerate(reqs):
             p = req.params
-            row = apply_penalties(logits[i], p, req.prompt_ids, req.output_ids)
-            if bool(torch.isnan(row).any()) or not bool(torch.isfinite(row).any()):
-                out.append(Sample(-1, 0.0, (), error="the model produced NaN or infinite logits"))
+            if not p.penalized:
                 continue
-            if p.greedy:
-                token = greedy_ids[i] if row is logits[i] else int(row.argmax())
-            else:
-                probs = filter_logits(row, p.temperature, p.top_k, p.top_p).softmax(-1)
-                token = int(torch.multinomial(probs, 1, generator=self.generator(req)))
-            lp, top = 0.0, cast(tuple[TokenLogprob, ...], ())
-            if logprobs is not None and p.logprobs is not None:
-                lp = float(logprobs[i, token])
-                if p.logprobs > 0:
-                    vals, idx = logprobs[i].topk(min(p.logprobs, logprobs.size(1)))
-                    top = tuple(TokenLogprob(int(t), float(v)) for v, t in zip(vals, idx, strict=True))
-            out.append(Sample(token, lp, top))
-        return out
+            row = logits[j]
+            if p.repetition_penalty != 1.0:
+                seen = torch.tensor(sorted(set(req.prompt_ids) | set(req.output_ids)), dtype=torch.long,
+                                    device=logits.device)
+                vals = row[seen]
+                row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            if (p.presence_penalty or p.frequency_penalty) and req.output_ids:
+                out = torch.tensor(req.output_ids, device=logits.device)
+                counts = torch.bincount(out, minlength=row.numel()).to(row)
+                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row)
+        return logits
+
+    def __call__(self, logits: Tensor, params: Tensor, reqs: list[Request]) -> Tensor:
+        """logits (R, V) float32 and params (len(PARAMS), >= R) on the device -> packed (R, 2 + [1 + 2K]):
+        token id, bad-row flag, then the chosen token's logprob and the top-K (values, ids) if any row asks."""
+        n = len(reqs)
+        temperature, top_k, top_p, min_p = params[0, :n], params[1, :n], params[2, :n], params[3, :n]
+        bad = torch.isnan(logits).any(-1) | ~torch.isfinite(logits).any(-1)  # (R,) a bad row fails alone
+        x = self.penalize(logits, reqs) if any(r.params.penalized for r in reqs) else logits
+        ids = x.argmax(-1)
+        if not all(r.params.greedy for r in reqs):
+            x = filter_logits(x, temperature.clamp(min=1e-5),
+                              top_k if any(r.params.top_k > 0 for r in reqs) else None,
+                              top_p if any(r.params.top_p < 1.0 for r in reqs) else None,
+                              min_p if any(r.params.min_p > 0.0 for r in reqs) else None)
+            probs = torch.nan_to_num(x.softmax(-1), nan=0.0)
+            noise = torch.empty_like(probs).exponential_(generator=self._default)
+            for j, req in enumerate(reqs):
+                if req.params.seed is not None and not req.params.greedy:
+                    noise[j].exponential_(generator=self.generator(req))
+            ids = torch.where(temperature == 0.0, ids, sample(probs, noise))
+        cols = [ids.to(torch.float32)[:, None], bad.to(torch.float32)[:, None]]
+        if any(r.params.logprobs is not None for r in reqs):
+            lp = logits.log_softmax(-1)
+            cols.append(lp.gather(1, ids[:, None]))
+            k = max((r.params.logprobs or 0) for r in reqs)
+            if k:
+                vals, idx = lp.topk(min(k, lp.size(1)), dim=-1)
+                cols += [vals, idx.to(torch.float32)]
+        return torch.cat(cols, dim=1)

@@ -1,47 +1,20 @@
 """Iteration-level (continuous) batching over a paged KV cache. Pure Python: no torch, no web framework.
 
-Every engine step asks `schedule()` which requests run now and how many new tokens each feeds:
-running requests decode one token; waiting ones are admitted (prefill) while there are free KV blocks, seats
-(`max_num_seqs`) and token budget. When a running request needs a block and none is free, the most recently
-arrived running request is preempted: its blocks are freed and it is requeued to be recomputed later."""
+Every step, `schedule()` returns one list of (request, start, num_new): no prefill or decode phase. Running
+requests come first (those with one token to feed before those still prefilling); waiting ones are admitted
+while there are seats (`max_num_seqs`), KV blocks and token budget. A prompt longer than the budget left is
+prefilled in chunks over several steps (chunked prefill), so it never stalls the streams already running. When
+a running request needs a block and none is free, the most recently arrived running request is preempted: its
+blocks are freed and it is requeued to be recomputed later. `update()` takes the runner's `ModelOutput` and
+applies the token-level stops (EOS, stop token ids, max_tokens, the context length)."""
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
 
-from service.engine.request import Request, RequestStatus
-
-
-class BlockManager:
-    """The free list of KV blocks; a request's block table is the list of ids it holds."""
-
-    def __init__(self, num_blocks: int, block_size: int) -> None:
-        self.num_blocks, self.block_size = num_blocks, block_size
-        self._free: deque[int] = deque(range(num_blocks))
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    @property
-    def usage(self) -> float:
-        return 1.0 - self.num_free / self.num_blocks if self.num_blocks else 0.0
-
-    def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
-
-    def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
-
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise RuntimeError(f"asked for {n} blocks, {len(self._free)} free")
-        return [self._free.popleft() for _ in range(n)]
-
-    def free(self, blocks: list[int]) -> None:
-        self._free.extend(blocks)
-        blocks.clear()
+from service.engine.blocks import BlockManager
+from service.engine.request import ModelOutput, Request, RequestStatus, TokenLogprob
 
 
 @dataclass
@@ -53,8 +26,13 @@ class ScheduledRequest:
     num_new: int
 
     @property
-    def is_prefill(self) -> bool:
-        return self.start == 0 or self.num_new > 1
+    def samples(self) -> bool:
+        """The chunk reaches the request's last known token, so this step chooses its next one."""
+        return self.start + self.num_new == self.request.num_tokens
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_new == 1 and self.start > 0 and self.samples
 
     @property
     def encode_source(self) -> bool:
@@ -64,37 +42,53 @@ class ScheduledRequest:
 
 @dataclass
 class SchedulerOutput:
-    prefills: list[ScheduledRequest] = field(default_factory=list)
-    decodes: list[ScheduledRequest] = field(default_factory=list)
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
-        return not self.prefills and not self.decodes
+        return not self.scheduled
 
     @property
     def num_tokens(self) -> int:
-        return sum(s.num_new for s in self.prefills) + len(self.decodes)
+        return sum(s.num_new for s in self.scheduled)
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return sum(1 for s in self.scheduled if s.is_decode)
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """What `update()` made of one request's row: the token it appended (None: none) and its end, if it ended."""
+
+    request: Request
+    token: int | None
+    finished: RequestStatus | None = None
+    error: str | None = None
+    logprob: float | None = None
+    top_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class Scheduler:
     """Waiting and running queues; admission by KV blocks, seats and a per-step token budget; preemption."""
 
-    def __init__(self, blocks: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048) -> None:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 eos_id: int | None = None, max_model_len: int | None = None) -> None:
         self.blocks = blocks
-        self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = min(max_num_seqs, blocks.num_seats)
+        self.max_num_batched_tokens = max(max_num_batched_tokens, self.max_num_seqs)  # every seat can decode
+        self.eos_id, self.max_model_len = eos_id, max_model_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
 
     def blocks_needed(self, req: Request) -> int:
-        """Blocks a request holds when all its tokens so far plus the next one are cached (+ encoder K/V)."""
-        cross = self.blocks.blocks_for(len(req.source_ids)) if req.source_ids is not None else 0
-        return self.blocks.blocks_for(req.num_tokens + 1) + cross
+        """Blocks a request holds when all its tokens so far are cached (+ encoder K/V)."""
+        return self.blocks.blocks_for(req.num_tokens) + self._cross_blocks(req)
 
-    def fits_at_all(self, req: Request) -> bool:
-        return self.blocks_needed(req) <= self.blocks.num_blocks
+    def _cross_blocks(self, req: Request) -> int:
+        return self.blocks.blocks_for(len(req.source_ids)) if req.source_ids is not None else 0
 
     def add(self, req: Request) -> None:
         req.status = RequestStatus.WAITING
@@ -110,54 +104,92 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self.blocks.free(req.block_ids)
-        self.blocks.free(req.cross_block_ids)
+        self.blocks.free(req)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
-        self.blocks.free(req.block_ids)
-        self.blocks.free(req.cross_block_ids)
+        self.blocks.free(req)
         req.num_computed = 0
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)  # first in line to come back
 
+    def _reserve(self, req: Request, num_tokens: int, out: SchedulerOutput) -> bool:
+        """Blocks for the first num_tokens of req, preempting the newest running requests while none are free.
+        False if req itself was preempted."""
+        need = self.blocks.blocks_for(num_tokens) - len(req.block_ids)
+        while need > 0 and not self.blocks.can_allocate(need):
+            victim = max(self.running, key=lambda r: r.arrival_time)
+            self._preempt(victim)
+            out.preempted.append(victim)
+            out.scheduled = [s for s in out.scheduled if s.request is not victim]
+            if victim is req:
+                return False
+        if need > 0:
+            self.blocks.allocate(req, need)
+        return True
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self.max_num_batched_tokens
-        # 1. Running requests decode one token; make room by preempting the newest when blocks run out.
-        for req in sorted(self.running, key=lambda r: r.arrival_time):
-            if req not in self.running:  # preempted below for an older request
+        # 1. Running requests: decodes first, then the chunks of prompts still prefilling, oldest first.
+        used = 0  # tokens scheduled so far this step
+        for req in sorted(self.running, key=lambda r: (r.num_tokens - r.num_computed > 1, r.arrival_time)):
+            if req not in self.running or used >= self.max_num_batched_tokens:  # preempted above, or no budget
                 continue
-            need = self.blocks.blocks_for(req.num_tokens) - len(req.block_ids)
-            while need > 0 and not self.blocks.can_allocate(need):
-                victim = max(self.running, key=lambda r: r.arrival_time)
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is req:
-                    break
-            if req not in self.running:
-                continue
-            if need > 0:
-                req.block_ids.extend(self.blocks.allocate(need))
-            out.decodes.append(ScheduledRequest(req, req.num_computed, req.num_tokens - req.num_computed))
-            budget -= 1
-        # 2. Admit waiting requests first come, first served, while blocks, seats and budget last.
+            n = min(req.num_tokens - req.num_computed, self.max_num_batched_tokens - used)
+            before = len(out.preempted)
+            reserved = self._reserve(req, req.num_computed + n, out)
+            if len(out.preempted) > before:  # victims left the plan
+                used = out.num_tokens
+            if reserved:
+                out.scheduled.append(ScheduledRequest(req, req.num_computed, n))
+                used += n
+        # 2. Admit waiting requests first come, first served, while seats, blocks and budget last.
+        budget = self.max_num_batched_tokens - out.num_tokens
         while self.waiting and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            num_new = req.num_tokens
-            if out.prefills and num_new > budget:
-                break
-            cross = self.blocks.blocks_for(len(req.source_ids)) if req.source_ids is not None else 0
-            need = self.blocks.blocks_for(num_new + 1) + cross
-            if not self.blocks.can_allocate(need):
+            n = min(req.num_tokens, budget)
+            cross = self._cross_blocks(req)
+            if n <= 0 or not self.blocks.can_admit(self.blocks.blocks_for(n) + cross):
                 break
             self.waiting.popleft()
-            req.block_ids = self.blocks.allocate(need - cross)
-            req.cross_block_ids = self.blocks.allocate(cross)
+            self.blocks.allocate(req, self.blocks.blocks_for(n))
+            self.blocks.allocate_cross(req, cross)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.prefills.append(ScheduledRequest(req, 0, num_new))
-            budget -= num_new
+            out.scheduled.append(ScheduledRequest(req, 0, n))
+            budget -= n
         return out
+
+    def update(self, plan: SchedulerOutput, output: ModelOutput) -> list[Sampled]:
+        """Record what the step computed and sampled; finish requests that hit a token-level stop."""
+        results = []
+        for i, s in enumerate(plan.scheduled):
+            req = s.request
+            if req.status.is_finished:  # finished while the step ran (never today: aborts land between steps)
+                continue
+            req.num_computed = s.start + s.num_new
+            if not s.samples:
+                continue
+            error = output.errors[i] if output.errors is not None else None
+            token = output.token_ids[i]
+            if error is not None or token < 0:
+                self.finish(req, RequestStatus.FINISHED_ERROR)
+                results.append(Sampled(req, None, RequestStatus.FINISHED_ERROR, error or "no token was sampled"))
+                continue
+            p = req.params
+            if (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
+                self.finish(req, RequestStatus.FINISHED_STOPPED)
+                results.append(Sampled(req, None, RequestStatus.FINISHED_STOPPED))
+                continue
+            req.output_ids.append(token)
+            status = None
+            if len(req.output_ids) >= p.max_tokens or (
+                    self.max_model_len is not None and req.num_tokens >= self.max_model_len):
+                status = RequestStatus.FINISHED_LENGTH
+                self.finish(req, status)
+            lp = output.logprobs[i] if output.logprobs is not None else None
+            top = output.top_logprobs[i] if output.top_logprobs is not None else ()
+            results.append(Sampled(req, token, status, None, lp, top))
+        return results

@@ -8,15 +8,9 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from model.attention import (
-    AttentionCapture,
-    attention_weights,
-    causal_mask,
-    combine_masks,
-    padding_mask,
-    scaled_dot_product_attention,
-)
+from model.attention import AttentionCapture, attention_weights, scaled_dot_product_attention
 from model.layers import sinusoid_table
+from model.masks import causal_mask, combine_masks, padding_mask
 from model.transformer import DecoderOnlyLM, Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

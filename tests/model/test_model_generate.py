@@ -8,7 +8,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from model.generate import GenerationConfig, beam_search, filter_logits, generate
+from model.generate import GenerationConfig, beam_search, generate
+from model.sampling import filter_logits as filter_batch
 from model.transformer import DecoderOnlyLM, Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -128,6 +129,20 @@ def test_generation_stops_at_max_len(make: Make) -> None:
 
 def _kept(logits: torch.Tensor) -> set[int]:
     return {i for i, x in enumerate(logits.tolist()) if x != float("-inf")}
+
+
+def filter_logits(logits: torch.Tensor, t: float, k: int, p: float, min_p: float = 0.0) -> torch.Tensor:
+    """One row through the batched filter (B = 1)."""
+    one = torch.ones(1)
+    return filter_batch(logits[None], one * t, one * k if k else None, one * p if p < 1 else None,
+                        one * min_p if min_p else None)[0]
+
+
+def test_filter_logits_min_p_keeps_tokens_at_least_that_likely_relative_to_the_best() -> None:
+    probs = torch.tensor([0.05, 0.5, 0.02, 0.3, 0.13])
+    logits = probs.log()
+    assert _kept(filter_logits(logits, 1.0, 0, 1.0, min_p=0.25)) == {1, 3, 4}  # >= 0.125
+    assert _kept(filter_logits(logits, 1.0, 0, 1.0, min_p=0.7)) == {1}
 
 
 def test_filter_logits_top_p_keeps_the_smallest_set_reaching_p() -> None:

@@ -7,8 +7,10 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from model.kv_cache import BlockPool, ContiguousKVCache, PagedKVCache
+from model.kv_cache import ContiguousKVCache
 from model.layers import DecoderLayer
+from model.masks import length_mask
+from model.paged_cache import BlockPool, PagedKVCache, PrefillChunk, StepLayout
 from model.transformer import DecoderOnlyLM, Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -88,127 +90,113 @@ def test_contiguous_cache_refuses_overflow(gpt: DecoderOnlyLM) -> None:
 
 # --- PagedKVCache over a BlockPool ---------------------------------------------------------------------------
 
-
-class _Pager:
-    """Builds PagedKVCache steps for a padded batch from hand-made block tables, as a scheduler would."""
-
-    def __init__(self, pool: BlockPool, tables: list[list[int]]) -> None:
-        self.pool, self.tables = pool, tables
-        self.lengths = [0] * len(tables)
-
-    @staticmethod
-    def slot(table: list[int], pos: int) -> int:
-        return table[pos // BLOCK] * BLOCK + pos % BLOCK
-
-    def step(
-        self, chunks: list[list[int]], cross_slots: torch.Tensor | None = None, cross_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, PagedKVCache]:
-        """tokens (B, T_new) right-padded, positions (B, T_new) and the cache view for one engine step."""
-        b, t = len(chunks), max(len(c) for c in chunks)
-        ends = [n + len(c) for n, c in zip(self.lengths, chunks, strict=True)]
-        span = max(ends)
-        tokens = torch.zeros(b, t, dtype=torch.long)
-        positions = torch.zeros(b, t, dtype=torch.long)
-        read_slots = torch.zeros(b, span, dtype=torch.long)
-        mask = torch.zeros(b, 1, t, span, dtype=torch.bool)
-        write_rows: list[int] = []
-        write_slots: list[int] = []
-        for i, (chunk, start, end, table) in enumerate(zip(chunks, self.lengths, ends, self.tables, strict=True)):
-            tokens[i, : len(chunk)] = torch.tensor(chunk)
-            positions[i, : len(chunk)] = torch.arange(start, end)
-            for j in range(len(chunk)):
-                write_rows.append(i * t + j)
-                write_slots.append(self.slot(table, start + j))
-                mask[i, 0, j, : start + j + 1] = True  # causal: everything up to and including itself
-            read_slots[i] = self.slot(table, 0)  # padding points at a valid slot; the mask hides it
-            read_slots[i, :end] = torch.tensor([self.slot(table, p) for p in range(end)])
-        self.lengths = ends
-        cache = PagedKVCache(
-            self.pool, torch.tensor(write_slots), torch.tensor(write_rows), read_slots, mask, cross_slots, cross_mask
-        )
-        return tokens, positions, cache
-
-    def owned_slots(self) -> set[int]:
-        return {self.slot(t, p) for t, n in zip(self.tables, self.lengths, strict=True) for p in range(n)}
+# Each step feeds some sequences a chunk of tokens: 1 token goes through the batched decode path (row = seat),
+# more through the prefill path; seat 1 is a hole (a padding row that writes only to the null seat).
+SEATS = [0, 2, 3]
+SCHEDULE = [{0: 5, 1: 3}, {0: 1, 1: 4, 2: 6}, {0: 1, 1: 1, 2: 1}, {0: 2, 1: 1, 2: 1}, {0: 1, 2: 3}]
 
 
-# Two sequences of different lengths, chunked prefill, then a step where they take different token counts.
-PROMPTS = [[3, 9, 4, 1, 7, 2, 8], [5, 6, 1]]
-STEPS = [[[11], [12, 13]], [[14], [15]]]
-TABLES = [[5, 2, 7], [8, 1]]  # non-contiguous blocks, out of order
+def _step(pool: BlockPool, fed: list[int], chunk: dict[int, int], seqs: list[list[int]],
+          src_lens: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, PagedKVCache, dict[int, list[int]]]:
+    """Tokens (1, N), positions (1, N) and the step's cache; which rows hold each sequence's new tokens."""
+    decodes = {i: n for i, n in chunk.items() if n == 1}
+    s_rows = max((SEATS[i] + 1 for i in decodes), default=0)
+    null = pool.slot(pool.null_seat, 0)
+    tokens, positions, slots = [0] * s_rows, [0] * s_rows, [null] * s_rows
+    lens, cross = [1] * s_rows, [1] * s_rows
+    rows: dict[int, list[int]] = {}
+    for i in decodes:
+        seat, p = SEATS[i], fed[i]
+        tokens[seat], positions[seat], slots[seat], lens[seat] = seqs[i][p], p, pool.slot(seat, p), p + 1
+        cross[seat] = src_lens[i] if src_lens else 1
+        rows[i] = [seat]
+    chunks = []
+    for i, n in chunk.items():
+        if n == 1:
+            continue
+        seat, p = SEATS[i], fed[i]
+        rows[i] = list(range(len(tokens), len(tokens) + n))
+        chunks.append(PrefillChunk(len(tokens), n, seat, p, src_lens[i] if src_lens else 0))
+        tokens += seqs[i][p : p + n]
+        positions += list(range(p, p + n))
+        slots += [pool.slot(seat, q) for q in range(p, p + n)]
+    longest = max(lens, default=1)
+    layout = StepLayout(torch.tensor(slots), s_rows, longest, None, max(cross, default=1), None, chunks)
+    if s_rows:
+        layout.decode_mask = length_mask(torch.tensor(lens), longest)
+        layout.cross_mask = length_mask(torch.tensor(cross), max(cross))
+    for i, n in chunk.items():
+        fed[i] += n
+    return torch.tensor([tokens]), torch.tensor([positions]), PagedKVCache(pool, layout), rows
 
 
-def _paged_run(
-    decode: Callable[[torch.Tensor, torch.Tensor, PagedKVCache], torch.Tensor], pager: _Pager, **cross: torch.Tensor
-) -> list[torch.Tensor]:
-    per_seq: list[list[torch.Tensor]] = [[], []]
-    for chunks in [PROMPTS, *STEPS]:
-        tokens, positions, cache = pager.step(chunks, **cross)
-        logits = decode(tokens, positions, cache)
-        for i, c in enumerate(chunks):
-            per_seq[i].append(logits[i, : len(c)])
+def _paged_run(decode: Callable[[torch.Tensor, torch.Tensor, PagedKVCache], torch.Tensor], pool: BlockPool,
+               seqs: list[list[int]], src_lens: list[int] | None = None) -> list[torch.Tensor]:
+    fed, per_seq = [0] * len(seqs), [[] for _ in seqs]  # type: list[int], list[list[torch.Tensor]]
+    for chunk in SCHEDULE:
+        tokens, positions, cache, rows = _step(pool, fed, chunk, seqs, src_lens)
+        out = decode(tokens, positions, cache)[0]  # (N, vocab)
+        for i, r in rows.items():
+            per_seq[i].append(out[r])
     return [torch.cat(p) for p in per_seq]
 
 
-def _sequences() -> list[list[int]]:
-    return [p + [tok for step in STEPS for tok in step[i]] for i, p in enumerate(PROMPTS)]
+def _sequences(vocab: int) -> list[list[int]]:
+    torch.manual_seed(4)
+    lengths = [sum(c.get(i, 0) for c in SCHEDULE) for i in range(len(SEATS))]
+    return [torch.randint(0, vocab, (n,)).tolist() for n in lengths]
 
 
 def test_paged_cache_decoder_only(gpt: DecoderOnlyLM) -> None:
-    pool = BlockPool(gpt.config, num_blocks=10, block_size=BLOCK)
-    pager = _Pager(pool, TABLES)
+    pool = BlockPool(gpt.config, num_seats=4, seat_len=16, block_size=BLOCK)
+    seqs = _sequences(gpt.config.vocab_size)
     with torch.no_grad():
-        got = _paged_run(lambda tok, pos, cache: gpt(tok, pos, cache=cache), pager)
-        for i, seq in enumerate(_sequences()):
+        got = _paged_run(lambda tok, pos, cache: gpt(tok, pos, cache=cache), pool, seqs)
+        for i, seq in enumerate(seqs):
             expected = gpt(torch.tensor([seq]))[0]
             diff = max_diff(got[i], expected)
             assert diff <= TOL, f"paged decoding of sequence {i} differs from its full forward: {diff:.3g}"
-    untouched = [s for s in range(pool.k.size(1)) if s not in pager.owned_slots()]
-    assert pool.k[:, untouched].abs().sum() == 0, "the cache wrote outside the blocks the tables own"
+    assert pool.k[:, 1].abs().sum() == 0, "the cache wrote into the seat nobody holds (padding must go to null)"
 
 
 def test_paged_cache_encoder_decoder(seq2seq: Transformer) -> None:
     torch.manual_seed(3)
     cfg = seq2seq.config
-    src_lens = [6, 3]
-    src = torch.randint(0, cfg.src_vocab_size or cfg.vocab_size, (2, max(src_lens)))
+    src_lens = [6, 3, 5]
+    src = torch.randint(0, cfg.src_vocab_size or cfg.vocab_size, (3, max(src_lens)))
     src_valid = torch.arange(src.size(1))[None, :] < torch.tensor(src_lens)[:, None]
-    pool = BlockPool(cfg, num_blocks=12, block_size=BLOCK)
-    cross_tables = [[9, 0], [4]]
-    pager = _Pager(pool, TABLES)
-    cross_slots = torch.zeros(src.shape, dtype=torch.long)
-    for i, (table, n) in enumerate(zip(cross_tables, src_lens, strict=True)):
-        cross_slots[i] = _Pager.slot(table, 0)
-        cross_slots[i, :n] = torch.tensor([_Pager.slot(table, p) for p in range(n)])
+    pool = BlockPool(cfg, num_seats=4, seat_len=16, block_size=BLOCK)
+    seqs = _sequences(cfg.vocab_size)
     with torch.no_grad():
         memory = seq2seq.encode(src, src_valid)
         for layer in seq2seq.decoder.layers:  # the engine's prefill: encoder K/V into the pool, once
             assert isinstance(layer, DecoderLayer) and layer.cross_attn is not None
-            cross = layer.cross_attn
-            k, v = cross.project_kv(memory)  # (B, h, S, d_k)
+            k, v = layer.cross_attn.project_kv(memory)  # (B, h, S, d_k)
             for i, n in enumerate(src_lens):
-                pool.write(cross.layer_idx, cross_slots[i, :n], k[i, :, :n].transpose(0, 1), v[i, :, :n].transpose(0, 1))
+                pool.write_cross(layer.cross_attn.layer_idx, SEATS[i], k[i, :, :n].transpose(0, 1),
+                                 v[i, :, :n].transpose(0, 1))
 
         def decode(tok: torch.Tensor, pos: torch.Tensor, cache: PagedKVCache) -> torch.Tensor:
             return seq2seq.logits(seq2seq.decode(tok, pos, cache=cache))  # memory comes from the pool only
 
-        got = _paged_run(decode, pager, cross_slots=cross_slots, cross_mask=src_valid[:, None, None, :])
-        for i, seq in enumerate(_sequences()):
+        got = _paged_run(decode, pool, seqs, src_lens)
+        for i, seq in enumerate(seqs):
             expected = seq2seq(src[i : i + 1, : src_lens[i]], torch.tensor([seq]))[0]
             diff = max_diff(got[i], expected)
             assert diff <= TOL, f"paged encoder-decoder decoding of sequence {i} differs: {diff:.3g}"
 
 
-def test_paged_cache_without_cross_slots_is_refused(seq2seq: Transformer) -> None:
-    pool = BlockPool(seq2seq.config, num_blocks=4, block_size=BLOCK)
-    tokens, positions, cache = _Pager(pool, [[0], [1]]).step([[1], [2]])
+def test_paged_cache_without_cross_pool_is_refused(gpt: DecoderOnlyLM, seq2seq: Transformer) -> None:
+    pool = BlockPool(gpt.config, num_seats=2, seat_len=8, block_size=BLOCK)  # a decoder-only pool
+    cache = PagedKVCache(pool, StepLayout(torch.tensor([0]), 1, 1, length_mask(torch.tensor([1]), 1)))
     with torch.no_grad(), pytest.raises(RuntimeError, match="cross-attention"):
-        seq2seq.decode(tokens, positions, cache=cache)
+        seq2seq.decode(torch.tensor([[1]]), torch.tensor([[0]]), cache=cache)
 
 
-def test_block_pool_bytes_per_block(gpt: DecoderOnlyLM) -> None:
+def test_block_pool_seats_are_contiguous_runs_of_blocks(gpt: DecoderOnlyLM) -> None:
     cfg = gpt.config
-    pool = BlockPool(cfg, num_blocks=3, block_size=BLOCK)
+    pool = BlockPool(cfg, num_seats=3, seat_len=2 * BLOCK, block_size=BLOCK)
     per_block = BlockPool.bytes_per_block(cfg, BLOCK, torch.float32)
     actual = (pool.k.numel() + pool.v.numel()) * pool.k.element_size()
-    assert per_block * 3 == actual, f"bytes_per_block {per_block} * 3 != allocated {actual}"
+    assert per_block * pool.blocks_per_seat * (pool.num_seats + 1) == actual  # + the null seat
+    assert pool.slot(2, 3) == 2 * pool.seat_len + 3 and pool.blocks_per_seat == 2

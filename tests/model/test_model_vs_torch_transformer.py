@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from model.attention import MultiHeadAttention, causal_mask, combine_masks, padding_mask
+from model.attention import MultiHeadAttention
 from model.layers import DecoderLayer, EncoderLayer, FeedForward
+from model.masks import causal_mask, combine_masks, padding_mask
 from model.transformer import Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

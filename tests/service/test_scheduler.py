@@ -1,8 +1,9 @@
-"""The scheduler on the CPU, no model: admission, preemption, block accounting, disjoint block tables.
+"""The scheduler on the CPU, no model: admission, chunked prefill, preemption, seats and block accounting, and
+the token-level stops of `update()`.
 
-A fake runner plays the engine's `update`: every scheduled request gets its tokens computed and one new token;
-a request stops at max_tokens. After every step the block tables must be disjoint and, with the free list,
-account for every block of the pool."""
+A fake runner returns a `ModelOutput` with one token for every request whose chunk reaches its last token, as
+the real runner does. After every step the running requests' blocks must be disjoint, each the first blocks of
+its own seat, and held + free must account for the whole budget."""
 
 from __future__ import annotations
 
@@ -11,44 +12,44 @@ import subprocess
 import sys
 from collections.abc import Iterable
 
-from service.engine.request import Request, RequestStatus, SamplingParams
-from service.engine.scheduler import BlockManager, Scheduler, SchedulerOutput
+from service.engine.blocks import BlockManager
+from service.engine.request import ModelOutput, Request, RequestStatus, SamplingParams
+from service.engine.scheduler import Scheduler, SchedulerOutput
 
 
 def make_request(rid: str, prompt_len: int, max_tokens: int = 8, arrival: float = 0.0,
-                 source_len: int | None = None) -> Request:
+                 source_len: int | None = None, **params: object) -> Request:
     source = list(range(source_len)) if source_len is not None else None
-    return Request(rid, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens), source_ids=source,
-                   arrival_time=arrival)
+    return Request(rid, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens, **params),  # type: ignore[arg-type]
+                   source_ids=source, arrival_time=arrival)
 
 
 def check_blocks(sched: Scheduler) -> None:
-    """Running requests own disjoint blocks; held + free = the whole pool, each block exactly once."""
+    """Running requests own disjoint runs at the start of their own seats; held + free = the budget."""
+    blocks = sched.blocks
     held: list[int] = []
+    seats = [r.seat for r in sched.running]
+    assert None not in seats and len(set(seats)) == len(seats), f"seats {seats}"
     for req in sched.running:
-        held += req.block_ids + req.cross_block_ids
+        assert req.seat is not None
+        base = req.seat * blocks.blocks_per_seat
+        assert req.block_ids == list(range(base, base + len(req.block_ids))), "blocks are not the seat's first"
+        held += req.block_ids
     for req in sched.waiting:
-        assert not req.block_ids and not req.cross_block_ids, f"{req.request_id} waits while holding blocks"
+        assert not req.block_ids and not req.num_cross_blocks and req.seat is None, f"{req.request_id} waits holding"
     assert len(held) == len(set(held)), f"two requests share a block: {sorted(held)}"
-    free = list(sched.blocks._free)
-    assert not set(held) & set(free), "a held block is also on the free list"
-    assert sorted(held + free) == list(range(sched.blocks.num_blocks))
+    cross = sum(r.num_cross_blocks for r in sched.running)
+    assert len(held) + cross + blocks.num_free == blocks.num_blocks
+    assert blocks.num_free_seats + len(sched.running) == blocks.num_seats
 
 
 def fake_execute(sched: Scheduler, plan: SchedulerOutput, token: int = 7) -> list[Request]:
-    """What the engine does after a forward: mark tokens computed, append one, finish at max_tokens."""
-    finished = []
-    for s in plan.prefills + plan.decodes:
-        req = s.request
-        # the request's blocks cover every position it feeds now
-        assert len(req.block_ids) * sched.blocks.block_size >= s.start + s.num_new
-        assert s.start == req.num_computed
-        req.num_computed = s.start + s.num_new
-        req.output_ids.append(token)
-        if len(req.output_ids) >= req.params.max_tokens:
-            sched.finish(req, RequestStatus.FINISHED_LENGTH)
-            finished.append(req)
-    return finished
+    """What the engine does after a forward: the scheduler's update with one token per sampling request."""
+    for s in plan.scheduled:
+        assert len(s.request.block_ids) * sched.blocks.block_size >= s.start + s.num_new, "blocks do not cover it"
+        assert s.start == s.request.num_computed
+    output = ModelOutput([token if s.samples else -1 for s in plan.scheduled])
+    return [r.request for r in sched.update(plan, output) if r.finished is not None]
 
 
 def run_to_end(sched: Scheduler, max_steps: int = 10_000) -> int:
@@ -69,75 +70,89 @@ def add_all(sched: Scheduler, reqs: Iterable[Request]) -> None:
         sched.add(r)
 
 
+def ids(plan: SchedulerOutput) -> list[str]:
+    return [s.request.request_id for s in plan.scheduled]
+
+
 def test_admission_stops_when_blocks_run_out() -> None:
     sched = Scheduler(BlockManager(10, 4))
-    reqs = [make_request(f"r{i}", 10, arrival=i) for i in range(4)]  # each needs ceil(11 / 4) = 3 blocks
+    reqs = [make_request(f"r{i}", 10, arrival=i) for i in range(4)]  # each needs ceil(10 / 4) = 3 blocks
     add_all(sched, reqs)
     plan = sched.schedule()
-    assert [s.request.request_id for s in plan.prefills] == ["r0", "r1", "r2"]
-    assert all(s.start == 0 and s.num_new == 10 for s in plan.prefills)
+    assert ids(plan) == ["r0", "r1", "r2"] and all(s.start == 0 and s.num_new == 10 for s in plan.scheduled)
     assert [r.request_id for r in sched.waiting] == ["r3"] and sched.blocks.num_free == 1
     assert all(r.status == RequestStatus.RUNNING for r in reqs[:3]) and reqs[3].status == RequestStatus.WAITING
+    assert [r.seat for r in reqs[:3]] == [0, 1, 2]
     check_blocks(sched)
 
 
-def test_admission_respects_max_num_seqs() -> None:
-    sched = Scheduler(BlockManager(100, 4), max_num_seqs=2)
+def test_admission_respects_max_num_seqs_and_seats() -> None:
+    sched = Scheduler(BlockManager(100, 4, num_seats=3, blocks_per_seat=10), max_num_seqs=8)
+    assert sched.max_num_seqs == 3  # no more requests than seats
     add_all(sched, [make_request(f"r{i}", 3, arrival=i) for i in range(5)])
     plan = sched.schedule()
-    assert len(plan.prefills) == 2 and len(sched.running) == 2 and len(sched.waiting) == 3
+    assert len(plan.scheduled) == 3 and len(sched.running) == 3 and len(sched.waiting) == 2
     fake_execute(sched, plan)
     plan = sched.schedule()
-    assert len(plan.decodes) == 2 and not plan.prefills  # seats are full: nobody new joins
+    assert all(s.is_decode for s in plan.scheduled) and len(plan.scheduled) == 3  # seats full: nobody joins
 
 
-def test_admission_respects_token_budget() -> None:
-    sched = Scheduler(BlockManager(100, 4), max_num_batched_tokens=16)
-    add_all(sched, [make_request("a", 10, arrival=0), make_request("b", 10, arrival=1), make_request("c", 5, arrival=2)])
+def test_the_lowest_free_seat_is_taken_first() -> None:
+    sched = Scheduler(BlockManager(100, 4, num_seats=4, blocks_per_seat=8))
+    a, b, c = (make_request(n, 3, arrival=i) for i, n in enumerate("abc"))
+    add_all(sched, [a, b, c])
+    fake_execute(sched, sched.schedule())
+    sched.finish(a, RequestStatus.FINISHED_ABORTED)
+    d = make_request("d", 3, arrival=5)
+    sched.add(d)
+    sched.schedule()
+    assert (d.seat, b.seat, c.seat) == (0, 1, 2)
+    check_blocks(sched)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode() -> None:
+    sched = Scheduler(BlockManager(100, 4), max_num_seqs=4, max_num_batched_tokens=16)
+    short, long = make_request("short", 4, max_tokens=20, arrival=0), make_request("long", 40, arrival=1)
+    add_all(sched, [short, long])
     plan = sched.schedule()
-    assert [s.request.request_id for s in plan.prefills] == ["a"]  # b (10) would exceed 16; FCFS keeps c behind b
-    assert plan.num_tokens == 10
+    assert [(s.request.request_id, s.start, s.num_new) for s in plan.scheduled] == [("short", 0, 4), ("long", 0, 12)]
+    assert not plan.scheduled[1].samples  # a chunk short of the prompt's end samples nothing
     fake_execute(sched, plan)
-    plan = sched.schedule()  # a decodes (1 token), b prefills (10), c (5): exactly the budget of 16
-    assert [s.request.request_id for s in plan.decodes] == ["a"]
-    assert [s.request.request_id for s in plan.prefills] == ["b", "c"]
-    assert plan.num_tokens == 16
-
-
-def test_a_prompt_over_the_budget_still_runs_alone() -> None:
-    sched = Scheduler(BlockManager(100, 4), max_num_batched_tokens=8)
-    add_all(sched, [make_request("long", 20, arrival=0), make_request("short", 2, arrival=1)])
-    plan = sched.schedule()
-    assert [s.request.request_id for s in plan.prefills] == ["long"]  # never starved by the budget
-    assert run_to_end(sched) > 0
+    assert long.num_computed == 12 and not long.output_ids and len(short.output_ids) == 1
+    chunks = []
+    while not long.output_ids:
+        plan = sched.schedule()
+        assert plan.num_tokens <= 16 and plan.scheduled[0].request is short and plan.scheduled[0].is_decode
+        chunks += [(s.start, s.num_new) for s in plan.scheduled if s.request is long]
+        fake_execute(sched, plan)
+    assert chunks == [(12, 15), (27, 13)]  # the decode takes 1 of each step's 16 tokens
+    run_to_end(sched)
 
 
 def test_preempts_the_most_recent_request_when_blocks_run_out() -> None:
-    # 4 blocks of 4: two requests of 7 prompt tokens take 2 blocks each (8 slots for 7 + 1 tokens).
+    # 4 blocks of 4: two requests of 7 prompt tokens take 2 blocks each.
     sched = Scheduler(BlockManager(4, 4))
     old, new = make_request("old", 7, max_tokens=8, arrival=0), make_request("new", 7, max_tokens=8, arrival=1)
     add_all(sched, [old, new])
-    fake_execute(sched, sched.schedule())  # prefill both (positions 0-6), 2 blocks each: the pool is full
+    fake_execute(sched, sched.schedule())  # prefill both (positions 0-6) and sample position 7
     assert sched.blocks.num_free == 0
-    plan = sched.schedule()  # both decode position 7, still in their second block
-    assert len(plan.decodes) == 2 and not plan.preempted
+    plan = sched.schedule()  # both feed position 7, still in their second block
+    assert len(plan.scheduled) == 2 and not plan.preempted
     fake_execute(sched, plan)
     plan = sched.schedule()  # position 8 needs a third block each; only the older keeps running
-    assert plan.preempted == [new] and [s.request for s in plan.decodes] == [old]
+    assert plan.preempted == [new] and [s.request for s in plan.scheduled] == [old]
     assert new.status == RequestStatus.PREEMPTED and new.num_computed == 0 and not new.block_ids
-    assert new.num_preemptions == 1 and sched.num_preemptions == 1
+    assert new.num_preemptions == 1 and sched.num_preemptions == 1 and new.seat is None
     assert list(sched.waiting) == [new] and len(old.block_ids) == 3
     check_blocks(sched)
     fake_execute(sched, plan)
-    # it waits while the older one runs on, then recomputes its whole sequence (prompt + its 2 tokens)
-    while sched.running:
+    while sched.running:  # it waits while the older one runs on, then recomputes prompt + its 2 tokens
         plan = sched.schedule()
-        assert not plan.prefills and not plan.preempted
+        assert ids(plan) == ["old"] and not plan.preempted
         fake_execute(sched, plan)
         check_blocks(sched)
     plan = sched.schedule()
-    assert [s.request for s in plan.prefills] == [new]
-    assert plan.prefills[0].start == 0 and plan.prefills[0].num_new == new.num_tokens == 9
+    assert [(s.request, s.start, s.num_new) for s in plan.scheduled] == [(new, 0, 9)] and new.num_tokens == 9
     fake_execute(sched, plan)
     run_to_end(sched)
     assert len(new.output_ids) == len(old.output_ids) == 8
@@ -146,15 +161,38 @@ def test_preempts_the_most_recent_request_when_blocks_run_out() -> None:
 
 def test_encoder_decoder_requests_hold_cross_attention_blocks() -> None:
     sched = Scheduler(BlockManager(8, 4))
-    req = make_request("mt", 1, max_tokens=6, source_len=9)  # 3 blocks of encoder K/V + ceil(2 / 4) = 1
-    assert sched.blocks_needed(req) == 4 and sched.fits_at_all(req)
+    req = make_request("mt", 1, max_tokens=6, source_len=9)  # 3 blocks of encoder K/V + 1
+    assert sched.blocks_needed(req) == 4
     sched.add(req)
     plan = sched.schedule()
-    assert plan.prefills[0].encode_source and len(req.cross_block_ids) == 3 and len(req.block_ids) == 1
+    assert plan.scheduled[0].encode_source and req.num_cross_blocks == 3 and len(req.block_ids) == 1
     check_blocks(sched)
     run_to_end(sched)
     assert sched.blocks.num_free == 8
-    assert not sched.fits_at_all(make_request("huge", 1, source_len=40))
+
+
+def test_update_applies_eos_stop_ids_max_tokens_and_context() -> None:
+    sched = Scheduler(BlockManager(100, 4), eos_id=2, max_model_len=12)
+    eos, stop_id, ignore = make_request("eos", 3), make_request("stop", 3, stop_token_ids=(9,)), make_request(
+        "ignore", 3, ignore_eos=True)
+    length, ctx = make_request("len", 3, max_tokens=1), make_request("ctx", 11, max_tokens=50)
+    add_all(sched, [eos, stop_id, ignore, length, ctx])
+    plan = sched.schedule()
+    got = sched.update(plan, ModelOutput([2, 9, 2, 5, 5]))
+    assert [(r.request.request_id, r.token, r.finished) for r in got] == [
+        ("eos", None, RequestStatus.FINISHED_STOPPED), ("stop", None, RequestStatus.FINISHED_STOPPED),
+        ("ignore", 2, None), ("len", 5, RequestStatus.FINISHED_LENGTH), ("ctx", 5, RequestStatus.FINISHED_LENGTH)]
+    assert eos.output_ids == [] and ignore.output_ids == [2] and [r.request_id for r in sched.running] == ["ignore"]
+    assert sched.blocks.num_free == 100 - len(ignore.block_ids)
+
+
+def test_update_fails_only_the_row_with_an_error() -> None:
+    sched = Scheduler(BlockManager(100, 4))
+    a, b = make_request("a", 3), make_request("b", 3)
+    add_all(sched, [a, b])
+    got = sched.update(sched.schedule(), ModelOutput([-1, 4], errors=["NaN logits", None]))
+    assert (got[0].finished, got[0].error) == (RequestStatus.FINISHED_ERROR, "NaN logits") and got[1].token == 4
+    assert a.status == RequestStatus.FINISHED_ERROR and sched.running == [b]
 
 
 def test_blocks_come_back_after_finish_and_abort() -> None:
@@ -173,9 +211,9 @@ def test_blocks_come_back_after_finish_and_abort() -> None:
 
 
 def test_random_load_never_shares_blocks_and_returns_them_all() -> None:
-    """Arrivals, aborts, preemptions at random; the invariants hold after every step."""
+    """Arrivals, aborts, preemptions and chunked prompts at random; the invariants hold after every step."""
     rng = random.Random(0)
-    sched = Scheduler(BlockManager(24, 4), max_num_seqs=6, max_num_batched_tokens=40)
+    sched = Scheduler(BlockManager(24, 4, num_seats=6, blocks_per_seat=24), max_num_seqs=6, max_num_batched_tokens=12)
     arrived: list[Request] = []
     step = 0
     while step < 2000 and (step < 200 or sched.has_work()):
@@ -183,7 +221,8 @@ def test_random_load_never_shares_blocks_and_returns_them_all() -> None:
             src = rng.randint(1, 12) if rng.random() < 0.3 else None
             req = make_request(f"r{step}", rng.randint(1, 30), max_tokens=rng.randint(1, 40), arrival=step,
                                source_len=src)
-            if sched.fits_at_all(make_request("probe", req.num_tokens + req.params.max_tokens, source_len=src)):
+            probe = make_request("probe", req.num_tokens + req.params.max_tokens, source_len=src)
+            if sched.blocks_needed(probe) <= sched.blocks.num_blocks:
                 sched.add(req)
                 arrived.append(req)
         live = list(sched.running) + list(sched.waiting)
@@ -191,16 +230,16 @@ def test_random_load_never_shares_blocks_and_returns_them_all() -> None:
             sched.finish(rng.choice(live), RequestStatus.FINISHED_ABORTED)
         plan = sched.schedule()
         check_blocks(sched)
-        assert len(sched.running) <= 6
+        assert len(sched.running) <= 6 and plan.num_tokens <= 12
         assert not (sched.has_work() and plan.is_empty), "work is queued but nothing was scheduled"
         fake_execute(sched, plan)
         check_blocks(sched)
         step += 1
     assert not sched.has_work(), "requests were left behind"
-    assert sched.blocks.num_free == 24
+    assert sched.blocks.num_free == 24 and sched.blocks.num_free_seats == 6
     assert sched.num_preemptions > 0, "the load was meant to cause preemptions"
     for req in arrived:
-        assert req.status.is_finished and not req.block_ids and not req.cross_block_ids
+        assert req.status.is_finished and not req.block_ids and not req.num_cross_blocks and req.seat is None
         if req.status == RequestStatus.FINISHED_LENGTH:
             assert len(req.output_ids) == req.params.max_tokens
 

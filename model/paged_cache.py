@@ -1,0 +1,163 @@
+"""The serving engine's KV memory (`BlockPool`) and one step's ragged view of it (`PagedKVCache`).
+
+The pool is paged: K/V live in blocks of `block_size` tokens that a block manager hands out. Its allocator keeps
+each request's blocks contiguous: a request sits in a seat, a run of `blocks_per_seat` blocks (block j of seat
+s is block s * blocks_per_seat + j), so its keys and values are one strided view and a whole decode batch is
+one view of the pool, read in place by attention; nothing is gathered or copied per step (on a CPU, copying
+every request's context in every layer cost more than the attention itself). The last seat is the null seat:
+padding rows write there. A translator's encoder K/V sit in a second pool of seats, written once per request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from model.attention import AttentionCapture, attention_weights, scaled_dot_product_attention
+from model.config import TransformerConfig
+from model.kv_cache import KVProjector
+from model.masks import causal_mask
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Zeros; on the CPU from calloc, so pages cost memory only once a request has written there."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
+class BlockPool:
+    """Preallocated K/V: per decoder layer, (num_seats + 1) seats of seat_len slots of (h, d_k)."""
+
+    def __init__(self, cfg: TransformerConfig, num_seats: int, seat_len: int, block_size: int = 16,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        assert seat_len % block_size == 0, "a seat is a whole number of blocks"
+        self.num_seats, self.seat_len, self.block_size = num_seats, seat_len, block_size
+        self.blocks_per_seat = seat_len // block_size
+        self.null_seat = num_seats
+        device = torch.device(device)
+        shape = (cfg.n_decoder_layers, num_seats + 1, seat_len, cfg.h, cfg.d_k)
+        self.k, self.v = lazy_zeros(shape, dtype, device), lazy_zeros(shape, dtype, device)
+        self.cross_k: Tensor | None = None
+        self.cross_v: Tensor | None = None
+        if cfg.is_encoder_decoder:
+            cross = (cfg.n_decoder_layers, num_seats + 1, cfg.max_len, cfg.h, cfg.d_k)
+            self.cross_k, self.cross_v = lazy_zeros(cross, dtype, device), lazy_zeros(cross, dtype, device)
+
+    @staticmethod
+    def bytes_per_block(cfg: TransformerConfig, block_size: int, dtype: torch.dtype) -> int:
+        """K and V of every decoder layer for block_size tokens."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * cfg.n_decoder_layers * block_size * cfg.d_model * itemsize
+
+    def slot(self, seat: int, position: int) -> int:
+        return seat * self.seat_len + position
+
+    def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
+        """k, v (N, h, d_k) go to `slots` (N,) in place."""
+        self.k[layer].view(-1, *self.k.shape[3:]).index_copy_(0, slots, k)
+        self.v[layer].view(-1, *self.v.shape[3:]).index_copy_(0, slots, v)
+
+    def write_cross(self, layer: int, seat: int, k: Tensor, v: Tensor) -> None:
+        """The encoder memory's k, v (S, h, d_k) for the request in `seat`."""
+        assert self.cross_k is not None and self.cross_v is not None
+        self.cross_k[layer, seat, : k.size(0)] = k
+        self.cross_v[layer, seat, : v.size(0)] = v
+
+    def clear(self, seat: int) -> None:
+        """Zero a seat (after a request whose K/V may hold NaN, so that no later mask meets a NaN)."""
+        for t in (self.k, self.v, self.cross_k, self.cross_v):
+            if t is not None:
+                t[:, seat].zero_()
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Rows [row, row + num_new) of the step are tokens start.. of the request in `seat` (causal among them)."""
+
+    row: int
+    num_new: int
+    seat: int
+    start: int
+    source_len: int = 0  # a translator's encoder tokens
+
+
+@dataclass
+class StepLayout:
+    """Where one step's flattened tokens go. Rows [0, num_decode) decode one token each, row s for seat s
+    (rows of seats with nothing to decode are padding: they write to the null seat and are never read)."""
+
+    write_slots: Tensor  # (N,) slot of each row's K/V
+    num_decode: int = 0
+    decode_len: int = 0  # keys the decode rows attend over (their longest context, or a captured bucket)
+    decode_mask: Tensor | None = None  # (num_decode, 1, 1, decode_len)
+    cross_len: int = 0
+    cross_mask: Tensor | None = None  # (num_decode, 1, 1, cross_len)
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    capture_seats: frozenset[int] = frozenset()  # seats whose attention rows are recorded
+
+
+class PagedKVCache:
+    """One engine step over the pool: writes each row's K/V to its slot, then attends every request over its
+    own seat in place (decode rows as one batch, each prefill chunk on its own). Rows of `capture_seats` take
+    the explicit path; their last query's weights land in `rows[(kind, layer)][seat]` as (h, T_k)."""
+
+    def __init__(self, pool: BlockPool, layout: StepLayout) -> None:
+        self.pool, self.layout = pool, layout
+        self.rows: dict[tuple[str, int], dict[int, Tensor]] = {}
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, capture: AttentionCapture | None) -> Tensor:
+        self.pool.write(layer, self.layout.write_slots, k[0], v[0])  # (N, h, d_k) each
+        lay = self.layout
+        return self._ragged("decoder_self", layer, q[0], self.pool.k[layer], self.pool.v[layer],
+                            lay.decode_len, lay.decode_mask, capture)
+
+    def attend_cross(self, layer: int, q: Tensor, project: KVProjector, capture: AttentionCapture | None) -> Tensor:
+        if self.pool.cross_k is None or self.pool.cross_v is None:
+            raise RuntimeError("cross-attention K/V were not written for this batch")
+        lay = self.layout
+        return self._ragged("cross", layer, q[0], self.pool.cross_k[layer], self.pool.cross_v[layer],
+                            lay.cross_len, lay.cross_mask, capture)
+
+    def _ragged(self, kind: str, layer: int, q: Tensor, keys: Tensor, values: Tensor, decode_len: int,
+                decode_mask: Tensor | None, capture: AttentionCapture | None) -> Tensor:
+        """q (N, h, d_k); keys/values (seats, seat_len, h, d_k) of one layer -> (1, N, h, d_k)."""
+        lay = self.layout
+        wants = capture is not None and capture.wants(kind, layer) and bool(lay.capture_seats)
+        parts = []
+        s = lay.num_decode
+        if s:
+            qd = q[:s, None].transpose(1, 2)  # (S, h, 1, d_k)
+            kd = keys[:s, :decode_len].transpose(1, 2)  # (S, h, L, d_k): each seat's run, in place
+            vd = values[:s, :decode_len].transpose(1, 2)
+            if wants:
+                w = attention_weights(qd, kd, decode_mask)  # (S, h, 1, L)
+                self._keep(kind, layer, {i: w[i, :, 0] for i in range(s) if i in lay.capture_seats})
+                od = w @ vd
+            else:
+                od = scaled_dot_product_attention(qd, kd, vd, decode_mask)
+            parts.append(od.transpose(1, 2).reshape(s, *q.shape[1:]))  # (S, h, d_k)
+        for c in lay.prefills:
+            qp = q[c.row : c.row + c.num_new].transpose(0, 1)[None]  # (1, h, n, d_k)
+            n_keys = c.source_len if kind == "cross" else c.start + c.num_new
+            kp = keys[c.seat, :n_keys].transpose(0, 1)[None]  # (1, h, T_k, d_k)
+            vp = values[c.seat, :n_keys].transpose(0, 1)[None]
+            mask = None if kind == "cross" else causal_mask(c.num_new, n_keys, q.device)
+            if wants and c.seat in lay.capture_seats:
+                w = attention_weights(qp, kp, mask)  # (1, h, n, T_k)
+                self._keep(kind, layer, {c.seat: w[0, :, -1]})
+                op = w @ vp
+            elif mask is not None and c.start == 0:
+                op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
+            else:
+                op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask)
+            parts.append(op[0].transpose(0, 1))  # (n, h, d_k)
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return out[None]  # (1, N, h, d_k)
+
+    def _keep(self, kind: str, layer: int, rows: dict[int, Tensor]) -> None:
+        self.rows.setdefault((kind, layer), {}).update(rows)
