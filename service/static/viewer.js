@@ -53,8 +53,10 @@ function inputs() {
     body.prompt = $("prompt").value;
   }
   if ($("generate").checked && !body.target) {
-    Object.assign(body, { generate: true, max_tokens: Number($("max-tokens").value) || 16,
-      temperature: Number($("temperature").value) || 0 });
+    // an empty max tokens leaves the server's default (a translator's is sized to its source)
+    const sampling = { temperature: Number($("temperature").value) || 0 }, max = Number($("max-tokens").value);
+    if (max > 0) sampling.max_tokens = max;
+    Object.assign(body, { generate: true, sampling });
   }
   return body;
 }
