@@ -7,6 +7,7 @@ import gzip
 import itertools
 import math
 import random
+import traceback
 from pathlib import Path
 
 import pytest
@@ -234,3 +235,27 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, make_args) -> N
     assert second.val[24] == pytest.approx(full.val[24], abs=1e-6)
     logged = {int(r["step"]): r["train_loss"] for r in read_csv(tmp_path / "resumed" / "train_log.csv") if r["train_loss"]}
     assert sorted(logged) == list(range(1, 25))  # the log continues where the interrupted run stopped
+
+
+def test_the_loop_reads_the_device_only_at_log_rows_and_evaluations(tmp_path: Path, monkeypatch) -> None:
+    """Losses, NLLs and gradient norms stay tensors between log rows: count the reads of float tensors (but not
+    Adam's step counter, which torch keeps on the host)."""
+    reads = []
+
+    def counting(name: str):
+        original = getattr(torch.Tensor, name)
+
+        def read(self: torch.Tensor, *args, **kwargs):
+            caller = traceback.extract_stack(limit=2)[0].filename
+            if self.is_floating_point() and "torch/optim" not in caller.replace("\\", "/"):
+                reads.append((name, caller))
+            return original(self, *args, **kwargs)
+
+        return read
+
+    for name in ("item", "tolist", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    args = [*_lm_args(tmp_path, "synced"), "--log-interval", "6", "--eval-interval", "100"]
+    result = train(args)  # 24 steps: 4 log rows, one evaluation (at the last step)
+    assert sorted(result.losses) == list(range(1, 25))
+    assert len(reads) <= 4 + 3, reads  # the rows, the read before the evaluation, the evaluation, the end
