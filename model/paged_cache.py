@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.attention import AttentionCapture, attention_weights, scaled_dot_product_attention
+from model.attention import AttentionCapture, attention_weights
 from model.config import TransformerConfig
 from model.kv_cache import KVProjector
 from model.masks import causal_mask
@@ -138,8 +138,8 @@ class PagedKVCache:
                 w = attention_weights(qd, kd, decode_mask)  # (S, h, 1, L)
                 self._keep(kind, layer, {i: w[i, :, 0] for i in range(s) if i in lay.capture_seats})
                 od = w @ vd
-            else:
-                od = scaled_dot_product_attention(qd, kd, vd, decode_mask)
+            else:  # every decode row sees at least one key, so no row needs zeroing
+                od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=decode_mask)
             parts.append(od.transpose(1, 2).reshape(s, *q.shape[1:]))  # (S, h, d_k)
         for c in lay.prefills:
             qp = q[c.row : c.row + c.num_new].transpose(0, 1)[None]  # (1, h, n, d_k)

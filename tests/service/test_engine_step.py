@@ -1,0 +1,147 @@
+"""The engine step's shape: the same input storage every step, one host-device copy each way per step, chunked
+prefill and padded decode buckets giving the same tokens as the plain path, a seeded request the same alone and
+in a batch of 32, and (with CUDA) graphs equal to eager and bfloat16 close to the float32 reference."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from support import settings_for
+
+from model.checkpoint import load_checkpoint
+from model.generate import GenerationConfig, generate
+from service.engine.cuda_graphs import DecodeGraphs
+from service.engine.request import SamplingParams, StepOutput
+from service.registry import ServedModel, build_served_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = ["ROMEO: What light through yonder window", "a", "JULIET: O Romeo, Romeo, wherefore art thou Romeo?",
+           "It is the east, and Juliet is the sun", "Two", "But soft"]
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def build(checkpoints_dir: Path) -> Iterator[Any]:
+    made: list[ServedModel] = []
+
+    def make(name: str = "tiny-gpt", start: bool = True, **overrides: Any) -> ServedModel:
+        m = build_served_model(checkpoints_dir / name, settings_for(checkpoints_dir, **overrides))
+        if start:
+            m.engine.start()
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.engine.stop()
+
+
+def run(served: ServedModel, prompts: list[str], params: SamplingParams | list[SamplingParams] = GREEDY
+        ) -> list[list[int]]:
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+
+    async def one(i: int, prompt: str) -> list[int]:
+        req = served.make_request(f"r{i}", prompt, plist[i])
+        async with served.engine.open(req) as stream:
+            outs: list[StepOutput] = [o async for o in stream]
+        assert outs[-1].finish_reason in ("length", "stop"), outs[-1]
+        return [o.token_id for o in outs if o.token_id is not None]
+
+    async def main() -> list[list[int]]:
+        return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+
+    return asyncio.run(main())
+
+
+def test_decode_inputs_are_the_same_storage_step_after_step(build: Any) -> None:
+    served = build(start=False)
+    runner, seen = served.engine.runner, set()
+    decode = runner.model.decode
+
+    def spy(tokens: torch.Tensor, positions: torch.Tensor, **kw: Any) -> torch.Tensor:
+        seen.add((tokens.untyped_storage().data_ptr(), positions.untyped_storage().data_ptr(),
+                  kw["cache"].layout.write_slots.untyped_storage().data_ptr()))
+        return decode(tokens, positions, **kw)
+
+    runner.model.decode = spy  # type: ignore[method-assign]
+    served.engine.start()
+    run(served, PROMPTS)
+    assert len(seen) == 1, f"the step's inputs moved between steps: {len(seen)} different storages"
+    ptr = runner.inputs.dev.untyped_storage().data_ptr()
+    assert next(iter(seen)) == (ptr, ptr, ptr), "inputs are views of the one persistent device buffer"
+
+
+def test_one_transfer_each_way_per_step(build: Any) -> None:
+    served = build(start=False)
+    runner, per_step = served.engine.runner, []
+    execute = runner.execute
+
+    def counted(plan: Any) -> Any:
+        before = (runner.transfers.to_device, runner.transfers.to_host)
+        out = execute(plan)
+        per_step.append((runner.transfers.to_device - before[0], runner.transfers.to_host - before[1]))
+        return out
+
+    runner.execute = counted  # type: ignore[method-assign]
+    served.engine.start()
+    params = [GREEDY, SamplingParams(max_tokens=12, temperature=0.9, top_p=0.8, seed=3, logprobs=2, ignore_eos=True)]
+    run(served, PROMPTS, params * 3)
+    assert len(per_step) >= 12 and set(per_step) == {(1, 1)}, per_step
+
+
+def test_chunked_prefill_gives_the_one_piece_tokens(build: Any, checkpoints_dir: Path) -> None:
+    whole = run(build(max_num_batched_tokens=512), PROMPTS)
+    chunked_model = build(max_num_seqs=4, max_num_batched_tokens=4)  # a budget of 7 tokens a step: many chunks
+    assert chunked_model.engine.scheduler.max_num_batched_tokens == 4
+    assert run(chunked_model, PROMPTS) == whole
+    ref = load_checkpoint(checkpoints_dir / "tiny-gpt")
+    for prompt, got in zip(PROMPTS, whole, strict=True):
+        ids = ref.tokenizer.encode(prompt)
+        assert got == generate(ref.model.eval(), ids, GenerationConfig(max_new_tokens=12)), prompt
+
+
+def test_padded_decode_buckets_give_the_plain_tokens(build: Any) -> None:
+    plain = run(build(), PROMPTS)
+    served = build(start=False)
+    runner = served.engine.runner
+    runner.graphs = DecodeGraphs(runner, runner.pool.num_seats, runner.pool.seat_len, graphs=False)
+    served.engine.start()
+    assert run(served, PROMPTS) == plain
+    assert runner.pool.k[:, runner.pool.null_seat].abs().sum() > 0, "padding rows were meant to write to null"
+
+
+def test_a_seeded_request_draws_the_same_tokens_alone_and_in_a_batch_of_32(build: Any) -> None:
+    seeded = SamplingParams(max_tokens=10, temperature=1.0, top_k=20, seed=42, ignore_eos=True)
+    alone = run(build(), ["ROMEO:"], seeded)[0]
+    others = [SamplingParams(max_tokens=10, temperature=0.8, seed=i if i % 2 else None, ignore_eos=True)
+              for i in range(31)]
+    crowd = run(build(), ["JULIET:"] * 17 + ["ROMEO:"] + ["O"] * 14, [*others[:17], seeded, *others[17:]])
+    assert crowd[17] == alone
+
+
+@cuda
+def test_cuda_graphs_equal_eager(build: Any) -> None:
+    eager = run(build(device="cuda", enforce_eager=True), PROMPTS)
+    graphs = build(device="cuda")
+    assert graphs.engine.runner.graphs is not None
+    assert run(graphs, PROMPTS) == eager
+    assert graphs.engine.runner.graphs.graphs, "no graph was captured"
+
+
+@cuda
+def test_bfloat16_engine_stays_close_to_the_float32_reference(build: Any, checkpoints_dir: Path) -> None:
+    served = build(device="cuda", dtype="bfloat16")
+    got = run(served, PROMPTS)
+    ref = load_checkpoint(checkpoints_dir / "tiny-gpt")
+    same = 0
+    for prompt, tokens in zip(PROMPTS, got, strict=True):
+        expected = generate(ref.model.eval(), ref.tokenizer.encode(prompt), GenerationConfig(max_new_tokens=12))
+        same += sum(a == b for a, b in zip(tokens, expected, strict=True))
+    assert same >= 0.8 * 12 * len(PROMPTS), f"only {same} of {12 * len(PROMPTS)} tokens agree in bfloat16"
