@@ -13,29 +13,13 @@ from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from model.paged_cache import BlockPool
 from model.tokenizer import Tokenizer
 from model.transformer import DecoderOnlyLM, Transformer, num_parameters
+from service.engine.device import pick_device, pick_dtype
 from service.engine.engine import Engine, EngineConfig, RequestStats, StepStats
 from service.engine.request import Request, SamplingParams
 from service.engine.runner import ModelRunner
 from service.settings import Settings
 
 log = logging.getLogger("attnserve.registry")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def pick_device(setting: str) -> str:
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
-    return setting
-
-
-def pick_dtype(setting: str, device: str) -> torch.dtype:
-    if setting == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    return DTYPES[setting]
-
 
 @dataclass
 class ServedModel:
@@ -119,7 +103,7 @@ def build_served_model(
     """Load a checkpoint and give it an engine with a KV pool sized by the settings."""
     ckpt = load_checkpoint(path)
     device = pick_device(settings.device)
-    dtype = pick_dtype(settings.dtype, device)
+    dtype = pick_dtype(settings.dtype, device, ckpt.config.d_model)
     cfg = ckpt.config
     per_block = BlockPool.bytes_per_block(cfg, settings.block_size, dtype)
     num_blocks = settings.kv_cache_blocks or max(1, settings.kv_cache_bytes // per_block)
