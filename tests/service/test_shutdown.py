@@ -14,11 +14,15 @@ import httpx
 from support import ServiceProcess
 
 
-async def _stream(c: httpx.AsyncClient, body: dict[str, Any], started: asyncio.Event) -> tuple[int, str | None]:
-    """Tokens received and the finish_reason of the `done` event (None if the stream broke off)."""
+async def _stream(c: httpx.AsyncClient, body: dict[str, Any], started: asyncio.Event,
+                  opened: list[int] | None = None) -> tuple[int, str | None]:
+    """Tokens received and the finish_reason of the `done` event (None if the stream broke off); `opened` gets
+    an entry once the server has taken the request (its 200 came back)."""
     tokens, reason = 0, None
     async with c.stream("POST", "/v1/generate", json={**body, "stream": True}) as r:
         assert r.status_code == 200
+        if opened is not None:
+            opened.append(1)
         async for line in r.aiter_lines():
             if line.startswith("data: ") and '"token_id"' in line:
                 tokens += 1
@@ -28,13 +32,22 @@ async def _stream(c: httpx.AsyncClient, body: dict[str, Any], started: asyncio.E
     return tokens, reason
 
 
+async def _all_taken(started: asyncio.Event, opened: list[int], n: int) -> None:
+    """Until a token has come and the server has taken all n requests (so none arrives after the signal)."""
+    await asyncio.wait_for(started.wait(), 60)
+    end = time.monotonic() + 60
+    while len(opened) < n:
+        assert time.monotonic() < end, f"{len(opened)} of {n} streams opened"
+        await asyncio.sleep(0.01)
+
+
 async def _sigterm_during_streams(p: ServiceProcess, n: int, max_tokens: int) -> tuple[list[tuple[int, str | None]], dict]:
     body = {"prompt": "ROMEO:", "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0}
     after: dict[str, Any] = {}
     async with httpx.AsyncClient(base_url=p.url, timeout=120) as c:
-        started = asyncio.Event()
-        streams = [asyncio.create_task(_stream(c, body, started)) for _ in range(n)]
-        await asyncio.wait_for(started.wait(), 60)
+        started, opened = asyncio.Event(), []
+        streams = [asyncio.create_task(_stream(c, body, started, opened)) for _ in range(n)]
+        await _all_taken(started, opened, n)
         p.proc.send_signal(signal.SIGTERM)
         end = time.monotonic() + 10
         while (await c.get("/ready")).status_code == 200:
@@ -81,9 +94,9 @@ def test_a_second_signal_stops_at_once(checkpoints_dir: Path, tmp_path: Path) ->
 
     async def run() -> tuple[float, list[Any]]:
         async with httpx.AsyncClient(base_url=p.url, timeout=120) as c:
-            started = asyncio.Event()
-            streams = [asyncio.create_task(_stream(c, body, started)) for _ in range(40)]
-            await asyncio.wait_for(started.wait(), 60)
+            started, opened = asyncio.Event(), []
+            streams = [asyncio.create_task(_stream(c, body, started, opened)) for _ in range(40)]
+            await _all_taken(started, opened, 40)
             p.proc.send_signal(signal.SIGTERM)
             while (await c.get("/ready")).status_code == 200:
                 await asyncio.sleep(0.01)
