@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", default="gpt-char", help="the model shape (a model.config preset)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
 
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown dtype(s) {unknown}; known: {sorted(DTYPES)}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    cfg = preset("gpt-char", dropout=0.0, attn_dropout=0.0)
+    cfg = preset(args.preset, dropout=0.0, attn_dropout=0.0)
     if args.prompt + args.steps > cfg.max_len:
         parser.error(f"prompt + steps = {args.prompt + args.steps} exceeds max_len {cfg.max_len}")
     device = torch.device(args.device)
@@ -105,14 +106,14 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "benchmark": "decode_step",
-        "model": {"preset": "gpt-char", "n_layers": cfg.n_decoder_layers, "d_model": cfg.d_model, "h": cfg.h,
+        "model": {"preset": args.preset, "n_layers": cfg.n_decoder_layers, "d_model": cfg.d_model, "h": cfg.h,
                   "d_ff": cfg.d_ff, "vocab_size": cfg.vocab_size},
         "device": str(device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "results": results,
     }
-    print(f"decode step, gpt-char random weights, {device}, {torch.get_num_threads()} threads, "
+    print(f"decode step, {args.preset} random weights, {device}, {torch.get_num_threads()} threads, "
           f"prompt {args.prompt}, {args.steps} steps (median)")
     print(f"{'dtype':<10} {'batch':>5} {'median ms':>10} {'p90 ms':>8} {'tokens/s':>10}")
     for r in results:

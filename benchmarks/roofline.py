@@ -37,6 +37,22 @@ class Machine:
     flops: dict[str, float]
     bandwidth: float
     threads: int
+    cpu: str = ""  # the CPU's model name
+    cpu_flags: tuple[str, ...] = ()  # the vector-instruction flags that decide the dtype (AVX2, AVX-512, AMX...)
+
+
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8")
+
+
+def cpu_identity() -> tuple[str, tuple[str, ...]]:
+    """(model name, vector flags) from /proc/cpuinfo; empty where it is not there."""
+    try:
+        lines = open("/proc/cpuinfo").read().splitlines()  # noqa: SIM115
+    except OSError:
+        return "", ()
+    name = next((ln.partition(":")[2].strip() for ln in lines if ln.startswith("model name")), "")
+    flags = set(next((ln.partition(":")[2].split() for ln in lines if ln.startswith("flags")), []))
+    return name, tuple(f for f in VECTOR_FLAGS if f in flags)
 
 
 def _sync(device: str) -> None:
@@ -91,7 +107,8 @@ def measure_bandwidth(nbytes: int = 256 * 2**20, seconds: float = 1.0, device: s
 def measure_machine(dtypes: tuple[str, ...] = ("float32", "bfloat16"), device: str = "cpu", seconds: float = 1.0,
                     n: int = 2048) -> Machine:
     flops = {d: measure_matmul(d, n, seconds, device) for d in dtypes}
-    return Machine(device, flops, measure_bandwidth(seconds=seconds, device=device), torch.get_num_threads())
+    return Machine(device, flops, measure_bandwidth(seconds=seconds, device=device), torch.get_num_threads(),
+                   *cpu_identity())
 
 
 def matmul_params(cfg: TransformerConfig) -> dict[str, int]:

@@ -56,6 +56,7 @@ class Plan:
     naive_concurrency: tuple[int, ...] = (1,)
     static_batch: int = 32
     threads: int | None = None
+    long_prompt: tuple[int, float] = (200, 1.0)  # the highest level again, a prompt of this many tokens every s
     waves: dict[str, int] = field(default_factory=lambda: {"shakespeare-gpt": 2, "gpt2-small": 1})
     min_prompts: dict[str, int] = field(default_factory=lambda: {"shakespeare-gpt": 8, "gpt2-small": 2})
     naive_prompts: dict[str, int] = field(default_factory=lambda: {"shakespeare-gpt": 4, "gpt2-small": 1})
@@ -73,7 +74,7 @@ class Plan:
 # --- processes --------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
+def free_port() -> int:  # the benchmarks do not import the tests
     import socket
 
     with socket.socket() as s:
@@ -131,9 +132,11 @@ def naive_server(plan: Plan, hf_folder: Path, name: str, dtype: str, port: int) 
 # --- one model x dtype ------------------------------------------------------------------------------------------
 
 
-def _sweep(plan: Plan, url: str, name: str, concurrencies: tuple[int, ...], counts: list[int]) -> dict[str, Any]:
+def _sweep(plan: Plan, url: str, name: str, concurrencies: tuple[int, ...], counts: list[int],
+           long_prompts: tuple[int, float] | None = None) -> dict[str, Any]:
     spec = LoadSpec(url, name, "native", plan.input_len, plan.output_len)
-    return asyncio.run(run_sweep(spec, list(concurrencies), counts, progress=sys.stderr.isatty()))
+    return asyncio.run(run_sweep(spec, list(concurrencies), counts, progress=sys.stderr.isatty(),
+                                 long_prompts=long_prompts))
 
 
 def run_static(plan: Plan, hf_folder: Path, dtype: str, out: Path) -> dict[str, Any]:
@@ -157,7 +160,8 @@ def run_pair(plan: Plan, name: str, checkpoint: Path, hf_folder: Path | None, dt
     port = free_port()
     t = time.monotonic()
     with running(our_server(plan, checkpoint, dtype, port), port, out / "logs" / f"ours-{name}-{dtype}.log") as url:
-        res["ours"] = _sweep(plan, url, name, plan.concurrency, plan.prompts(name, plan.concurrency))
+        res["ours"] = _sweep(plan, url, name, plan.concurrency, plan.prompts(name, plan.concurrency),
+                             plan.long_prompt if plan.long_prompt[0] < cfg.max_len else None)
     log.info("%s %s ours: %.0f s", name, dtype, time.monotonic() - t)
     if hf_folder is None:
         res["naive"] = res["hf_static"] = {"skipped": "transformers is not installed"}

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import random
+import statistics
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -282,8 +284,35 @@ async def run_level(client: httpx.AsyncClient, spec: LoadSpec, prompts: list[Pro
             **summarize(list(results), duration)}
 
 
+async def run_with_long_prompts(client: httpx.AsyncClient, spec: LoadSpec, prompts: list[Prompt], concurrency: int,
+                                long_len: int, interval: float, progress: bool = True) -> dict[str, Any]:
+    """The level at `concurrency` while a `long_len`-token prompt arrives every `interval` seconds (each asks for
+    one token; they are not in the summary): a long prefill must not stall the streams (chunked prefill)."""
+    send: Sender = send_native if spec.api == "native" else send_openai
+    long_spec = replace(spec, input_len=long_len, output_len=1, seed=spec.seed + 7)
+    long_prompt = (await make_prompts(client, long_spec, 1))[0]
+    stop, sent = asyncio.Event(), []
+
+    async def arrivals() -> None:
+        while not stop.is_set():
+            sent.append(asyncio.create_task(_guarded(send, client, long_spec, long_prompt, 10_000 + len(sent))))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+    background = asyncio.create_task(arrivals())
+    level = await run_level(client, spec, prompts, concurrency, progress=progress)
+    stop.set()
+    await background
+    long_results = await asyncio.gather(*sent)
+    level["long_prompts"] = {"tokens": len(long_prompt.ids), "interval_s": interval, "sent": len(sent),
+                             "ok": sum(r.ok for r in long_results),
+                             "median_ttft_ms": 1000 * statistics.median([r.ttft for r in long_results if r.ok] or [0])}
+    return level
+
+
 async def run_sweep(spec: LoadSpec, concurrencies: list[int], num_prompts: list[int],
-                    request_rate: float = math.inf, warmup: int = 1, progress: bool = True) -> dict[str, Any]:
+                    request_rate: float = math.inf, warmup: int = 1, progress: bool = True,
+                    long_prompts: tuple[int, float] | None = None) -> dict[str, Any]:
     """One level per concurrency (num_prompts[i] requests each), on one connection pool, after a warm-up."""
     headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=max(concurrencies) + 4)
@@ -298,8 +327,13 @@ async def run_sweep(spec: LoadSpec, concurrencies: list[int], num_prompts: list[
             level = await run_level(client, spec, prompts[:n], c, request_rate, progress)
             level["server"] = step_stats(before, await scrape(client, spec), level)
             levels.append(level)
+        extra = {}
+        if long_prompts is not None:  # the highest level again, with long prompts arriving
+            c, n = concurrencies[-1], num_prompts[-1]
+            extra["with_long_prompts"] = await run_with_long_prompts(client, spec, prompts[:n], c, *long_prompts,
+                                                                     progress=progress)
     return {"spec": {k: v for k, v in asdict(spec).items() if k != "api_key"},
-            "mean_prompt_tokens": sum(len(p.ids) for p in prompts) / len(prompts), "levels": levels}
+            "mean_prompt_tokens": sum(len(p.ids) for p in prompts) / len(prompts), "levels": levels, **extra}
 
 
 def _ints(text: str) -> list[int]:

@@ -4,6 +4,9 @@ metrics on known inputs, the roofline arithmetic, the static-batch baseline and 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +23,8 @@ from benchmarks.serve_bench import LoadSpec, RequestResult, percentile, run_swee
 from model.checkpoint import export_gpt2, load_checkpoint
 from model.config import preset
 from model.transformer import build_model, num_parameters
+
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -138,3 +143,22 @@ def test_gpt2_sized_tokenizer() -> None:
     assert tok.decode(tok.encode(text)) == text  # byte-level: any text round-trips
     assert len(tok.encode("abcd")) == 2 and len(tok.encode("012")) == 1  # pair merges, then pair + character
     assert all(tok.token_text(i) for i in (0, 255, 256, 9000, 50255))
+
+
+def test_the_gpu_script_dry_runs_on_the_cpu(tmp_path: Path) -> None:
+    """benchmarks/gpu.sh end to end with tiny sizes on the CPU, so that its first CUDA run meets no plumbing bug."""
+    env = {**os.environ, "DEVICE": "cpu", "CONCURRENCY": "1,2", "BATCHES": "1,2", "OUTPUT_LEN": "8",
+           "STATIC_BATCH": "2", "PRESET": "tiny-gpt", "MODEL": "shakespeare-gpt", "DTYPE": "float32",
+           "PYTHON": sys.executable, "TMPDIR": str(tmp_path)}
+    out = tmp_path / "gpu"
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), str(out)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    log = (out / "gpu.log").read_text()
+    assert "failed" not in log and "skipping" not in log, log
+    steps = json.loads((out / "decode_step.json").read_text())["results"]
+    assert [r["batch"] for r in steps] == [1, 2] and all(r["median_step_ms"] > 0 for r in steps)
+    engine = json.loads((out / "engine_bench.json").read_text())["results"]
+    assert [r["tokens"] for r in engine] == [8, 16]
+    summary = (out / "http" / "summary.md").read_text()
+    assert "shakespeare-gpt" in summary and "float32" in summary

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["ROMEO: What light through yonder window", "a", "JULIET: O Romeo, Romeo, wherefore art thou Romeo?",
            "It is the east, and Juliet is the sun", "Two", "But soft"]
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def cuda(test: Any) -> Any:
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
 
 
 @pytest.fixture
