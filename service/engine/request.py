@@ -70,7 +70,7 @@ class AttentionSpec:
     aggregation: str = "mean"  # "none" keeps the heads; "mean" / "max" over them
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the queues test membership by object, never by comparing every field
 class Request:
     """One generation request and its state inside the engine.
 

@@ -66,9 +66,9 @@ class Sampler:
         token id, bad-row flag, then the chosen token's logprob and the top-K (values, ids) if any row asks."""
         n = len(reqs)
         temperature, top_k, top_p, min_p = params[0, :n], params[1, :n], params[2, :n], params[3, :n]
-        bad = torch.isnan(logits).any(-1) | ~torch.isfinite(logits).any(-1)  # (R,) a bad row fails alone
         x = self.penalize(logits, reqs) if any(r.params.penalized for r in reqs) else logits
-        ids = x.argmax(-1)
+        best, ids = x.max(-1)  # one pass: the greedy choice, and NaN or inf (max propagates NaN) marks a bad row
+        bad = ~torch.isfinite(best)  # (R,) a bad row fails alone
         if not all(r.params.greedy for r in reqs):
             x = filter_logits(x, temperature.clamp(min=1e-5),
                               top_k if any(r.params.top_k > 0 for r in reqs) else None,

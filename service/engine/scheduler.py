@@ -17,7 +17,7 @@ from service.engine.blocks import BlockManager
 from service.engine.request import ModelOutput, Request, RequestStatus, TokenLogprob
 
 
-@dataclass
+@dataclass(eq=False)
 class ScheduledRequest:
     """A request in this step's batch, feeding tokens [start, start + num_new) of its decoder sequence."""
 
