@@ -73,19 +73,31 @@ class RequestResult:
 
 
 async def sse_events(resp: httpx.Response) -> AsyncIterator[tuple[str, str]]:
-    """(event, data) per Server-Sent Event; the event name is "message" when the server sends none."""
-    event, data = "message", list[str]()
-    async for line in resp.aiter_lines():
-        if not line:
-            if data:
-                yield event, "\n".join(data)
-            event, data = "message", []
-        elif line.startswith("event:"):
+    """(event, data) per Server-Sent Event; the event name is "message" when the server sends none. Splits
+    the raw bytes on blank lines itself: httpx's line iterator cost the load generator as much CPU per token
+    as the server spent, on the same two cores."""
+    buffer = b""
+    async for chunk in resp.aiter_raw():
+        buffer += chunk.replace(b"\r\n", b"\n")
+        *events, buffer = buffer.split(b"\n\n")
+        for raw in events:
+            parsed = _sse_event(raw)
+            if parsed is not None:
+                yield parsed
+    if buffer.strip():
+        parsed = _sse_event(buffer)
+        if parsed is not None:
+            yield parsed
+
+
+def _sse_event(raw: bytes) -> tuple[str, str] | None:
+    event, data = "message", []
+    for line in raw.decode().split("\n"):
+        if line.startswith("event:"):
             event = line[6:].strip()
         elif line.startswith("data:"):
             data.append(line[5:].removeprefix(" "))
-    if data:
-        yield event, "\n".join(data)
+    return (event, "\n".join(data)) if data else None
 
 
 def _tick(r: RequestResult, start: float, last: float) -> float:

@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
@@ -50,6 +51,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.add_model(name, served.describe())
         names = list(app.state.models)
         app.state.default_model = settings.default_model or (names[0] if names else None)
+        async with anyio.create_task_group():  # load anyio's backend now, not in the first stream's response
+            pass
         app.state.ready = True
         log.info("ready", extra={"models": names, "default_model": app.state.default_model})
         try:

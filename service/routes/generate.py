@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -104,8 +105,10 @@ async def _events(served: ServedModel, stream: AsyncIterator[StepOutput], logpro
                   attention: AttentionSpec | None = None) -> AsyncIterator[str]:
     async with stream:  # type: ignore[attr-defined]
         async for out in stream:
-            if out.token_id is not None:
-                data = _token_info(served, out, logprobs).model_dump(exclude_none=True)
+            if out.token_id is not None:  # a TokenInfo, built as a dict: this runs once per token per stream
+                data: dict[str, Any] = {"token_id": out.token_id, "text": out.text}
+                if logprobs:
+                    data.update(_token_info(served, out, True).model_dump(exclude_none=True))
                 if attention is not None and out.attention is not None:
                     data["attention"] = streamed_attention(attention, out)
                 yield sse(data, "token")
