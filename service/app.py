@@ -20,7 +20,7 @@ from service.gatekeeper import BodyLimit, Gatekeeper
 from service.logs import setup_logging
 from service.metrics import CONTENT_TYPE, Metrics
 from service.registry import ServedModel, discover, load_models
-from service.routes import attention, generate, health, models, openai, pages
+from service.routes import attention, chat, generate, health, models, openai, pages
 from service.routes.pages import DOCS_ASSETS, STATIC, VIEWER_ASSETS
 from service.settings import Settings, SettingsError
 
@@ -80,7 +80,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.draining = False
     app.state.started = time.time()
     install(app)
-    for router in (health.router, models.router, generate.router, openai.router, attention.router, pages.router):
+    for router in (health.router, models.router, generate.router, openai.router, chat.router, attention.router,
+                   pages.router):
         app.include_router(router)
     app.mount(VIEWER_ASSETS, StaticFiles(directory=STATIC), name="viewer-assets")
 

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 
 from service.inspection.selection import describe_attention
 from service.registry import ServedModel
+from service.routes.chat_prompt import chat_capability
 from service.routes.deps import check_token_ids, error_responses, served_model, settings_of
 from service.schemas.native import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from service.schemas.openai import ModelCard, ModelList
@@ -18,7 +19,7 @@ def _card(request: Request, served: ServedModel) -> ModelCard:
     settings = settings_of(request)
     attention = describe_attention(served.checkpoint.config, settings.inspect_max_tokens, settings.inspect_max_values)
     return ModelCard(id=served.name, created=int(request.app.state.started),
-                     details={**served.describe(), "attention": attention})
+                     details={**served.describe(), "attention": attention, "chat": chat_capability(served)})
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERRORS)
