@@ -187,14 +187,11 @@ class Metrics:
         self.kv_usage.labels(model).set(1 - blocks_free / blocks_total if blocks_total else 0)
 
     def sample_engines(self, models: Mapping[str, ServedModel]) -> None:
-        """Re-read each engine's state (from the event loop; list lengths are safe to read across threads)."""
+        """Re-read each engine's public snapshot."""
         for name, served in models.items():
-            engine = served.engine
-            thread = engine._thread
-            alive = engine.dead is None and thread is not None and thread.is_alive()
-            sched, blocks = engine.scheduler, engine.blocks
-            self.set_engine_state(name, up=alive, running=len(sched.running), waiting=len(sched.waiting),
-                                  blocks_total=blocks.num_blocks, blocks_free=blocks.num_free)
+            snap = served.engine.snapshot()
+            self.set_engine_state(name, up=snap.up, running=snap.num_running, waiting=snap.num_waiting,
+                                  blocks_total=snap.blocks_total, blocks_free=snap.blocks_free)
 
     def set_engine_up(self, model: str, up: bool) -> None:
         self.engine_up.labels(model).set(1 if up else 0)

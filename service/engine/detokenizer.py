@@ -13,9 +13,10 @@ Decode = Callable[[Sequence[int]], str]
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas (the prefix/read-offset scheme of vLLM and TGI)."""
 
-    def __init__(self, decode: Decode, stop: Sequence[str] = ()) -> None:
+    def __init__(self, decode: Decode, stop: Sequence[str] = (), include_stop: bool = False) -> None:
         self.decode = decode
         self.stop = [s for s in stop if s]
+        self.include_stop = include_stop  # keep the stop string that ended the text (vLLM's option)
         self.ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
@@ -37,9 +38,10 @@ class IncrementalDetokenizer:
     def _release(self) -> str:
         if self.stop:
             start = max(0, self.emitted - max(len(s) for s in self.stop))
-            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            hits = [(i, i + len(s)) for i, s in ((self.text.find(s, start), s) for s in self.stop) if i >= 0]
             if hits:
-                self.text = self.text[: min(hits)]
+                first, end = min(hits)
+                self.text = self.text[: end if self.include_stop else first]
                 self.stopped = True
                 return self.flush()
             hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)

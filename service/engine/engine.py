@@ -7,33 +7,33 @@ error, cancellation) aborts the request, which frees its KV blocks at the start 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from service.engine.admission import refuse_limits
 from service.engine.blocks import BlockManager
 from service.engine.detokenizer import Decode, IncrementalDetokenizer
+from service.engine.outputs import LiveRequest, Outputs
 from service.engine.request import (
     EngineDead,
     EngineOverloaded,
+    EngineSnapshot,
     EngineStopped,
     InvalidRequest,
     ModelOutput,
     Request,
     RequestStats,
     RequestStatus,
-    RequestTooLong,
     SamplingParams,
-    StepOutput,
     StepStats,
 )
 from service.engine.runner import ModelRunner
-from service.engine.scheduler import Sampled, Scheduler, SchedulerOutput
-from service.engine.stream import CALLER, Caller, RequestStream, deliver
+from service.engine.scheduler import Scheduler, SchedulerOutput
+from service.engine.stream import CALLER, Caller, Outbox, RequestStream
 
 log = logging.getLogger("attnserve.engine")
 
@@ -51,16 +51,6 @@ class EngineConfig:
     max_waiting_tokens: int = 262144
     queue_timeout: float | None = None  # seconds a request may wait before it starts
     max_model_len: int = 512
-
-
-@dataclass
-class _Live:
-    """Engine-thread state of a request: its record, detokenizer and where its outputs go."""
-
-    request: Request
-    detok: IncrementalDetokenizer
-    stream: RequestStream | None
-    itls: list[float] = field(default_factory=list)
 
 
 class Engine:
@@ -82,10 +72,11 @@ class Engine:
                                    runner.pool.blocks_per_seat)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, eos_id,
                                    config.max_model_len)
+        runner.sampler.eos_id = eos_id
         self.on_step, self.on_finish = on_step, on_finish
         self._inbox: queue.SimpleQueue[tuple[str, Request | str]] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._live: dict[str, _Live] = {}
+        self._live: dict[str, LiveRequest] = {}
         self._pending = 0  # requests submitted and not yet running (inbox + waiting), for admission control
         self._pending_tokens = 0
         self._lock = threading.Lock()
@@ -94,7 +85,9 @@ class Engine:
         self.accepting = True
         self.dead: str | None = None  # why the loop died, if it did
         self.steps = 0
-        self._outbox: list[tuple[RequestStream, StepOutput]] = []
+        self._outbox = Outbox()
+        self.outputs = Outputs(name, self.scheduler, runner, self._live, self._outbox, on_finish)
+        self._deliver, self._finish = self.outputs.deliver, self.outputs.finish
 
     # --- the caller's side (event loop thread) -----------------------------------------------------------------
 
@@ -104,24 +97,7 @@ class Engine:
             raise EngineDead(f"engine for {self.name} stopped: {self.dead}")
         if not self.accepting:
             raise EngineStopped("the server is shutting down")
-        total = req.num_tokens + req.params.max_tokens
-        if total > self.config.max_model_len:
-            raise RequestTooLong(
-                f"this model's maximum context length is {self.config.max_model_len} tokens; the request needs "
-                f"{total} ({req.num_tokens} in the prompt + max_tokens {req.params.max_tokens})"
-            )
-        if req.source_ids is not None and not req.source_ids:
-            raise InvalidRequest("the prompt is empty; a translator needs a source sentence")
-        if req.source_ids is not None and len(req.source_ids) > self.config.max_model_len:
-            raise RequestTooLong(
-                f"the source has {len(req.source_ids)} tokens; the maximum is {self.config.max_model_len}"
-            )
-        need = self.blocks.blocks_for(total) + self.blocks.blocks_for(len(req.source_ids or []))
-        if need > self.blocks.num_blocks:
-            raise RequestTooLong(
-                f"the request needs {need} KV blocks and the pool has {self.blocks.num_blocks}; "
-                "lower max_tokens or the prompt length"
-            )
+        refuse_limits(req, self.config.max_model_len, self.blocks)
         with self._lock:
             if self._pending >= self.config.max_waiting_requests:
                 raise EngineOverloaded(f"{self._pending} requests are waiting (limit {self.config.max_waiting_requests})")
@@ -139,7 +115,8 @@ class Engine:
         with self._lock:
             self._pending += 1
             self._pending_tokens += req.num_tokens
-        self._inbox.put(("add", _Live(req, IncrementalDetokenizer(self.decode, req.params.stop), stream)))  # type: ignore[arg-type]
+        detok = IncrementalDetokenizer(self.decode, req.params.stop, req.params.include_stop_str_in_output)
+        self._inbox.put(("add", LiveRequest(req, detok, stream)))  # type: ignore[arg-type]
         self._wake.set()
         return stream
 
@@ -147,6 +124,12 @@ class Engine:
         """Abort a request; takes effect at the start of the next step (its blocks return then)."""
         self._inbox.put(("abort", request_id))
         self._wake.set()
+
+    def snapshot(self) -> EngineSnapshot:
+        """Read from any thread: list lengths and counters are safe to read while the loop runs."""
+        alive = self.dead is None and self._thread is not None and self._thread.is_alive()
+        return EngineSnapshot(alive, len(self.scheduler.running), len(self.scheduler.waiting), self.blocks.num_blocks,
+                              self.blocks.num_free)
 
     @property
     def num_pending(self) -> int:
@@ -167,7 +150,7 @@ class Engine:
             for i in range(n):
                 req = Request(f"warmup-{n}-{i}", list(prompt_ids), SamplingParams(max_tokens=steps, temperature=0.0,
                               ignore_eos=True), list(source_ids) if source_ids is not None else None)
-                self._admit(_Live(req, IncrementalDetokenizer(self.decode), None))
+                self._admit(LiveRequest(req, IncrementalDetokenizer(self.decode), None))
             while self.scheduler.has_work():
                 self.step()
 
@@ -209,7 +192,7 @@ class Engine:
                 self._finish(live, RequestStatus.FINISHED_ERROR, error="the engine stopped unexpectedly")
             self._flush()
 
-    def _admit(self, live: _Live) -> None:
+    def _admit(self, live: LiveRequest) -> None:
         self._live[live.request.request_id] = live
         self.scheduler.add(live.request)
 
@@ -220,7 +203,7 @@ class Engine:
             except queue.Empty:
                 return
             if kind == "add":
-                assert isinstance(item, _Live)
+                assert isinstance(item, LiveRequest)
                 self._admit(item)
             else:
                 live = self._live.get(item)  # type: ignore[arg-type]
@@ -257,6 +240,9 @@ class Engine:
             log.exception("forward failed for %d requests", len(plan.scheduled))
             output = ModelOutput([-1] * len(plan.scheduled), errors=["the model failed on this request"] * len(plan.scheduled))
         forward = time.monotonic() - t
+        for rid, scores in output.prompt_logprobs.items():
+            if rid in self._live:
+                self._live[rid].request.keep_prompt_logprobs(scores)
         for sampled in self.scheduler.update(plan, output):
             self._deliver(sampled, output.attention.get(sampled.request.request_id))
         self._flush()
@@ -276,72 +262,7 @@ class Engine:
             self._pending = len(waiting) + self._inbox.qsize()
             self._pending_tokens = sum(r.num_tokens for r in waiting)
 
-    def _deliver(self, sampled: Sampled, attention: dict | None) -> None:
-        """Turn what the scheduler's update made of a row into the request's output (text, stop strings, end)."""
-        req = sampled.request
-        live = self._live.get(req.request_id)
-        if live is None:
-            return
-        if sampled.token is None:  # it ended without a new token: EOS, a stop token id or an error
-            self._finish(live, sampled.finished or RequestStatus.FINISHED_ERROR, error=sampled.error)
-            return
-        now = time.monotonic()
-        if req.first_token_time is None:
-            req.first_token_time = now
-        elif req.last_token_time is not None:
-            live.itls.append(now - req.last_token_time)
-        req.last_token_time = now
-        text = live.detok.add(sampled.token)
-        status = sampled.finished
-        if live.detok.stopped:
-            status = RequestStatus.FINISHED_STOPPED
-        self._emit(live, StepOutput(req.request_id, sampled.token, text, sampled.logprob, sampled.top_logprobs,
-                                    num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=len(req.output_ids),
-                                    queue_time=self._queue_time(req), ttft=req.first_token_time - req.arrival_time,
-                                    attention=attention))
-        if status is not None:
-            self._finish(live, status)
-
-    @staticmethod
-    def _queue_time(req: Request) -> float | None:
-        return None if req.scheduled_time is None else req.scheduled_time - req.arrival_time
-
-    def _finish(self, live: _Live, status: RequestStatus, error: str | None = None) -> None:
-        req = live.request
-        if req.status.is_finished and req.request_id not in self._live:
-            return
-        self.scheduler.finish(req, status)
-        self.runner.release(req.request_id)
-        self._live.pop(req.request_id, None)
-        req.finish_time = time.monotonic()
-        req.error = error
-        reason = status.finish_reason or "error"
-        tail = live.detok.flush() if status != RequestStatus.FINISHED_ERROR else ""
-        e2e = req.finish_time - req.arrival_time
-        ttft = None if req.first_token_time is None else req.first_token_time - req.arrival_time
-        self._emit(live, StepOutput(req.request_id, None, tail, finished=True, finish_reason=reason, error=error,
-                                    num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=len(req.output_ids),
-                                    queue_time=self._queue_time(req), ttft=ttft, e2e=e2e))
-        if self.on_finish is not None and not req.request_id.startswith("warmup-"):
-            self.on_finish(RequestStats(self.name, req.request_id, reason, req.num_prompt_tokens, len(req.output_ids),
-                                        self._queue_time(req), ttft, e2e, tuple(live.itls)))
-
     # --- delivery to the event loop ----------------------------------------------------------------------------
 
-    def _emit(self, live: _Live, out: StepOutput) -> None:
-        if live.stream is not None:
-            self._outbox.append((live.stream, out))
-
     def _flush(self) -> None:
-        batch = self._outbox
-        if not batch:
-            return
-        self._outbox = []
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, StepOutput]]] = {}
-        for stream, out in batch:
-            by_loop.setdefault(stream.loop, []).append((stream, out))
-        for loop, items in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
-                loop.call_soon_threadsafe(deliver, items)
-
-
+        self._outbox.flush()

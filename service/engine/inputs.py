@@ -46,6 +46,7 @@ class Prepared:
     sampled: list[ScheduledRequest]  # the plan entries that sample, in logits order
     encode: list[ScheduledRequest] = field(default_factory=list)
     source_len: int = 0
+    scored: list[tuple[str, int, int]] = field(default_factory=list)  # (request id, position, token) per scored row
 
 
 def token_at(req: Request, start: int, n: int) -> list[int]:
@@ -64,7 +65,8 @@ class StepInputs:
     def __init__(self, pool: BlockPool, max_tokens: int, max_seqs: int, max_source: int, device: torch.device) -> None:
         self.pool, self.device = pool, device
         rows = max_tokens + pool.num_seats  # prefill tokens plus one (maybe padding) row per seat
-        sizes = {"tokens": rows, "positions": rows, "slots": rows, "sample_rows": max_seqs,
+        sizes = {"tokens": rows, "positions": rows, "slots": rows, "score_rows": rows, "score_targets": rows,
+                 "sample_rows": max_seqs,
                  "decode_lens": pool.num_seats, "cross_lens": pool.num_seats, "sources": max_seqs * max_source,
                  "source_lens": max_seqs}
         self.offsets: dict[str, tuple[int, int]] = {}
@@ -138,6 +140,7 @@ class StepInputs:
         self._put("sample_rows", 0, rows)
         for j, s in enumerate(sampled):
             self.np_f32[:, j] = param_values(s.request.params)
+        scored = self._pack_scores(plan, chunk_end)
         encode = [s for s in plan if s.encode_source]
         source_len = self._pack_sources(encode)
         self.transfers.h2d(self.dev, self.host)  # the step's one host-to-device copy
@@ -149,7 +152,25 @@ class StepInputs:
             layout.decode_mask = length_mask(self.d["decode_lens"][:s_rows], longest)
             if pool.cross_k is not None:
                 layout.cross_mask = length_mask(self.d["cross_lens"][:s_rows], cross)
-        return Prepared(layout, row, sample_index, sampled, encode, source_len)
+        return Prepared(layout, row, sample_index, sampled, encode, source_len, scored)
+
+    def _pack_scores(self, plan: list[ScheduledRequest], chunk_end: dict[int, int]) -> list[tuple[str, int, int]]:
+        """Rows whose logits score the next prompt token, for requests that ask for prompt logprobs: the row at
+        position p predicts prompt token p + 1."""
+        rows, targets, scored = [], [], []
+        for s in plan:
+            req = s.request
+            plen = len(req.prompt_ids)
+            if req.params.prompt_logprobs is None or s.start >= plen - 1:
+                continue
+            last = chunk_end[id(s)] if s.num_new > 1 else (req.seat or 0)  # the chunk's last row
+            for p in range(s.start, min(s.start + s.num_new, plen - 1)):
+                rows.append(last - (s.start + s.num_new - 1 - p))
+                targets.append(req.prompt_ids[p + 1])
+                scored.append((req.request_id, p + 1, req.prompt_ids[p + 1]))
+        self._put("score_rows", 0, rows)
+        self._put("score_targets", 0, targets)
+        return scored
 
     def _pack_sources(self, encode: list[ScheduledRequest]) -> int:
         """Translator requests starting this step: their sources, right-padded, as a (B, S) block."""

@@ -50,6 +50,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N alternatives to report; 0 = only the chosen token's logprob
+    min_tokens: int = 0  # EOS and stop_token_ids are not sampled before this many output tokens
+    prompt_logprobs: int | None = None  # score the prompt: each token's log-prob (+ top-N); None = not computed
+    include_stop_str_in_output: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -97,6 +100,14 @@ class Request:
     finish_time: float | None = None
     error: str | None = None
     attention: AttentionSpec | None = None  # stream attention rows with each token (the explicit path)
+    prompt_logprobs: list[PromptLogprob | None] | None = None  # filled during prefill when params ask
+
+    def keep_prompt_logprobs(self, scores: dict[int, PromptLogprob]) -> None:
+        """Prompt positions scored in one step (a long prompt is scored chunk by chunk, a recompute again)."""
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = [None] * len(self.prompt_ids)
+        for position, lp in scores.items():
+            self.prompt_logprobs[position] = lp
 
     @property
     def all_ids(self) -> list[int]:
@@ -124,6 +135,15 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True)
+class PromptLogprob:
+    """A prompt token's log-prob given the tokens before it, and the top alternatives at that position."""
+
+    token_id: int
+    logprob: float
+    top_logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class ModelOutput:
     """What the runner returns for one step, one entry per scheduled request, in the plan's order (already on
     the host: one transfer). token_ids[i] is -1 where the request sampled nothing (a prefill chunk that does
@@ -134,6 +154,7 @@ class ModelOutput:
     top_logprobs: list[tuple[TokenLogprob, ...]] | None = None
     errors: list[str | None] | None = None
     attention: dict[str, dict[str, Any]] = field(default_factory=dict)  # request id -> this step's rows
+    prompt_logprobs: dict[str, dict[int, PromptLogprob]] = field(default_factory=dict)  # id -> position -> it
 
 
 @dataclass(frozen=True)
@@ -154,6 +175,7 @@ class StepOutput:
     ttft: float | None = None  # seconds from arrival to the first token
     e2e: float | None = None  # seconds from arrival to the end (final output only)
     attention: dict[str, Any] | None = None  # {"query_position": p, kind: (layers, heads, T_k) nested lists}
+    prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None  # on the first output only; entry 0 is None
 
 
 class EngineError(Exception):
@@ -198,6 +220,17 @@ class StepStats:
     num_running: int
     num_waiting: int
     num_preempted: int
+    blocks_total: int
+    blocks_free: int
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """The engine's state at one moment, for metrics scraped between steps."""
+
+    up: bool
+    num_running: int
+    num_waiting: int
     blocks_total: int
     blocks_free: int
 

@@ -18,7 +18,7 @@ from model.paged_cache import BlockPool, PagedKVCache
 from model.transformer import DecoderOnlyLM, Transformer
 from service.engine.cuda_graphs import DecodeGraphs
 from service.engine.inputs import Prepared, StepInputs
-from service.engine.request import ModelOutput, TokenLogprob
+from service.engine.request import ModelOutput, PromptLogprob, TokenLogprob
 from service.engine.sampler import ERROR_NAN, Sampler
 from service.engine.scheduler import ScheduledRequest
 
@@ -79,13 +79,42 @@ class ModelRunner:
             d = self.inputs.d
             tokens, positions = d["tokens"][: prep.num_rows][None], d["positions"][: prep.num_rows][None]
             hidden = self.model.decode(tokens, positions, cache=cache, capture=self._capture(plan))[0]  # (N, d)
-        if not prep.sampled:
+        parts: list[Tensor] = []
+        if prep.sampled:
+            rows = self.inputs.d["sample_rows"][: len(prep.sampled)]
+            logits = self.model.logits(hidden.index_select(0, rows)).float()  # (R, vocab)
+            parts.append(self.sampler(logits, self.inputs.d_params, [s.request for s in prep.sampled]))
+        k_prompt = max((s.request.params.prompt_logprobs or 0 for s in plan), default=0)
+        if prep.scored:
+            parts.append(self._score(hidden, len(prep.scored), k_prompt))
+        if not parts:
             return ModelOutput([-1] * len(plan))
-        rows = self.inputs.d["sample_rows"][: len(prep.sampled)]
-        logits = self.model.logits(hidden.index_select(0, rows)).float()  # (R, vocab)
-        packed = self.sampler(logits, self.inputs.d_params, [s.request for s in prep.sampled])
-        host = self.transfers.d2h(packed).tolist()  # the step's one device-to-host copy
-        return self._output(plan, prep, host, cache)
+        width = parts[0].shape[1] if prep.sampled else 0
+        flat = self.transfers.d2h(torch.cat([p.flatten() for p in parts])).tolist()  # the step's one copy back
+        host = [flat[i * width : (i + 1) * width] for i in range(len(prep.sampled))]
+        scores = flat[len(prep.sampled) * width :]
+        out = self._output(plan, prep, host, cache)
+        if prep.scored:
+            self._prompt_logprobs(out, prep, scores, k_prompt)
+        return out
+
+    def _score(self, hidden: Tensor, n: int, k: int) -> Tensor:
+        """(n, 1 + 2k): the log-prob of each scored row's next prompt token, then the top-k values and ids."""
+        d = self.inputs.d
+        lp = self.model.logits(hidden.index_select(0, d["score_rows"][:n])).float().log_softmax(-1)  # (n, V)
+        cols = [lp.gather(1, d["score_targets"][:n, None])]
+        if k:
+            vals, idx = lp.topk(min(k, lp.size(1)), dim=-1)
+            cols += [vals, idx.to(torch.float32)]
+        return torch.cat(cols, dim=1)
+
+    @staticmethod
+    def _prompt_logprobs(out: ModelOutput, prep: Prepared, scores: list[float], k: int) -> None:
+        width = 1 + 2 * k
+        for i, (rid, position, token) in enumerate(prep.scored):
+            row = scores[i * width : (i + 1) * width]
+            top = tuple(TokenLogprob(int(row[1 + k + t]), row[1 + t]) for t in range(k))
+            out.prompt_logprobs.setdefault(rid, {})[position] = PromptLogprob(token, row[0], top)
 
     def forward_decode(self, num_rows: int, layout: Any) -> Tensor:
         """The decode forward over the first num_rows rows of the input buffers (what a CUDA graph captures)."""

@@ -24,8 +24,8 @@ def param_values(p: SamplingParams) -> list[float]:
 class Sampler:
     """Chooses one token per row of logits with each request's parameters; owns the seeded generators."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, device: torch.device, eos_id: int | None = None) -> None:
+        self.device, self.eos_id = device, eos_id
         self.generators: dict[str, torch.Generator] = {}
         self._default = torch.Generator(device=device)
         self._default.seed()
@@ -61,12 +61,24 @@ class Sampler:
                 row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row)
         return logits
 
+    def hold_stops(self, logits: Tensor, reqs: list[Request], rows: list[int]) -> Tensor:
+        """min_tokens: EOS and the stop token ids cannot be chosen by rows that have not reached it yet."""
+        logits = logits.clone()
+        for j, req in zip(rows, reqs, strict=True):
+            stops = [t for t in (self.eos_id, *req.params.stop_token_ids) if t is not None and 0 <= t < logits.size(1)]
+            if stops:
+                logits[j, stops] = float("-inf")
+        return logits
+
     def __call__(self, logits: Tensor, params: Tensor, reqs: list[Request]) -> Tensor:
         """logits (R, V) float32 and params (len(PARAMS), >= R) on the device -> packed (R, 2 + [1 + 2K]):
         token id, bad-row flag, then the chosen token's logprob and the top-K (values, ids) if any row asks."""
         n = len(reqs)
         temperature, top_k, top_p, min_p = params[0, :n], params[1, :n], params[2, :n], params[3, :n]
         x = self.penalize(logits, reqs) if any(r.params.penalized for r in reqs) else logits
+        early = [j for j, r in enumerate(reqs) if len(r.output_ids) < r.params.min_tokens]
+        if early:
+            x = self.hold_stops(x, [reqs[j] for j in early], early)
         best, ids = x.max(-1)  # one pass: the greedy choice, and NaN or inf (max propagates NaN) marks a bad row
         bad = ~torch.isfinite(best)  # (R,) a bad row fails alone
         if not all(r.params.greedy for r in reqs):

@@ -179,6 +179,10 @@ class Scheduler:
                 results.append(Sampled(req, None, RequestStatus.FINISHED_ERROR, error or "no token was sampled"))
                 continue
             p = req.params
+            if p.max_tokens == 0:  # prompt scoring: prefilled, nothing generated
+                self.finish(req, RequestStatus.FINISHED_LENGTH)
+                results.append(Sampled(req, None, RequestStatus.FINISHED_LENGTH))
+                continue
             if (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
                 self.finish(req, RequestStatus.FINISHED_STOPPED)
                 results.append(Sampled(req, None, RequestStatus.FINISHED_STOPPED))

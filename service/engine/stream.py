@@ -4,6 +4,7 @@ engine requests it opens (a deadline; token counts for the access log)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 from dataclasses import dataclass
 from types import TracebackType
@@ -69,3 +70,22 @@ def deliver(items: list[tuple[RequestStream, StepOutput]]) -> None:
     """Runs on the event loop: hand each output to its stream."""
     for stream, out in items:
         stream.queue.put_nowait(out)
+
+
+class Outbox:
+    """The engine thread's outputs of one step, handed to each event loop with one `call_soon_threadsafe`."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[RequestStream, StepOutput]] = []
+
+    def add(self, stream: RequestStream, out: StepOutput) -> None:
+        self.items.append((stream, out))
+
+    def flush(self) -> None:
+        batch, self.items = self.items, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, StepOutput]]] = {}
+        for stream, out in batch:
+            by_loop.setdefault(stream.loop, []).append((stream, out))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+                loop.call_soon_threadsafe(deliver, items)
