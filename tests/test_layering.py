@@ -66,3 +66,14 @@ def test_only_metrics_imports_prometheus() -> None:
 def test_routes_do_not_touch_the_model(path: Path) -> None:
     names = imports(path)
     assert "torch" not in names and "model" not in names, f"{path.name} should only translate HTTP <-> engine"
+
+
+@pytest.mark.parametrize("path", files("service/routes"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_routes_reach_the_model_only_through_the_engine(path: Path) -> None:
+    """No route holds the network: no `.runner`, no `served.model` (the model runs on the engine's thread)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    bad = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Attribute) and (
+        node.attr == "runner" or (node.attr == "model" and isinstance(node.value, ast.Name) and node.value.id == "served")
+        or (node.attr == "model" and isinstance(node.value, ast.Attribute) and node.value.attr == "checkpoint"))]
+    assert not bad, f"{path.name} touches the model directly at lines {bad}"
+

@@ -7,12 +7,14 @@ error, cancellation) aborts the request, which frees its KV blocks at the start 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from service.engine.admission import refuse_limits
 from service.engine.blocks import BlockManager
@@ -34,6 +36,9 @@ from service.engine.request import (
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import Scheduler, SchedulerOutput
 from service.engine.stream import CALLER, Caller, Outbox, RequestStream
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 log = logging.getLogger("attnserve.engine")
 
@@ -85,6 +90,7 @@ class Engine:
         self.accepting = True
         self.dead: str | None = None  # why the loop died, if it did
         self.steps = 0
+        self.inspections = 0  # teacher-forced attention passes run (engine.capture)
         self._outbox = Outbox()
         self.outputs = Outputs(name, self.scheduler, runner, self._live, self._outbox, on_finish)
         self._deliver, self._finish = self.outputs.deliver, self.outputs.finish
@@ -119,6 +125,25 @@ class Engine:
         self._inbox.put(("add", LiveRequest(req, detok, stream)))  # type: ignore[arg-type]
         self._wake.set()
         return stream
+
+    async def capture(self, encoder_ids: list[int], decoder_ids: list[int],
+                      layers: Mapping[str, Iterable[int]]) -> dict[tuple[str, int], Tensor]:
+        """Attention weights of one teacher-forced pass (runner.capture), run on the engine's thread between
+        steps: queued and counted like a request, refused when the engine is stopped or overloaded, skipped if
+        the caller is cancelled before its turn."""
+        if self.dead:
+            raise EngineDead(f"engine for {self.name} stopped: {self.dead}")
+        if not self.accepting:
+            raise EngineStopped("the server is shutting down")
+        with self._lock:
+            if self._pending >= self.config.max_waiting_requests:
+                raise EngineOverloaded(f"{self._pending} requests are waiting (limit {self.config.max_waiting_requests})")
+            self._pending += 1
+        future: asyncio.Future[dict[tuple[str, int], Tensor]] = asyncio.get_running_loop().create_future()
+        self._inbox.put(("call", (lambda: self.runner.capture(encoder_ids, decoder_ids, layers), future)))  # type: ignore[arg-type]
+        self._wake.set()
+        self.inspections += 1
+        return await future
 
     def abort(self, request_id: str) -> None:
         """Abort a request; takes effect at the start of the next step (its blocks return then)."""
@@ -201,14 +226,40 @@ class Engine:
             try:
                 kind, item = self._inbox.get_nowait()
             except queue.Empty:
+                self._count_pending()
                 return
             if kind == "add":
                 assert isinstance(item, LiveRequest)
                 self._admit(item)
+            elif kind == "call":
+                self._call(item)  # type: ignore[arg-type]
             else:
                 live = self._live.get(item)  # type: ignore[arg-type]
                 if live is not None:
                     self._finish(live, RequestStatus.FINISHED_ABORTED)
+
+    def _call(self, job: tuple[Callable[[], Any], asyncio.Future[Any]]) -> None:
+        """An inspection pass, between two steps on the engine's thread (the model is never used concurrently);
+        skipped when its caller has gone."""
+        fn, future = job
+        if future.cancelled():
+            return
+        try:
+            result, error = fn(), None
+        except Exception as e:  # the pass fails its caller, never the engine
+            result, error = None, e
+        loop = future.get_loop()
+
+        def settle() -> None:
+            if future.cancelled():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle)
 
     def _expire(self, now: float) -> None:
         timeout = self.config.queue_timeout

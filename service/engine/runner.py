@@ -8,6 +8,7 @@ rows that end their known tokens, and brings the packed result back in one devic
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -115,6 +116,22 @@ class ModelRunner:
             row = scores[i * width : (i + 1) * width]
             top = tuple(TokenLogprob(int(row[1 + k + t]), row[1 + t]) for t in range(k))
             out.prompt_logprobs.setdefault(rid, {})[position] = PromptLogprob(token, row[0], top)
+
+    @torch.inference_mode()
+    def capture(self, encoder_ids: list[int], decoder_ids: list[int],
+                layers: Mapping[str, Iterable[int]]) -> dict[tuple[str, int], Tensor]:
+        """Inspection: one teacher-forced pass at batch 1 through the explicit attention path, no KV cache;
+        the weights per (kind, layer) asked for, as (h, T_q, T_k) float32 on the CPU (encoder_ids [] for an LM)."""
+        wanted = {k: set(v) for k, v in layers.items()}
+        cap = AttentionCapture(wanted, {i for v in wanted.values() for i in v})
+        dec = torch.tensor([decoder_ids], device=self.device)  # (1, T)
+        if isinstance(self.model, Transformer):
+            memory = self.model.encode(torch.tensor([encoder_ids], device=self.device), capture=cap)  # (1, S, d)
+            if "decoder_self" in wanted or "cross" in wanted:
+                self.model.decode(dec, memory=memory, capture=cap)
+        else:
+            self.model.decode(dec, capture=cap)
+        return {key: w[0].float().cpu() for key, w in cap.weights.items() if key[1] in wanted.get(key[0], ())}
 
     def forward_decode(self, num_rows: int, layout: Any) -> Tensor:
         """The decode forward over the first num_rows rows of the input buffers (what a CUDA graph captures)."""

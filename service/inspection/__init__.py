@@ -1,4 +1,4 @@
 """Attention inspection, one module per concern: `selection` (what to return, checked against the model and the
-limits), `compute` (the capture pass that runs the model), `maps` (aggregation, rollout, statistics,
+limits; the capture pass itself runs on the engine's thread: `Engine.capture`), `maps` (aggregation, rollout, statistics,
 sparsification), `encoding` (JSON rows and base64 arrays), `tokens` (token views and spans), `render` (PNG) and
 `streaming` (the rows /v1/generate streams). Torch and numpy only; the routes translate to and from HTTP."""

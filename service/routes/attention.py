@@ -15,7 +15,7 @@ from fastapi.responses import Response
 
 from service.engine.request import SamplingParams
 from service.errors import APIError
-from service.inspection import compute, encoding, maps, render, tokens
+from service.inspection import encoding, maps, render, tokens
 from service.inspection.selection import AXES, Selection, estimated_bytes, fit, resolve
 from service.registry import ServedModel
 from service.routes.deps import (
@@ -202,8 +202,7 @@ async def attention(body: AttentionRequest, request: Request) -> Any:
         sel = _selection(served, body, len(inp.encoder_ids), len(inp.decoder_ids))
     async with _gate(request.app):
         t0 = time.monotonic()
-        weights = await asyncio.to_thread(compute.capture, served.model, inp.encoder_ids, inp.decoder_ids,
-                                          sel.captured_layers)
+        weights = await served.engine.capture(inp.encoder_ids, inp.decoder_ids, sel.captured_layers)
         elapsed = time.monotonic() - t0
     found = maps.build_maps(weights, sel)
     tok = served.tokenizer

@@ -15,9 +15,16 @@ from torch import Tensor
 from model.attention import MultiHeadAttention
 from model.config import TransformerConfig, preset
 from model.transformer import DecoderOnlyLM, Transformer, build_model
-from service.inspection import compute, encoding, maps
+from service.engine.runner import ModelRunner
+from service.inspection import encoding, maps
 from service.inspection.maps import MapData
 from service.inspection.selection import SelectionError, fit, model_kinds, resolve
+
+
+def capture(model: Transformer | DecoderOnlyLM, enc: list[int], dec: list[int], layers: Any) -> dict[Any, Tensor]:
+    """The engine's capture pass (what /v1/attention runs on the engine thread), on a runner of its own."""
+    seat = -(-model.config.max_len // 16) * 16
+    return ModelRunner(model, num_seats=1, seat_len=seat, max_num_batched_tokens=16).capture(enc, dec, layers)
 
 
 def _tiny(arch: str) -> Transformer | DecoderOnlyLM:
@@ -69,7 +76,7 @@ def test_weights_equal_softmax_of_the_layers_own_projections(arch: str) -> None:
     seen = _inputs_of(model)
     enc, dec = ([5, 9, 11, 3, 7, 20, 4], [1, 8, 13, 2, 30]) if arch == "encoder-decoder" else ([], [3, 17, 4, 9, 40, 12])
     sel = resolve(model.config, None, None, None, 0, None, "none", len(enc), len(dec))
-    weights = compute.capture(model, enc, dec, sel.captured_layers)
+    weights = capture(model, enc, dec, sel.captured_layers)
     expected_kinds = model_kinds(model.config)
     assert {k for k, _ in weights} == set(expected_kinds)
     modules = {(m.kind, m.layer_idx): m for m in model.modules() if isinstance(m, MultiHeadAttention)}
@@ -84,7 +91,7 @@ def test_rows_sum_to_one_and_causal_cells_are_masked() -> None:
     model = _tiny("encoder-decoder")
     enc, dec = [5, 9, 11, 3, 7], [1, 8, 13, 2]
     sel = resolve(model.config, None, None, [0, 2], 1, None, "none", len(enc), len(dec))
-    found = maps.build_maps(compute.capture(model, enc, dec, sel.captured_layers), sel)
+    found = maps.build_maps(capture(model, enc, dec, sel.captured_layers), sel)
     assert {(m.kind, m.layer) for m in found} == {(k, i) for k in model_kinds(model.config) for i in (0, 1)}
     for m in found:
         assert m.weights.shape[:2] == (2, sel.q_end[m.kind] - 1)
@@ -118,7 +125,7 @@ def test_rollout_maps_start_at_layer_zero_with_the_mean_over_heads() -> None:
     model = _tiny("decoder-only")
     dec = [3, 17, 4, 9, 40]
     sel = resolve(model.config, None, [1], None, 0, None, "rollout", 0, len(dec))
-    weights = compute.capture(model, [], dec, sel.captured_layers)
+    weights = capture(model, [], dec, sel.captured_layers)
     (m,) = maps.build_maps(weights, sel)
     assert (m.kind, m.layer, m.aggregation, m.weights.shape) == ("decoder_self", 1, "rollout", (1, 5, 5))
     eye = torch.eye(5)
