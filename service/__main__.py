@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{d['kv_cache_bytes'].default // 2**20} MiB worth)")
     p.add_argument("--max-num-seqs", type=int, metavar="N", help="sequences decoded together per model "
                    f"(default {d['max_num_seqs'].default})")
+    p.add_argument("--max-num-batched-tokens", type=int, metavar="N", help="tokens one engine step may feed; "
+                   "a longer prompt is prefilled in chunks of it while the running streams keep decoding "
+                   f"(default {d['max_num_batched_tokens'].default})")
+    p.add_argument("--enforce-eager", action="store_true", default=None,
+                   help="never capture CUDA graphs for decode steps (on a CPU there are none to capture)")
     p.add_argument("--api-key", dest="api_keys", action="append", metavar="KEY",
                    help="require `Authorization: Bearer KEY` (repeatable); no keys: the API is open")
     p.add_argument("--drain-timeout", type=float, metavar="SECONDS", help="seconds in-flight requests get after SIGTERM "
