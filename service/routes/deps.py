@@ -71,6 +71,8 @@ def sampling_params(body: Sampling, settings: Settings, logprobs: int | None, se
         if len(s) > settings.max_stop_length:
             raise APIError(400, f"a stop sequence has {len(s)} characters; the limit is {settings.max_stop_length}",
                            param="stop")
+    if body.min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens is {body.min_tokens}, more than max_tokens ({max_tokens})", param="min_tokens")
     if logprobs is not None and logprobs > settings.max_logprobs:
         raise APIError(400, f"logprobs is {logprobs}; the limit is {settings.max_logprobs}", param="logprobs")
     caller = CALLER.get()
@@ -78,11 +80,12 @@ def sampling_params(body: Sampling, settings: Settings, logprobs: int | None, se
         caller.prompt = None if prompt is None else str(prompt)
     return SamplingParams(
         max_tokens=max_tokens, temperature=0.0 if body.temperature < GREEDY_BELOW else body.temperature,
-        top_k=body.top_k, top_p=max(body.top_p, MIN_TOP_P),
+        top_k=max(body.top_k, 0), top_p=max(body.top_p, MIN_TOP_P), min_p=body.min_p,
         repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty, seed=None if body.seed is None else body.seed + seed_offset,
         stop=tuple(s for s in stop if s), stop_token_ids=tuple(body.stop_token_ids or ()),
-        ignore_eos=body.ignore_eos, logprobs=logprobs,
+        ignore_eos=body.ignore_eos, logprobs=logprobs, min_tokens=body.min_tokens,
+        include_stop_str_in_output=body.include_stop_str_in_output,
     )
 
 

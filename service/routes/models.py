@@ -6,19 +6,21 @@ from fastapi import APIRouter, Request
 
 from service.inspection.selection import describe_attention
 from service.registry import ServedModel
+from service.routes import vllm
 from service.routes.chat_prompt import chat_capability
 from service.routes.deps import check_token_ids, error_responses, served_model, settings_of
 from service.schemas.native import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from service.schemas.openai import ModelCard, ModelList
 
 router = APIRouter(tags=["models"])
+router.include_router(vllm.router)  # vLLM's /tokenize, /detokenize, /tokenizer_info, /version
 ERRORS = error_responses(400, 401, 404)
 
 
 def _card(request: Request, served: ServedModel) -> ModelCard:
     settings = settings_of(request)
     attention = describe_attention(served.checkpoint.config, settings.inspect_max_tokens, settings.inspect_max_values)
-    return ModelCard(id=served.name, created=int(request.app.state.started),
+    return ModelCard(id=served.name, created=int(request.app.state.started), max_model_len=served.context_length,
                      details={**served.describe(), "attention": attention, "chat": chat_capability(served)})
 
 

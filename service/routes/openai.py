@@ -1,7 +1,9 @@
-"""POST /v1/completions: OpenAI's completions API (n, stop, seed, logprobs, echo, streaming with [DONE])."""
+"""POST /v1/completions: OpenAI's completions API (n, stop, seed, logprobs, echo, streaming with [DONE]) and
+vLLM's extras: prompt scoring (echo + logprobs, max_tokens 0, prompt_logprobs) and its sampling fields."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -12,9 +14,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from service.engine.engine import RequestStream
-from service.engine.request import StepOutput
+from service.engine.request import SamplingParams, StepOutput
 from service.errors import APIError
 from service.registry import ServedModel
+from service.routes import completion_logprobs as lps
 from service.routes.deps import (
     check_token_ids,
     error_responses,
@@ -28,6 +31,7 @@ from service.routes.deps import (
 )
 from service.schemas.common import Usage
 from service.schemas.openai import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from service.settings import Settings
 
 router = APIRouter(tags=["openai"])
 ERRORS = error_responses(400, 401, 404, 413, 429, 503)
@@ -39,10 +43,14 @@ class _Choice:
 
     index: int
     prompt_text: str
+    prompt_ids: list[int]
+    from_text: bool
     prompt_tokens: int = 0
     text: list[str] = field(default_factory=list)
     logprobs: CompletionLogprobs | None = None
-    offset: int = 0
+    offset: int = 0  # where the next generated text starts in the choice's text
+    started: bool = False  # the first output (with the prompt's log-probs) has arrived
+    prompt_logprobs: list[Any] | None = None
     completion_tokens: int = 0
     finish_reason: str | None = None
 
@@ -65,32 +73,46 @@ def _prompts(body: CompletionRequest, served: ServedModel) -> list[tuple[str, li
     return out
 
 
-def _add_token(choice: _Choice, served: ServedModel, out: StepOutput) -> None:
-    if choice.logprobs is None or out.token_id is None:
-        return
-    tok = served.tokenizer
-    lp = choice.logprobs
-    lp.tokens.append(tok.token_text(out.token_id))
-    lp.token_logprobs.append(out.logprob)
-    lp.top_logprobs.append({tok.token_text(t.token_id): t.logprob for t in out.top_logprobs} or None)
-    lp.text_offset.append(choice.offset)
+def _check(body: CompletionRequest, served: ServedModel, settings: Settings) -> int | None:
+    """Refuse what this server cannot do; the number of top log-probs to score the prompt with (None: unscored)."""
+    if body.n > settings.max_n:
+        raise APIError(400, f"n is {body.n}; the limit is {settings.max_n}", param="n")
+    bad = body.unsupported()
+    if bad is not None:
+        raise APIError(400, f"{bad} is not supported by this server (value {getattr(body, bad)!r})", param=bad)
+    scored = body.prompt_logprobs is not None or (body.echo and body.logprobs is not None)
+    if body.max_tokens == 0 and "max_tokens" in body.model_fields_set and not (body.echo or scored):
+        raise APIError(400, "max_tokens is 0: only prompt scoring (echo, or prompt_logprobs) generates nothing",
+                       param="max_tokens")
+    if body.prompt_logprobs is not None and body.prompt_logprobs > settings.max_logprobs:
+        raise APIError(400, f"prompt_logprobs is {body.prompt_logprobs}; the limit is {settings.max_logprobs}",
+                       param="prompt_logprobs")
+    if scored and served.is_encoder_decoder:
+        param = "prompt_logprobs" if body.prompt_logprobs is not None else "echo"
+        raise APIError(400, "prompt log-probs need a decoder-only model: a translator's prompt is its encoder's "
+                       "source", param=param)
+    return max(body.prompt_logprobs or 0, body.logprobs or 0) if scored else None
+
+
+def _params(body: CompletionRequest, served: ServedModel, settings: Settings, ids: list[int], j: int,
+            prompt_k: int | None) -> SamplingParams:
+    # omitted max_tokens: a translator sizes it to its source, an LM takes 16 capped to the room left in its context
+    room = served.context_length - len(ids)
+    default = served.default_max_tokens(ids) or max(1, min(body.max_tokens, room))
+    params = sampling_params(body, settings, body.logprobs, seed_offset=j, default_max_tokens=default,
+                             prompt=body.prompt)
+    return dataclasses.replace(params, prompt_logprobs=prompt_k)
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses={
     **ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks when stream is true"}})
 async def completions(body: CompletionRequest, request: Request) -> CompletionResponse | StreamingResponse:
     """OpenAI's completions API: n, stop, seed, logprobs, echo, and streaming chunks ending in `[DONE]`
-    (`stream_options.include_usage` adds a usage chunk). Works with the official openai client."""
+    (`stream_options.include_usage` adds a usage chunk). `echo` with `logprobs` scores the prompt's tokens too,
+    and `max_tokens: 0` with it only scores; vLLM's `prompt_logprobs` and sampling extras are accepted."""
     served = served_model(request, body.model)
     settings = settings_of(request)
-    if body.n > settings.max_n:
-        raise APIError(400, f"n is {body.n}; the limit is {settings.max_n}", param="n")
-    if body.best_of is not None and body.best_of != body.n:
-        raise APIError(400, "best_of other than n is not supported", param="best_of")
-    if body.suffix:
-        raise APIError(400, "suffix is not supported", param="suffix")
-    if body.logit_bias:
-        raise APIError(400, "logit_bias is not supported", param="logit_bias")
+    prompt_k = _check(body, served, settings)
     prompts = _prompts(body, served)
     if len(prompts) * body.n > settings.max_n * 4:
         raise APIError(400, f"{len(prompts)} prompts x n={body.n} exceeds {settings.max_n * 4} choices", param="prompt")
@@ -98,17 +120,16 @@ async def completions(body: CompletionRequest, request: Request) -> CompletionRe
     choices: list[_Choice] = []
     streams: list[RequestStream] = []
     async with AsyncExitStack() as stack:
-        for pi, (text, ids) in enumerate(prompts):
-            ids = served.tokenizer.encode(text) if ids is None else ids
+        for pi, (text, given) in enumerate(prompts):
+            ids = served.tokenizer.encode(text) if given is None else given
             for j in range(body.n):
-                params = sampling_params(body, settings, body.logprobs, seed_offset=j,
-                                         default_max_tokens=served.default_max_tokens(ids), prompt=body.prompt)
-                req = served.make_request(f"{rid}-{pi}-{j}", text, params, prompt_ids=ids)
+                req = served.make_request(f"{rid}-{pi}-{j}", text, _params(body, served, settings, ids, j, prompt_k),
+                                          prompt_ids=ids)
                 stream = served.engine.open(req)
                 await stack.enter_async_context(stream)  # aborts it if anything below fails
-                choice = _Choice(len(choices), text, len(req.prompt_ids if not req.source_ids else req.source_ids))
-                if body.logprobs is not None:
-                    choice.logprobs = CompletionLogprobs()
+                choice = _Choice(len(choices), text, req.prompt_ids, given is None,
+                                 len(req.prompt_ids if not req.source_ids else req.source_ids),
+                                 offset=len(text) if body.echo else 0)
                 choices.append(choice)
                 streams.append(stream)
         pending = stack.pop_all()
@@ -121,20 +142,42 @@ async def completions(body: CompletionRequest, request: Request) -> CompletionRe
     return await until_disconnect(request, _collect(served, body, rid, created, choices, streams, pending))
 
 
+def _start(c: _Choice, served: ServedModel, body: CompletionRequest, out: StepOutput) -> CompletionLogprobs | None:
+    """A choice's first output: its echoed prompt's log-probs (None without logprobs) and vLLM's prompt_logprobs."""
+    c.started = True
+    if body.prompt_logprobs is not None:
+        c.prompt_logprobs = lps.vllm_prompt_logprobs(served, out.prompt_logprobs, body.prompt_logprobs)
+    if body.logprobs is None:
+        return None
+    lp = CompletionLogprobs()
+    if body.echo:
+        offsets = lps.prompt_offsets(served, c.prompt_text, c.prompt_ids, c.from_text)
+        lps.add_prompt(lp, served, c.prompt_ids, offsets, out.prompt_logprobs, body.logprobs)
+    return lp
+
+
+def _failed(out: StepOutput) -> bool:
+    return out.finished and out.finish_reason == "error"
+
+
 async def _collect(served: ServedModel, body: CompletionRequest, rid: str, created: int, choices: list[_Choice],
                    streams: list[RequestStream], pending: AsyncExitStack) -> CompletionResponse:
     async with pending:
         async for i, out in merge(streams):  # type: ignore[arg-type]
             c = choices[i]
-            _add_token(c, served, out)
+            if _failed(out):
+                raise APIError(500, out.error or "generation failed", "server_error")
+            if not c.started:
+                c.logprobs = _start(c, served, body, out)
+            if c.logprobs is not None:
+                lps.add_token(c.logprobs, served, out, c.offset, body.logprobs or 0)
             c.text.append(out.text)
             c.offset += len(out.text)
             if out.finished:
-                if out.finish_reason == "error":
-                    raise APIError(500, out.error or "generation failed", "server_error")
                 c.finish_reason, c.completion_tokens = out.finish_reason, out.num_output_tokens
     result = [CompletionChoice(index=c.index, text=(c.prompt_text if body.echo else "") + "".join(c.text),
-                               logprobs=c.logprobs, finish_reason=c.finish_reason) for c in choices]
+                               logprobs=c.logprobs, finish_reason=c.finish_reason, prompt_logprobs=c.prompt_logprobs)
+              for c in choices]
     return CompletionResponse(id=rid, created=created, model=served.name, choices=result, usage=_usage(choices))
 
 
@@ -146,32 +189,38 @@ def _usage(choices: list[_Choice]) -> Usage:
 
 async def _chunks(served: ServedModel, body: CompletionRequest, rid: str, created: int, choices: list[_Choice],
                   streams: list[RequestStream], pending: AsyncExitStack, include_usage: bool) -> AsyncIterator[str]:
-    def chunk(index: int, text: str, logprobs: CompletionLogprobs | None, finish: str | None) -> str:
-        choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish)
+    # with include_usage every chunk carries usage, null until the last one (as OpenAI sends it)
+    exclude = {"system_fingerprint"} if include_usage else {"usage", "system_fingerprint"}
+
+    def chunk(c: _Choice, text: str, logprobs: CompletionLogprobs | None, finish: str | None,
+              prompt_logprobs: list[Any] | None = None) -> str:
+        choice = CompletionChoice(index=c.index, text=text, logprobs=logprobs, finish_reason=finish,
+                                  prompt_logprobs=prompt_logprobs)
         return sse(CompletionResponse(id=rid, created=created, model=served.name, choices=[choice]).model_dump(
-            exclude={"usage", "system_fingerprint"}))
+            exclude=exclude))
 
     async with pending:
-        if body.echo:
-            for c in choices:
-                yield chunk(c.index, c.prompt_text, None, None)
         async for i, out in merge(streams):  # type: ignore[arg-type]
             c = choices[i]
+            if _failed(out):
+                yield sse({"error": {"message": out.error or "generation failed", "type": "server_error",
+                                     "param": None, "code": None}})
+                yield sse("[DONE]")
+                return
+            if not c.started:
+                first = _start(c, served, body, out)
+                if body.echo or c.prompt_logprobs is not None:  # the prompt's own chunk, before its first token
+                    yield chunk(c, c.prompt_text if body.echo else "", first, None, c.prompt_logprobs)
             lp = None
-            if c.logprobs is not None and out.token_id is not None:
+            if body.logprobs is not None and out.token_id is not None:
                 lp = CompletionLogprobs()
-                _add_token(_Choice(c.index, "", logprobs=lp, offset=c.offset), served, out)
+                lps.add_token(lp, served, out, c.offset, body.logprobs)
             c.offset += len(out.text)
             if out.finished:
-                if out.finish_reason == "error":
-                    yield sse({"error": {"message": out.error or "generation failed", "type": "server_error",
-                                         "param": None, "code": None}})
-                    yield sse("[DONE]")
-                    return
                 c.finish_reason, c.completion_tokens = out.finish_reason, out.num_output_tokens
-                yield chunk(c.index, out.text, lp, out.finish_reason)
+                yield chunk(c, out.text, lp, out.finish_reason)
             elif out.text or lp is not None:
-                yield chunk(c.index, out.text, lp, None)
+                yield chunk(c, out.text, lp, None)
     if include_usage:
         usage = CompletionResponse(id=rid, created=created, model=served.name, choices=[], usage=_usage(choices))
         yield sse(usage.model_dump(exclude={"system_fingerprint"}))

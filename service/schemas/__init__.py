@@ -1,6 +1,7 @@
 """Every request and response body of the API, one module per surface: `common` (errors, usage, sampling,
-health), `native` (/v1/generate, tokenize), `openai` (/v1/completions, /v1/models) and `inspection`
-(/v1/attention and the streamed attention rows). The names are re-exported here."""
+health), `native` (/v1/generate, tokenize), `openai` (/v1/completions, /v1/models), `vllm` (/tokenize,
+/tokenizer_info, ...) and `inspection` (/v1/attention and the streamed attention rows). The names are re-exported
+here."""
 
 from service.schemas.common import (
     MAX_TEXT_CHARS,
@@ -45,7 +46,16 @@ from service.schemas.openai import (
     CompletionResponse,
     ModelCard,
     ModelList,
+    PromptTokenLogprob,
     StreamOptions,
+)
+from service.schemas.vllm import (
+    TokenizerInfo,
+    VersionResponse,
+    VllmDetokenizeRequest,
+    VllmDetokenizeResponse,
+    VllmTokenizeRequest,
+    VllmTokenizeResponse,
 )
 
 __all__ = [
@@ -72,6 +82,7 @@ __all__ = [
     "InspectionLimits",
     "ModelCard",
     "ModelList",
+    "PromptTokenLogprob",
     "QueryRange",
     "Sampling",
     "SamplingFields",
@@ -85,5 +96,11 @@ __all__ = [
     "TokenView",
     "TokenizeRequest",
     "TokenizeResponse",
+    "TokenizerInfo",
     "Usage",
+    "VersionResponse",
+    "VllmDetokenizeRequest",
+    "VllmDetokenizeResponse",
+    "VllmTokenizeRequest",
+    "VllmTokenizeResponse",
 ]

@@ -5,7 +5,11 @@ name the field and the limit; the bounds here are the ones that hold for any dep
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, model_validator
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 # Any string constraint makes pydantic check that a string is valid Unicode: a lone surrogate ("\\ud800" in
 # JSON) is refused as a 400 naming the field instead of failing in the tokenizer. The body limit bounds it anyway.
@@ -39,7 +43,8 @@ class Sampling(BaseModel):
     max_tokens: int = Field(16, ge=1, description="tokens to generate at most")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 means greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 disables top-k")
+    top_k: int = Field(0, ge=-1, description="0 (or vLLM's -1) disables top-k")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="drop tokens below min_p x the top token's probability")
     repetition_penalty: float = Field(1.0, ge=0.01, le=10.0, description="1 is off; below 0.01 logits overflow")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -47,6 +52,28 @@ class Sampling(BaseModel):
     stop: str | list[str] | None = Field(None, description="stop sequences; never part of the output")
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = Field(False, description="keep generating past EOS (benchmarks)")
+    min_tokens: int = Field(0, ge=0, description="EOS and stop_token_ids cannot end the output before this many")
+    include_stop_str_in_output: bool = Field(False, description="keep the stop string that ended the output")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """OpenAI documents these fields as nullable: an explicit null is the default, as if omitted (so a null
+        max_tokens is capped like an omitted one, never refused)."""
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
+        return data
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        schema = handler.resolve_ref_schema(handler(core))
+        for name, prop in schema.get("properties", {}).items():  # say so in the schema: null is accepted
+            if name in schema.get("required", ()) or {"type": "null"} in prop.get("anyOf", ()):
+                continue
+            kept = {k: prop.pop(k) for k in ("title", "description", "default", "examples") if k in prop}
+            schema["properties"][name] = {"anyOf": [prop, {"type": "null"}], **kept}
+        return schema
 
 
 class SamplingFields(Sampling):
