@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -76,10 +75,8 @@ def _params_for(body: ChatCompletionRequest, served: ServedModel, request: Reque
                        param="max_completion_tokens")
     # omitted max_tokens: a translator sizes it to its source, an LM takes the room left in its context
     room = served.default_max_tokens(ids) or max(1, served.context_length - len(ids))
-    params = sampling_params(body.sampling(), settings, top, seed_offset=j, default_max_tokens=room,
-                             prompt=[m.content for m in body.messages])
-    return dataclasses.replace(params, min_p=body.min_p or 0.0, min_tokens=body.min_tokens or 0,
-                               include_stop_str_in_output=bool(body.include_stop_str_in_output))
+    return sampling_params(body.sampling(), settings, top, seed_offset=j, default_max_tokens=room,
+                           prompt=[m.content for m in body.messages])
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={

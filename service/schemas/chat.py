@@ -95,8 +95,6 @@ class ChatCompletionRequest(BaseModel):
         """The shared sampling fields, with nulls left at their defaults (so an omitted max_tokens stays unset)."""
         values: dict[str, Any] = {k: getattr(self, k) for k in Sampling.model_fields}
         values["max_tokens"] = self.max_completion_tokens or self.max_tokens
-        if self.top_k is not None and self.top_k < 0:
-            values["top_k"] = 0
         return Sampling(**{k: v for k, v in values.items() if v is not None})
 
 
