@@ -114,16 +114,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
         pending = stack.pop_all()
     created = int(time.time())
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_chunks(served, rid, created, choices, streams, pending, prompt_tokens, include_usage),
+        opts = body.stream_options
+        usage = "continuous" if opts and opts.include_usage and opts.continuous_usage_stats else (
+            "final" if opts and opts.include_usage else None)
+        return StreamingResponse(_chunks(served, rid, created, choices, streams, pending, prompt_tokens, usage),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return await until_disconnect(request, _collect(served, rid, created, choices, streams, pending, prompt_tokens))
 
 
-def _usage(choices: list[_Choice], prompt_tokens: int) -> Usage:
+def _usage(choices: list[_Choice], prompt_tokens: int) -> dict[str, int]:
     completion = sum(c.completion_tokens for c in choices)
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
 async def _collect(served: ServedModel, rid: str, created: int, choices: list[_Choice], streams: list[RequestStream],
@@ -143,22 +145,26 @@ async def _collect(served: ServedModel, rid: str, created: int, choices: list[_C
                              content=[ChatTokenLogprob(**lp) for lp in c.logprobs]),
                          finish_reason=c.finish_reason) for c in choices]
     return ChatCompletionResponse(id=rid, created=created, model=served.name, choices=result,
-                                  usage=_usage(choices, prompt_tokens))
+                                  usage=Usage(**_usage(choices, prompt_tokens)))
 
 
 async def _chunks(served: ServedModel, rid: str, created: int, choices: list[_Choice], streams: list[RequestStream],
-                  pending: AsyncExitStack, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+                  pending: AsyncExitStack, prompt_tokens: int, usage: str | None) -> AsyncIterator[str]:
     """Per choice: a role delta, content deltas, then an empty delta with finish_reason; [DONE] last. Chunks are
-    built as dicts (no pydantic model per token); with include_usage each carries `usage: null` and a last chunk
-    with no choices carries the usage."""
+    built as dicts (no pydantic model per token). `usage` "final" (include_usage): each chunk carries `usage: null`
+    and a last chunk with no choices the usage; "continuous" (vLLM's continuous_usage_stats): each chunk carries
+    the usage so far."""
     head: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served.name}
-    if include_usage:
+    if usage is not None:
         head["usage"] = None
 
     def chunk(index: int, delta: dict[str, Any], logprobs: list[dict[str, Any]] | None = None,
               finish: str | None = None) -> str:
         lp = None if logprobs is None else {"content": logprobs, "refusal": None}
-        return sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]})
+        body = {**head, "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
+        if usage == "continuous":
+            body["usage"] = _usage(choices, prompt_tokens)
+        return sse(body)
 
     async with pending:
         for c in choices:
@@ -166,6 +172,7 @@ async def _chunks(served: ServedModel, rid: str, created: int, choices: list[_Ch
         async for i, out in merge(streams):  # type: ignore[arg-type]
             c = choices[i]
             lp = _token_logprob(served, out) if c.logprobs is not None else None
+            c.completion_tokens += out.token_id is not None
             if out.text or lp is not None:
                 yield chunk(c.index, {"content": out.text}, None if lp is None else [lp])
             if out.finished:
@@ -176,6 +183,6 @@ async def _chunks(served: ServedModel, rid: str, created: int, choices: list[_Ch
                     return
                 c.finish_reason, c.completion_tokens = out.finish_reason, out.num_output_tokens
                 yield chunk(c.index, {}, None, out.finish_reason)
-    if include_usage:
-        yield sse({**head, "choices": [], "usage": _usage(choices, prompt_tokens).model_dump()})
+    if usage is not None:
+        yield sse({**head, "choices": [], "usage": _usage(choices, prompt_tokens)})
     yield sse("[DONE]")

@@ -10,7 +10,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.schemas.common import MAX_TEXT_CHARS, Sampling, Usage
-from service.schemas.openai import StreamOptions
 
 
 class ChatMessage(BaseModel):
@@ -32,7 +31,18 @@ class ChatMessage(BaseModel):
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "tools": (), "tool_choice": ("none",), "functions": (), "function_call": ("none",), "audio": (),
     "prediction": (), "web_search_options": (), "logit_bias": (), "modalities": (["text"],),
+    # vLLM's
+    "best_of": (1,), "use_beam_search": (False,), "length_penalty": (1.0,), "skip_special_tokens": (True,),
+    "spaces_between_special_tokens": (True,), "echo": (False,), "return_tokens_as_token_ids": (False,),
+    "truncate_prompt_tokens": (), "allowed_token_ids": (), "bad_words": (), "guided_json": (), "guided_regex": (),
+    "guided_choice": (), "guided_grammar": (), "structured_outputs": (), "logits_processors": (),
+    "chat_template": (), "documents": (), "priority": (0,),
 }
+
+
+class ChatStreamOptions(BaseModel):
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = Field(False, description="vLLM: usage so far on every chunk too")
 
 
 class ChatCompletionRequest(BaseModel):
@@ -51,7 +61,7 @@ class ChatCompletionRequest(BaseModel):
     messages: list[ChatMessage] = Field(..., min_length=1)
     model: str | None = Field(None, description="a served model's name; the default model if omitted")
     stream: bool | None = False
-    stream_options: StreamOptions | None = None
+    stream_options: ChatStreamOptions | None = None
     n: int | None = Field(1, ge=1)
     max_tokens: int | None = Field(None, ge=1, description="deprecated by OpenAI for max_completion_tokens")
     max_completion_tokens: int | None = Field(None, ge=1, description="default: the room left in the context")
@@ -79,7 +89,26 @@ class ChatCompletionRequest(BaseModel):
     prediction: dict[str, Any] | None = None
     web_search_options: dict[str, Any] | None = None
     logit_bias: dict[str, float] | None = None
-    # vLLM's extras
+    best_of: int | None = None
+    use_beam_search: bool | None = None
+    length_penalty: float | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    echo: bool | None = None
+    return_tokens_as_token_ids: bool | None = None
+    truncate_prompt_tokens: int | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
+    logits_processors: list[Any] | None = None
+    chat_template: str | None = Field(None, description="refused: only the checkpoint's template is rendered")
+    documents: list[dict[str, Any]] | None = None
+    priority: int | None = None
+    # vLLM's extras we honour
     top_k: int | None = Field(None, ge=-1, description="0 or -1 disables top-k")
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, ge=0.01, le=10.0)

@@ -104,13 +104,23 @@ def test_a_bare_sse_client_reads_chunks_until_done(server: LiveServer) -> None:
     assert len({c["id"] for c in chunks}) == 1 and all("usage" not in c for c in chunks)
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert chunks[-1]["choices"][0]["delta"] == {} and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    # vLLM's continuous_usage_stats: the usage so far on every chunk, then the usage chunk
+    body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    counts = [c["usage"]["completion_tokens"] for c in chunks]
+    assert counts == sorted(counts) and counts[0] == 0 and counts[-1] == 6 and chunks[-1]["choices"] == []
 
 
-def test_nulls_mean_defaults_and_an_omitted_max_tokens_fills_the_context(server: LiveServer) -> None:
+def test_nulls_and_harmless_values_pass_and_an_omitted_max_tokens_fills_the_context(server: LiveServer) -> None:
     nulls = {k: None for k in ("temperature", "top_p", "n", "max_tokens", "max_completion_tokens", "stop", "seed",
                                "logprobs", "top_logprobs", "stream", "stream_options", "tools", "tool_choice",
                                "response_format", "presence_penalty", "frequency_penalty", "user", "logit_bias")}
+    harmless = {"skip_special_tokens": True, "use_beam_search": False, "best_of": 1, "tools": [], "top_k": -1,
+                "tool_choice": "none", "response_format": {"type": "text"}, "modalities": ["text"]}
     body = {"model": "tiny-gpt", "messages": MESSAGES, **nulls, "ignore_eos": True}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={**body, **harmless, "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200, r.text
     r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
     usage = r.json()["usage"]
@@ -161,6 +171,9 @@ def test_models_say_chat_is_available(server: LiveServer) -> None:
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"n": 1000}, "n"),
     ({"max_completion_tokens": 10**6}, "max_completion_tokens"),
+    ({"use_beam_search": True}, "use_beam_search"),
+    ({"guided_json": {"type": "object"}}, "guided_json"),
+    ({"chat_template": "{{ messages }}"}, "chat_template"),
     ({"frobnicate": 1}, "frobnicate"),
     ({"messages": []}, "messages"),
 ])
