@@ -146,3 +146,34 @@ def test_bfloat16_engine_stays_close_to_the_float32_reference(build: Any, checkp
         expected = generate(ref.model.eval(), ref.tokenizer.encode(prompt), GenerationConfig(max_new_tokens=12))
         same += sum(a == b for a, b in zip(tokens, expected, strict=True))
     assert same >= 0.8 * 12 * len(PROMPTS), f"only {same} of {12 * len(PROMPTS)} tokens agree in bfloat16"
+
+
+def test_preemption_under_chunked_prefill_keeps_the_reference_tokens(build: Any, checkpoints_dir: Path) -> None:
+    """24 blocks of 4 tokens and a 6-token budget: prompts arrive in chunks, requests are preempted and
+    recomputed (in chunks again), and every output still equals the reference decoder's."""
+    served = build(kv_cache_blocks=24, max_num_seqs=3, max_num_batched_tokens=6)
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    got = run(served, PROMPTS, params)
+    assert served.engine.scheduler.num_preemptions > 0
+    assert served.engine.blocks.num_free == served.engine.blocks.num_blocks
+    assert served.engine.blocks.num_free_seats == served.engine.blocks.num_seats
+    ref = load_checkpoint(checkpoints_dir / "tiny-gpt")
+    for prompt, tokens in zip(PROMPTS, got, strict=True):
+        assert tokens == generate(ref.model.eval(), ref.tokenizer.encode(prompt), GenerationConfig(max_new_tokens=20))
+
+
+def test_leaving_during_a_chunked_prefill_frees_the_seat(build: Any) -> None:
+    served = build(max_num_seqs=2, max_num_batched_tokens=2)
+    engine = served.engine
+
+    async def main() -> None:
+        req = served.make_request("leaver", "JULIET: O Romeo, Romeo, wherefore art thou Romeo?", GREEDY)
+        async with engine.open(req):
+            while req.num_computed == 0:  # leave once its first chunk is in, long before its prompt is
+                await asyncio.sleep(0.0005)
+            assert req.num_computed < len(req.prompt_ids)
+        while engine.blocks.num_free_seats != engine.blocks.num_seats:
+            await asyncio.sleep(0.001)
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+    assert engine.blocks.num_free == engine.blocks.num_blocks and not engine.scheduler.has_work()
