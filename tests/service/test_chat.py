@@ -60,6 +60,17 @@ def test_n_seed_stop_and_max_completion_tokens(client: openai.OpenAI) -> None:
     assert five.choices[0].finish_reason == "length"
 
 
+def test_continue_final_message(client: openai.OpenAI) -> None:
+    messages: list[Any] = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "ROMEO: O"}]
+    c = client.chat.completions.create(model="tiny-gpt", messages=messages, max_tokens=10, temperature=0,
+                                       extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    ref = completion(client, "user: Hi\nassistant: ROMEO: O", max_tokens=10, temperature=0)
+    assert c.choices[0].message.content == ref.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="continue_final_message"):
+        client.chat.completions.create(model="tiny-gpt", messages=messages, max_tokens=2,
+                                       extra_body={"continue_final_message": True, "add_generation_prompt": True})
+
+
 def test_logprobs_in_chat_shape(client: openai.OpenAI) -> None:
     c = client.chat.completions.create(model="tiny-gpt", messages=MESSAGES, max_tokens=8, temperature=0,
                                        logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})

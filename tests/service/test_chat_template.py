@@ -101,8 +101,10 @@ def test_where_a_template_may_be_declared(tmp_path: Path) -> None:
     assert load_chat_template(named, "<s>", "</s>").render([]) == "<|end|>"
     jinja = tmp_path / "jinja"
     jinja.mkdir()
-    (jinja / "chat_template.jinja").write_text("{{ messages | length }}{{ bos_token }}")
-    assert load_chat_template(jinja, "<s>", "</s>").render([{"role": "user", "content": "a"}]) == "1<s>"
+    (jinja / "chat_template.jinja").write_text("{{ messages | length }}{{ bos_token }}{{ flavour | default('') }}")
+    from_file = load_chat_template(jinja, "<s>", "</s>")
+    assert from_file.render([{"role": "user", "content": "a"}]) == "1<s>"
+    assert from_file.render([], extra={"flavour": "x"}) == "0<s>x"  # chat_template_kwargs
     none = tmp_path / "none"
     none.mkdir()
     default = load_chat_template(none, "<s>", "</s>")
