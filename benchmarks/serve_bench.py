@@ -22,188 +22,28 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import httpx
+import aiohttp
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
-Api = Literal["native", "openai"]
+from benchmarks.serve_client import (
+    STEP_SERIES,
+    Api,
+    LoadSpec,
+    Prompt,
+    RequestResult,
+    make_prompts,
+    scrape,
+    send_native,
+    send_openai,
+)
 
-
-@dataclass(frozen=True)
-class LoadSpec:
-    """Where to send load and what every request asks for."""
-
-    url: str
-    model: str
-    api: Api = "native"
-    input_len: int = 32
-    output_len: int = 128
-    temperature: float = 0.0
-    seed: int = 0
-    timeout: float = 600.0
-    api_key: str | None = None
-
-
-@dataclass(frozen=True)
-class Prompt:
-    text: str
-    ids: list[int]
-
-
-@dataclass
-class RequestResult:
-    """One request as the client saw it; times in seconds from the moment it was sent."""
-
-    ok: bool = False
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    ttft: float = 0.0
-    latency: float = 0.0
-    itls: list[float] = field(default_factory=list)
-    error: str = ""
-
-
-# --- the wire ------------------------------------------------------------------------------------------------
-
-
-async def sse_events(resp: httpx.Response) -> AsyncIterator[tuple[str, str]]:
-    """(event, data) per Server-Sent Event; the event name is "message" when the server sends none. Splits
-    the raw bytes on blank lines itself: httpx's line iterator cost the load generator as much CPU per token
-    as the server spent, on the same two cores."""
-    buffer = b""
-    async for chunk in resp.aiter_raw():
-        buffer += chunk.replace(b"\r\n", b"\n")
-        *events, buffer = buffer.split(b"\n\n")
-        for raw in events:
-            parsed = _sse_event(raw)
-            if parsed is not None:
-                yield parsed
-    if buffer.strip():
-        parsed = _sse_event(buffer)
-        if parsed is not None:
-            yield parsed
-
-
-def _sse_event(raw: bytes) -> tuple[str, str] | None:
-    event, data = "message", []
-    for line in raw.decode().split("\n"):
-        if line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].removeprefix(" "))
-    return (event, "\n".join(data)) if data else None
-
-
-def _tick(r: RequestResult, start: float, last: float) -> float:
-    """Record the arrival of one streamed piece: the first is TTFT, later ones inter-token latencies."""
-    now = time.perf_counter()
-    if r.ttft == 0.0:
-        r.ttft = now - start
-    else:
-        r.itls.append(now - last)
-    return now
-
-
-async def send_native(client: httpx.AsyncClient, spec: LoadSpec, prompt: Prompt, seed: int) -> RequestResult:
-    body = {"model": spec.model, "prompt": prompt.text, "max_tokens": spec.output_len, "temperature": spec.temperature,
-            "ignore_eos": True, "stream": True, "seed": seed}
-    r = RequestResult(prompt_tokens=len(prompt.ids))
-    start = last = time.perf_counter()
-    async with client.stream("POST", f"{spec.url}/v1/generate", json=body) as resp:
-        if resp.status_code != 200:
-            r.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:200]}"
-            return r
-        async for event, data in sse_events(resp):
-            if event == "token" and '"token_id"' in data:
-                last = _tick(r, start, last)
-                r.output_tokens += 1
-            elif event == "done":
-                usage = json.loads(data)["usage"]
-                r.prompt_tokens, r.output_tokens = usage["prompt_tokens"], usage["completion_tokens"]
-                r.ok = True
-            elif event == "error":
-                r.error = data[:200]
-    r.latency = time.perf_counter() - start
-    if not r.ok and not r.error:
-        r.error = "stream ended without a done event"
-    return r
-
-
-async def send_openai(client: httpx.AsyncClient, spec: LoadSpec, prompt: Prompt, seed: int) -> RequestResult:
-    body = {"model": spec.model, "prompt": prompt.ids, "max_tokens": spec.output_len, "temperature": spec.temperature,
-            "ignore_eos": True, "stream": True, "seed": seed, "stream_options": {"include_usage": True}}
-    r = RequestResult(prompt_tokens=len(prompt.ids))
-    start = last = time.perf_counter()
-    chunks = 0
-    async with client.stream("POST", f"{spec.url}/v1/completions", json=body) as resp:
-        if resp.status_code != 200:
-            r.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:200]}"
-            return r
-        async for _, data in sse_events(resp):
-            if data == "[DONE]":
-                r.ok = not r.error
-                break
-            chunk = json.loads(data)
-            if "error" in chunk:
-                r.error = str(chunk["error"])[:200]
-            elif chunk.get("choices"):
-                last = _tick(r, start, last)  # per chunk, as vLLM counts it
-                chunks += 1
-            elif chunk.get("usage"):
-                r.prompt_tokens, r.output_tokens = chunk["usage"]["prompt_tokens"], chunk["usage"]["completion_tokens"]
-    r.latency = time.perf_counter() - start
-    r.output_tokens = r.output_tokens or chunks
-    if not r.ok and not r.error:
-        r.error = "stream ended without [DONE]"
-    return r
-
-
-async def make_prompts(client: httpx.AsyncClient, spec: LoadSpec, n: int) -> list[Prompt]:
-    """n prompts of spec.input_len tokens (exact for character vocabularies, nearest found for BPE)."""
-    card = (await client.get(f"{spec.url}/v1/models/{spec.model}")).raise_for_status().json()
-    vocab = int(card["details"]["vocab_size"])
-    rng = random.Random(spec.seed)
-    prompts = []
-    for _ in range(n):
-        ids = [rng.randrange(vocab) for _ in range(spec.input_len)]
-        for attempt in range(8):
-            resp = await client.post(f"{spec.url}/v1/detokenize", json={"model": spec.model, "tokens": ids})
-            text = resp.raise_for_status().json()["text"]
-            resp = await client.post(f"{spec.url}/v1/tokenize", json={"model": spec.model, "text": text})
-            ids = resp.raise_for_status().json()["tokens"]
-            if len(ids) == spec.input_len or attempt == 7:
-                break
-            ids = ids[: spec.input_len] + [rng.randrange(vocab) for _ in range(spec.input_len - len(ids))]
-        prompts.append(Prompt(text, ids))
-    return prompts
-
-
-# --- server-side step times ------------------------------------------------------------------------------------
-
-STEP_SERIES = ("attnserve_decode_step_time_seconds", "attnserve_prefill_step_time_seconds",
-               "attnserve_step_time_seconds")
-
-
-async def scrape(client: httpx.AsyncClient, spec: LoadSpec) -> dict[str, float]:
-    """Sums and counts of the engine's step-time histograms for this model ({} if the server has no /metrics)."""
-    try:
-        resp = await client.get(f"{spec.url}/metrics")
-    except httpx.HTTPError:
-        return {}
-    if resp.status_code != 200:
-        return {}
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(resp.text):
-        for s in family.samples:
-            if s.labels.get("model") == spec.model and s.name.removesuffix("_sum").removesuffix("_count") in STEP_SERIES:
-                out[s.name] = s.value
-    return out
+__all__ = ["Api", "LoadSpec", "Prompt", "RequestResult", "run_sweep", "summarize"]
 
 
 def step_stats(before: dict[str, float], after: dict[str, float], summary: dict[str, Any]) -> dict[str, float]:
@@ -259,17 +99,17 @@ def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
 
 # --- running ------------------------------------------------------------------------------------------------
 
-Sender = Callable[[httpx.AsyncClient, LoadSpec, Prompt, int], Awaitable[RequestResult]]
+Sender = Callable[[aiohttp.ClientSession, LoadSpec, Prompt, int], Awaitable[RequestResult]]
 
 
-async def _guarded(send: Sender, client: httpx.AsyncClient, spec: LoadSpec, prompt: Prompt, seed: int) -> RequestResult:
+async def _guarded(send: Sender, client: aiohttp.ClientSession, spec: LoadSpec, prompt: Prompt, seed: int) -> RequestResult:
     try:
         return await send(client, spec, prompt, seed)
     except Exception as e:  # a failed request is a result to count, never the end of the run
         return RequestResult(prompt_tokens=len(prompt.ids), error=f"{type(e).__name__}: {e}"[:200])
 
 
-async def run_level(client: httpx.AsyncClient, spec: LoadSpec, prompts: list[Prompt], concurrency: int,
+async def run_level(client: aiohttp.ClientSession, spec: LoadSpec, prompts: list[Prompt], concurrency: int,
                     request_rate: float = math.inf, progress: bool = True) -> dict[str, Any]:
     """Send every prompt (Poisson arrivals at request_rate, at most `concurrency` in flight) and summarize."""
     send: Sender = send_native if spec.api == "native" else send_openai
@@ -296,7 +136,7 @@ async def run_level(client: httpx.AsyncClient, spec: LoadSpec, prompts: list[Pro
             **summarize(list(results), duration)}
 
 
-async def run_with_long_prompts(client: httpx.AsyncClient, spec: LoadSpec, prompts: list[Prompt], concurrency: int,
+async def run_with_long_prompts(client: aiohttp.ClientSession, spec: LoadSpec, prompts: list[Prompt], concurrency: int,
                                 long_len: int, interval: float, progress: bool = True) -> dict[str, Any]:
     """The level at `concurrency` while a `long_len`-token prompt arrives every `interval` seconds (each asks for
     one token; they are not in the summary): a long prefill must not stall the streams (chunked prefill)."""
@@ -327,8 +167,9 @@ async def run_sweep(spec: LoadSpec, concurrencies: list[int], num_prompts: list[
                     long_prompts: tuple[int, float] | None = None) -> dict[str, Any]:
     """One level per concurrency (num_prompts[i] requests each), on one connection pool, after a warm-up."""
     headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=max(concurrencies) + 4)
-    async with httpx.AsyncClient(timeout=spec.timeout, limits=limits, headers=headers) as client:
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, headers=headers,
+                                     timeout=aiohttp.ClientTimeout(total=spec.timeout)) as client:
         prompts = await make_prompts(client, spec, max(num_prompts))
         for i in range(warmup):
             await _guarded(send_native if spec.api == "native" else send_openai, client,
