@@ -1,8 +1,16 @@
 """Every request and response body of the API, one module per surface: `common` (errors, usage, sampling,
-health), `native` (/v1/generate, tokenize), `openai` (/v1/completions, /v1/models), `vllm` (/tokenize,
-/tokenizer_info, ...) and `inspection` (/v1/attention and the streamed attention rows). The names are re-exported
-here."""
+health), `native` (/v1/generate, tokenize), `openai` (/v1/completions, /v1/models), `chat`
+(/v1/chat/completions), `vllm` (/tokenize, /tokenizer_info, ...) and `inspection` (/v1/attention and the streamed
+attention rows). The names are re-exported here."""
 
+from service.schemas.chat import (
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatMessage,
+    ChatStreamOptions,
+)
 from service.schemas.common import (
     MAX_TEXT_CHARS,
     ErrorDetail,
@@ -66,6 +74,12 @@ __all__ = [
     "AttentionRequest",
     "AttentionResponse",
     "AttentionStreamSpec",
+    "ChatChoice",
+    "ChatCompletionRequest",
+    "ChatCompletionResponse",
+    "ChatLogprobs",
+    "ChatMessage",
+    "ChatStreamOptions",
     "CompletionChoice",
     "CompletionLogprobs",
     "CompletionRequest",
