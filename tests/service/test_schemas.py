@@ -47,7 +47,7 @@ def test_every_example_names_a_shipped_model(spec: dict[str, Any]) -> None:
 def test_translator_examples_give_a_source_sentence(spec: dict[str, Any]) -> None:
     for path, ex in _request_examples(spec):
         if ex["model"] == "multi30k-en-de" and path != "/v1/detokenize":
-            text = ex.get("source") or ex.get("prompt") or ex.get("text")
+            text = ex.get("source") or ex.get("prompt") or ex.get("text") or ex.get("messages", [{}])[-1].get("content")
             assert isinstance(text, str) and text.endswith("."), (path, ex)
 
 
