@@ -6,6 +6,13 @@ open connections are cut and the process dies of that signal (exit status 143 fo
 
 from __future__ import annotations
 
+import os
+
+# Before torch loads OpenMP: idle OpenMP threads sleep at once instead of spinning on a core that the event loop
+# (and, on a small machine, the clients) need. Measured at 32 SSE streams on 2 cores: +20% tokens/s. An
+# OMP_WAIT_POLICY set by the operator wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import asyncio
 import logging
