@@ -91,6 +91,10 @@ class StepInputs:
         a, _ = self.offsets[name]
         self.np_i64[a + at : a + at + len(values)] = values
 
+    def _scatter(self, name: str, at: np.ndarray, values: np.ndarray) -> None:
+        a, _ = self.offsets[name]
+        self.np_i64[a + at] = values
+
     def _fill(self, name: str, n: int, value: int) -> None:
         a, _ = self.offsets[name]
         self.np_i64[a : a + n] = value
@@ -111,16 +115,19 @@ class StepInputs:
         self._fill("decode_lens", s_rows, 1)
         self._fill("cross_lens", s_rows, 1)
         longest, cross = 1, 1
-        for s in decodes:
-            req, seat = s.request, s.request.seat or 0
-            self._put("tokens", seat, token_at(req, s.start, 1))
-            self._put("positions", seat, [s.start])
-            self._put("slots", seat, [pool.slot(seat, s.start)])
-            self._put("decode_lens", seat, [s.start + 1])
-            longest = max(longest, s.start + 1)
-            if req.source_ids is not None:
-                self._put("cross_lens", seat, [len(req.source_ids)])
-                cross = max(cross, len(req.source_ids))
+        if decodes:  # one scatter per field (row = seat), not one write per request
+            seats = np.fromiter((s.request.seat or 0 for s in decodes), np.int64, len(decodes))
+            starts = np.fromiter((s.start for s in decodes), np.int64, len(decodes))
+            tokens = np.fromiter((token_at(s.request, s.start, 1)[0] for s in decodes), np.int64, len(decodes))
+            self._scatter("tokens", seats, tokens)
+            self._scatter("positions", seats, starts)
+            self._scatter("slots", seats, seats * pool.seat_len + starts)
+            self._scatter("decode_lens", seats, starts + 1)
+            longest = int(starts.max()) + 1
+            sources = [(s.request.seat or 0, len(s.request.source_ids)) for s in decodes if s.request.source_ids]
+            for seat, n in sources:
+                self._put("cross_lens", seat, [n])
+                cross = max(cross, n)
         row, chunks = s_rows, []
         for s in prefills:
             req, seat = s.request, s.request.seat or 0
