@@ -89,6 +89,12 @@ def sampling_params(body: Sampling, settings: Settings, logprobs: int | None, se
     )
 
 
+def omitted_max_tokens(served: ServedModel, prompt_ids: list[int], default: int) -> int:
+    """max_tokens when a request gives none: a translator's sized to its source, an LM's `default` capped to the
+    room its prompt leaves in the context (at least 1, so a prompt that fills it is refused as too long)."""
+    return served.default_max_tokens(prompt_ids) or max(1, min(default, served.context_length - len(prompt_ids)))
+
+
 def check_token_ids(served: ServedModel, ids: list[int], field: str) -> None:
     vocab = served.checkpoint.config.vocab_size
     bad = [i for i in ids if not 0 <= i < vocab]

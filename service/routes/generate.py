@@ -14,6 +14,7 @@ from service.inspection.streaming import stream_spec, streamed_attention
 from service.registry import ServedModel
 from service.routes.deps import (
     error_responses,
+    omitted_max_tokens,
     request_id,
     sampling_params,
     served_model,
@@ -69,7 +70,7 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse 
     served = served_model(request, body.model)
     ids = served.tokenizer.encode(body.prompt)
     params = sampling_params(body, settings_of(request), body.logprobs,
-                             default_max_tokens=served.default_max_tokens(ids), prompt=body.prompt)
+                             default_max_tokens=omitted_max_tokens(served, ids, body.max_tokens), prompt=body.prompt)
     req = served.make_request(request_id(request, "gen"), body.prompt, params, prompt_ids=ids)
     if body.return_attention is not None:
         req.attention = _attention_spec(served, body.return_attention, body.stream,

@@ -22,6 +22,7 @@ from service.routes.deps import (
     check_token_ids,
     error_responses,
     merge,
+    omitted_max_tokens,
     request_id,
     sampling_params,
     served_model,
@@ -96,11 +97,8 @@ def _check(body: CompletionRequest, served: ServedModel, settings: Settings) -> 
 
 def _params(body: CompletionRequest, served: ServedModel, settings: Settings, ids: list[int], j: int,
             prompt_k: int | None) -> SamplingParams:
-    # omitted max_tokens: a translator sizes it to its source, an LM takes 16 capped to the room left in its context
-    room = served.context_length - len(ids)
-    default = served.default_max_tokens(ids) or max(1, min(body.max_tokens, room))
-    params = sampling_params(body, settings, body.logprobs, seed_offset=j, default_max_tokens=default,
-                             prompt=body.prompt)
+    params = sampling_params(body, settings, body.logprobs, seed_offset=j, prompt=body.prompt,
+                             default_max_tokens=omitted_max_tokens(served, ids, body.max_tokens))
     return dataclasses.replace(params, prompt_logprobs=prompt_k)
 
 

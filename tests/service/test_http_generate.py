@@ -215,7 +215,7 @@ BAD_BODIES: list[tuple[dict[str, Any], str]] = [
     ({"prompt": "a", "max_tokens": "many"}, "max_tokens"),
     ({"prompt": "a", "temperature": 2.5}, "temperature"),
     ({"prompt": "a", "top_p": 0}, "top_p"),
-    ({"prompt": "a", "top_k": -1}, "top_k"),
+    ({"prompt": "a", "top_k": -2}, "top_k"),
     ({"prompt": "a", "seed": -3}, "seed"),
     ({"prompt": "a", "logprobs": -1}, "logprobs"),
     ({"prompt": "a", "stop": ["x"] * 50}, "stop"),
