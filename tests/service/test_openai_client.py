@@ -66,6 +66,20 @@ def test_stop_echo_and_logprobs(client: openai.OpenAI, server: LiveServer) -> No
         assert chosen == pytest.approx(max(top.values()))  # greedy takes the most likely token
 
 
+def test_prompt_scoring_through_the_sdk(client: openai.OpenAI, server: LiveServer) -> None:
+    ids = httpx.post(f"{server.url}/v1/tokenize", json={"model": "tiny-gpt", "text": PROMPT}).json()["tokens"]
+    c = client.completions.create(model="tiny-gpt", prompt=ids, echo=True, logprobs=1, max_tokens=0,
+                                  extra_body={"prompt_logprobs": 1})
+    choice = c.choices[0]
+    lp = choice.logprobs
+    assert choice.text == PROMPT and choice.finish_reason == "length" and lp is not None
+    assert lp.tokens is not None and lp.token_logprobs is not None and lp.text_offset is not None
+    assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None and lp.text_offset == list(range(len(ids)))
+    rows = choice.model_extra["prompt_logprobs"] if choice.model_extra else None
+    assert rows is not None and rows[0] is None
+    assert [row[str(t)]["logprob"] for row, t in zip(rows[1:], ids[1:], strict=True)] == lp.token_logprobs[1:]
+
+
 def test_streaming_with_n_stop_seed_and_usage(client: openai.OpenAI) -> None:
     kw: dict[str, Any] = dict(model="tiny-gpt", prompt=PROMPT, max_tokens=24, temperature=1.0, top_p=0.9, n=2,
                               seed=5, stop=["\n\n"])

@@ -119,6 +119,8 @@ def test_max_tokens_0_and_the_omitted_default(server: LiveServer) -> None:
     out = post(server, {"prompt": long, "temperature": 0, "ignore_eos": True})  # omitted: 16 capped to the room
     assert out["usage"]["completion_tokens"] == 8 and out["choices"][0]["finish_reason"] == "length"
     assert post(server, {"prompt": long, "max_tokens": None, "ignore_eos": True})["usage"]["completion_tokens"] == 8
+    native = httpx.post(f"{server.url}/v1/generate", json={"model": "tiny-gpt", "prompt": long, "ignore_eos": True})
+    assert native.status_code == 200 and native.json()["usage"]["completion_tokens"] == 8
     err = post(server, {"prompt": long, "max_tokens": 16}, 400)["error"]  # asked for: refused, not capped
     assert err["code"] == "context_length_exceeded"
     full = post(server, {"prompt": "ROMEO: " * 18 + "bu", "max_tokens": 0, "echo": True, "logprobs": 0})
