@@ -82,7 +82,7 @@ def _check(body: CompletionRequest, served: ServedModel, settings: Settings) -> 
     if bad is not None:
         raise APIError(400, f"{bad} is not supported by this server (value {getattr(body, bad)!r})", param=bad)
     scored = body.prompt_logprobs is not None or (body.echo and body.logprobs is not None)
-    if body.max_tokens == 0 and "max_tokens" in body.model_fields_set and not (body.echo or scored):
+    if body.max_tokens == 0 and not (body.echo or scored):
         raise APIError(400, "max_tokens is 0: only prompt scoring (echo, or prompt_logprobs) generates nothing",
                        param="max_tokens")
     if body.prompt_logprobs is not None and body.prompt_logprobs > settings.max_logprobs:
