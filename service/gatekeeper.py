@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.engine.engine import CALLER, Caller
+from service.caller import CALLER, Caller
 from service.errors import error_body
 from service.metrics import Metrics
 from service.settings import Settings

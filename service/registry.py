@@ -13,8 +13,9 @@ from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from model.paged_cache import BlockPool
 from model.tokenizer import Tokenizer
 from model.transformer import DecoderOnlyLM, Transformer, num_parameters
+from service.caller import CALLER
 from service.engine.device import pick_device, pick_dtype
-from service.engine.engine import Engine, EngineConfig, RequestStats, StepStats
+from service.engine.engine import Engine, EngineConfig, RequestStats, RequestStream, StepStats
 from service.engine.request import Request, SamplingParams
 from service.engine.runner import ModelRunner
 from service.settings import Settings
@@ -53,6 +54,18 @@ class ServedModel:
         if not self.is_encoder_decoder:
             return None
         return max(1, min(2 * len(prompt_ids) + 10, self.context_length - 1))
+
+    def open(self, req: Request, counts_prompt: bool = True) -> RequestStream:
+        """Queue req on this model's engine for the current HTTP caller: the request inherits the caller's
+        deadline, and its tokens reach the caller's access-log line when its stream closes (its prompt only
+        if `counts_prompt`: the n choices of one prompt count it once, as usage does)."""
+        caller = CALLER.get()
+        if caller is not None and req.deadline is None:
+            req.deadline = caller.deadline
+        stream = self.engine.open(req)
+        if caller is not None:
+            stream.on_close = lambda r: caller.count(r, counts_prompt)
+        return stream
 
     def make_request(self, request_id: str, text: str | None, params: SamplingParams,
                      prompt_ids: list[int] | None = None) -> Request:

@@ -35,7 +35,7 @@ from service.engine.request import (
 )
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import Scheduler, SchedulerOutput
-from service.engine.stream import CALLER, Caller, Outbox, RequestStream
+from service.engine.stream import Outbox, RequestStream
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("attnserve.engine")
 
 # Re-exported: callers import the engine's public records from here.
-__all__ = ["CALLER", "Caller", "EngineConfig", "InvalidRequest", "RequestStats", "RequestStream", "StepStats"]
+__all__ = ["EngineConfig", "InvalidRequest", "RequestStats", "RequestStream", "StepStats"]
 
 
 @dataclass(frozen=True)
@@ -114,10 +114,7 @@ class Engine:
     def open(self, req: Request) -> RequestStream:
         """Queue a request and return its stream (use it as `async with`)."""
         self.check(req)
-        caller = CALLER.get()
-        if caller is not None and req.deadline is None:
-            req.deadline = caller.deadline
-        stream = RequestStream(self, req, asyncio.get_running_loop(), caller)
+        stream = RequestStream(self, req, asyncio.get_running_loop())
         with self._lock:
             self._pending += 1
             self._pending_tokens += req.num_tokens

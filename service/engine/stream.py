@@ -1,12 +1,11 @@
-"""The caller's side of a request: the async stream of its outputs, and what one HTTP request shares with the
-engine requests it opens (a deadline; token counts for the access log)."""
+"""The caller's side of a request: the async stream of its outputs, and the engine thread's outbox that feeds
+the streams once per step."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
-from dataclasses import dataclass
+from collections.abc import Callable
 from types import TracebackType
 from typing import Protocol
 
@@ -17,28 +16,12 @@ class Aborter(Protocol):
     def abort(self, request_id: str) -> None: ...
 
 
-@dataclass
-class Caller:
-    """What one caller (an HTTP request) shares with every engine request it opens: an optional deadline, and
-    the token counts of those requests once their streams close (for the caller's access log)."""
-
-    deadline: float | None = None  # monotonic seconds
-    prompt: str | None = None  # the request's text, set only where the service logs prompts
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-# Set by the HTTP layer for the duration of one HTTP request; requests opened under it inherit its deadline.
-CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("attnserve_caller", default=None)
-
-
 class RequestStream:
     """Async iterator over one request's StepOutputs; as a context manager it aborts on early exit."""
 
-    def __init__(
-        self, engine: Aborter, request: Request, loop: asyncio.AbstractEventLoop, caller: Caller | None = None
-    ) -> None:
-        self.engine, self.request, self.loop, self.caller = engine, request, loop, caller
+    def __init__(self, engine: Aborter, request: Request, loop: asyncio.AbstractEventLoop) -> None:
+        self.engine, self.request, self.loop = engine, request, loop
+        self.on_close: Callable[[Request], None] | None = None  # called once the stream is left, by any path
         self.queue: asyncio.Queue[StepOutput] = asyncio.Queue()
         self.finished = False
 
@@ -60,10 +43,8 @@ class RequestStream:
     ) -> None:
         if not self.finished:
             self.engine.abort(self.request.request_id)
-        if self.caller is not None:
-            req = self.request
-            self.caller.prompt_tokens += len(req.source_ids if req.source_ids is not None else req.prompt_ids)
-            self.caller.completion_tokens += len(req.output_ids)
+        if self.on_close is not None:
+            self.on_close(self.request)
 
 
 def deliver(items: list[tuple[RequestStream, StepOutput]]) -> None:

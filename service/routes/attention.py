@@ -129,7 +129,7 @@ def _params(request: Request, served: ServedModel, body: AttentionRequest, inp: 
 async def _generate(request: Request, served: ServedModel, params: SamplingParams, inp: Inputs) -> Inputs:
     """Generate the continuation (translator: the target) through the engine; return the extended inputs."""
     ids = inp.encoder_ids if served.is_encoder_decoder else inp.decoder_ids
-    stream = served.engine.open(served.make_request(request_id(request, "insp"), None, params, prompt_ids=ids))
+    stream = served.open(served.make_request(request_id(request, "insp"), None, params, prompt_ids=ids))
 
     async def collect() -> list[int]:
         out_ids: list[int] = []

@@ -107,7 +107,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
             req = served.make_request(f"{rid}-{j}", text, _params_for(body, served, request, ids, top, j),
                                       prompt_ids=ids)
             prompt_tokens = req.num_prompt_tokens
-            stream = served.engine.open(req)
+            stream = served.open(req, counts_prompt=j == 0)  # n choices share one prompt
             await stack.enter_async_context(stream)  # aborts it if anything below fails
             choices.append(_Choice(j, logprobs=[] if top is not None else None))
             streams.append(stream)

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
-from service.engine.engine import CALLER
+from service.caller import CALLER
 from service.engine.request import SamplingParams
 from service.errors import APIError
 from service.registry import ServedModel

@@ -76,7 +76,7 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse 
         req.attention = _attention_spec(served, body.return_attention, body.stream,
                                         req.num_tokens + len(req.source_ids or []) + params.max_tokens,
                                         settings_of(request))
-    stream = served.engine.open(req)
+    stream = served.open(req)
     if body.stream:
         return StreamingResponse(_events(served, stream, body.logprobs is not None, req.attention),
                                  media_type="text/event-stream",

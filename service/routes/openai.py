@@ -47,6 +47,7 @@ class _Choice:
     prompt_ids: list[int]
     from_text: bool
     prompt_tokens: int = 0
+    prompt_index: int = 0  # which prompt of the request: its n choices share its tokens in usage
     text: list[str] = field(default_factory=list)
     logprobs: CompletionLogprobs | None = None
     offset: int = 0  # where the next generated text starts in the choice's text
@@ -123,11 +124,10 @@ async def completions(body: CompletionRequest, request: Request) -> CompletionRe
             for j in range(body.n):
                 req = served.make_request(f"{rid}-{pi}-{j}", text, _params(body, served, settings, ids, j, prompt_k),
                                           prompt_ids=ids)
-                stream = served.engine.open(req)
+                stream = served.open(req, counts_prompt=j == 0)  # n choices share one prompt
                 await stack.enter_async_context(stream)  # aborts it if anything below fails
-                choice = _Choice(len(choices), text, req.prompt_ids, given is None,
-                                 len(req.prompt_ids if not req.source_ids else req.source_ids),
-                                 offset=len(text) if body.echo else 0)
+                choice = _Choice(len(choices), text, req.prompt_ids, given is None, req.num_prompt_tokens,
+                                 offset=len(text) if body.echo else 0, prompt_index=pi)
                 choices.append(choice)
                 streams.append(stream)
         pending = stack.pop_all()
@@ -180,7 +180,7 @@ async def _collect(served: ServedModel, body: CompletionRequest, rid: str, creat
 
 
 def _usage(choices: list[_Choice]) -> Usage:
-    prompt = sum({c.prompt_text: c.prompt_tokens for c in choices}.values())
+    prompt = sum({c.prompt_index: c.prompt_tokens for c in choices}.values())
     completion = sum(c.completion_tokens for c in choices)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 

@@ -110,6 +110,8 @@ def test_request_ids_and_access_log_lines(make_server: Any, lines: Lines) -> Non
         with c.stream("POST", "/v1/completions", json=two, headers={"X-Request-ID": "stream-1"}) as st:
             assert st.headers["X-Request-ID"] == "stream-1"
             assert st.read().endswith(b"data: [DONE]\n\n")
+        twice = c.post("/v1/completions", json={"prompt": ["ab", "ab"], "n": 3, "max_tokens": 2},
+                       headers={"X-Request-ID": "twice-1"}).json()
         generated = c.post("/v1/generate", json={"prompt": "x", "max_tokens": 2})
         assert len(generated.headers["X-Request-ID"]) == 32  # made up when the client sends none
         assert c.post("/v1/generate", json={"prompt": 5}, headers={"X-Request-ID": "bad-1"}).status_code == 400
@@ -117,7 +119,10 @@ def test_request_ids_and_access_log_lines(make_server: Any, lines: Lines) -> Non
     assert line["status"] == 200 and line["path"] == "/v1/generate" and line["model"] == "tiny-gpt"
     assert line["latency_ms"] > 0 and line["prompt_tokens"] == len(secret) and line["completion_tokens"] == 3
     line = lines.access("stream-1")  # written when the stream ended, so it has the tokens of both choices
-    assert line["completion_tokens"] == 8 and line["prompt_tokens"] == 2 * len(secret)
+    assert line["completion_tokens"] == 8 and line["prompt_tokens"] == len(secret)  # one prompt, as usage says
+    line = lines.access("twice-1")  # two prompts (equal texts still count twice), 3 choices each
+    assert twice["usage"]["prompt_tokens"] == 4 == line["prompt_tokens"]
+    assert twice["usage"]["completion_tokens"] == line["completion_tokens"]
     assert lines.access(generated.headers["X-Request-ID"])["status"] == 200
     assert lines.access("bad-1")["status"] == 400
     assert not any(secret in json.dumps(x) for x in lines.lines)  # prompts stay out of the logs by default

@@ -228,3 +228,20 @@ def test_exposition_is_clean(make_server: Callable[..., Any]) -> None:
     for expected in ("attnserve_requests_running", "attnserve_kv_cache_usage_ratio", "attnserve_time_to_first_token_"
                      "seconds", "attnserve_inter_token_latency_seconds", "attnserve_request_queue_time_seconds"):
         assert expected in names
+
+
+def test_a_translators_prompt_tokens_agree_across_usage_metrics_and_the_access_log(make_server: Callable[..., Any]) -> None:
+    """One count (Request.num_prompt_tokens): a translator's prompt is its source, not its decoder's BOS."""
+    server = make_server()
+    name = next(n for n, m in server.models.items() if m.is_encoder_decoder)
+    r = httpx.post(f"{server.url}/v1/generate", json={"model": name, "prompt": "Two dogs play in the snow.",
+                                                      "max_tokens": 3, "ignore_eos": True}, timeout=30)
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] == len(server.models[name].tokenizer.encode("Two dogs play in the snow.")) > 1
+
+    async def scrape() -> dict[str, dict[Labels, float]]:
+        async with httpx.AsyncClient(base_url=server.url) as c:
+            return await Scraper(c)()
+
+    m = asyncio.run(scrape())
+    assert m["attnserve_prompt_tokens_total"][frozenset({"model": name}.items())] == usage["prompt_tokens"]

@@ -1,0 +1,26 @@
+"""What one HTTP request shares with the engine requests it opens: its deadline (from X-Request-Timeout) and,
+for its access-log line, the token counts of those requests once their streams close. Set by the gatekeeper
+for the duration of one HTTP request; the engine never sees it."""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+
+from service.engine.request import Request
+
+
+@dataclass
+class Caller:
+    deadline: float | None = None  # monotonic seconds
+    prompt: str | None = None  # the request's text, set only where the service logs prompts
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def count(self, req: Request, counts_prompt: bool = True) -> None:
+        """A stream of this caller's closed: add its tokens (the prompt as the caller sent it)."""
+        self.prompt_tokens += req.num_prompt_tokens if counts_prompt else 0
+        self.completion_tokens += len(req.output_ids)
+
+
+CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("attnserve_caller", default=None)
