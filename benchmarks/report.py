@@ -170,3 +170,24 @@ def plot_summary(runs: Sequence[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_pair(res: dict[str, Any], out: Path) -> None:
+    stem = f"{res['model']}-{res['dtype']}"
+    parts = [f"## {res['model']} {res['dtype']}\n", "### ours\n", levels_table(res["ours"]["levels"])]
+    if "levels" in res["naive"]:
+        parts += ["\n### naive server (transformers generate, one request at a time)\n",
+                  levels_table(res["naive"]["levels"])]
+    (out / f"{stem}.md").write_text("\n".join(parts) + "\n")
+    series = {"ours": res["ours"]["levels"]}
+    if "levels" in res["naive"]:
+        series["naive server"] = res["naive"]["levels"]
+    lines = {}
+    if "output_throughput" in res["hf_static"]:
+        lines[f"HF static batch {res['hf_static']['batch']}"] = res["hf_static"]["output_throughput"]
+    top_c = res["ours"]["levels"][-1]["concurrency"]
+    top = next((r for r in res["roofline"] if r["batch"] == top_c), None)
+    if top is not None:
+        lines[f"roofline at batch {top['batch']}"] = top["roofline_tokens_per_s"]
+    plot_levels(series, out / f"{stem}.png", f"{res['model']} {res['dtype']} ({res['ours']['spec']['input_len']} in / "
+                f"{res['ours']['spec']['output_len']} out)", lines)

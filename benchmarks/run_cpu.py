@@ -33,7 +33,7 @@ import httpx
 import torch
 
 from benchmarks.checkpoints import export_hf, make_model
-from benchmarks.report import levels_table, plot_levels, plot_summary, summary_tables
+from benchmarks.report import plot_summary, summary_tables, write_pair
 from benchmarks.roofline import Machine, measure_machine, roofline_table, step_roofline
 from benchmarks.serve_bench import LoadSpec, run_sweep
 from model.checkpoint import DTYPES, load_checkpoint
@@ -227,27 +227,6 @@ def over_budget(plan: Plan, checkpoint: Path, name: str, dtype: str, took: dict[
         return (f"predicted to take {predicted:.0f} s ({other} took {seconds:.0f} s; a decode-shaped forward takes "
                 f"{slower:.2f}x the time in {dtype} on this machine); {left_s:.0f} s of the time budget were left")
     return None
-
-
-def write_pair(res: dict[str, Any], out: Path) -> None:
-    stem = f"{res['model']}-{res['dtype']}"
-    parts = [f"## {res['model']} {res['dtype']}\n", "### ours\n", levels_table(res["ours"]["levels"])]
-    if "levels" in res["naive"]:
-        parts += ["\n### naive server (transformers generate, one request at a time)\n",
-                  levels_table(res["naive"]["levels"])]
-    (out / f"{stem}.md").write_text("\n".join(parts) + "\n")
-    series = {"ours": res["ours"]["levels"]}
-    if "levels" in res["naive"]:
-        series["naive server"] = res["naive"]["levels"]
-    lines = {}
-    if "output_throughput" in res["hf_static"]:
-        lines[f"HF static batch {res['hf_static']['batch']}"] = res["hf_static"]["output_throughput"]
-    top_c = res["ours"]["levels"][-1]["concurrency"]
-    top = next((r for r in res["roofline"] if r["batch"] == top_c), None)
-    if top is not None:
-        lines[f"roofline at batch {top['batch']}"] = top["roofline_tokens_per_s"]
-    plot_levels(series, out / f"{stem}.png", f"{res['model']} {res['dtype']} ({res['ours']['spec']['input_len']} in / "
-                f"{res['ours']['spec']['output_len']} out)", lines)
 
 
 def main(argv: list[str] | None = None) -> None:

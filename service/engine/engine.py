@@ -7,13 +7,11 @@ error, cancellation) aborts the request, which frees its KV blocks at the start 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from service.engine.admission import refuse_limits
@@ -21,6 +19,7 @@ from service.engine.blocks import BlockManager
 from service.engine.detokenizer import Decode, IncrementalDetokenizer
 from service.engine.outputs import LiveRequest, Outputs
 from service.engine.request import (
+    EngineConfig,
     EngineDead,
     EngineOverloaded,
     EngineSnapshot,
@@ -35,7 +34,7 @@ from service.engine.request import (
 )
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import Scheduler, SchedulerOutput
-from service.engine.stream import Outbox, RequestStream
+from service.engine.stream import Outbox, RequestStream, run_for
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -44,18 +43,6 @@ log = logging.getLogger("attnserve.engine")
 
 # Re-exported: callers import the engine's public records from here.
 __all__ = ["EngineConfig", "InvalidRequest", "RequestStats", "RequestStream", "StepStats"]
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    num_blocks: int = 1024  # the KV budget in blocks (admission and preemption decide by it)
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_waiting_requests: int = 512  # beyond this, new requests are refused (HTTP 429)
-    max_waiting_tokens: int = 262144
-    queue_timeout: float | None = None  # seconds a request may wait before it starts
-    max_model_len: int = 512
 
 
 class Engine:
@@ -236,27 +223,8 @@ class Engine:
                     self._finish(live, RequestStatus.FINISHED_ABORTED)
 
     def _call(self, job: tuple[Callable[[], Any], asyncio.Future[Any]]) -> None:
-        """An inspection pass, between two steps on the engine's thread (the model is never used concurrently);
-        skipped when its caller has gone."""
-        fn, future = job
-        if future.cancelled():
-            return
-        try:
-            result, error = fn(), None
-        except Exception as e:  # the pass fails its caller, never the engine
-            result, error = None, e
-        loop = future.get_loop()
-
-        def settle() -> None:
-            if future.cancelled():
-                return
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)
-
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(settle)
+        """An inspection pass, between two steps on the engine's thread (the model is never used concurrently)."""
+        run_for(*job)
 
     def _expire(self, now: float) -> None:
         timeout = self.config.queue_timeout

@@ -207,6 +207,18 @@ class InvalidRequest(EngineError):
 
 
 @dataclass(frozen=True)
+class EngineConfig:
+    num_blocks: int = 1024  # the KV budget in blocks (admission and preemption decide by it)
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_waiting_requests: int = 512  # beyond this, new requests are refused (HTTP 429)
+    max_waiting_tokens: int = 262144
+    queue_timeout: float | None = None  # seconds a request may wait before it starts
+    max_model_len: int = 512
+
+
+@dataclass(frozen=True)
 class StepStats:
     """One engine step, for metrics."""
 

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 from service.engine.request import Request, StepOutput
 
@@ -70,3 +70,25 @@ class Outbox:
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
                 loop.call_soon_threadsafe(deliver, items)
+
+
+def run_for(fn: Callable[[], Any], future: asyncio.Future[Any]) -> None:
+    """Run fn on this (engine) thread for a caller awaiting `future` on its event loop; skipped when the caller
+    has gone (cancelled), and an exception reaches the caller, never the engine."""
+    if future.cancelled():
+        return
+    try:
+        result, error = fn(), None
+    except Exception as e:
+        result, error = None, e
+
+    def settle() -> None:
+        if future.cancelled():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+        future.get_loop().call_soon_threadsafe(settle)
