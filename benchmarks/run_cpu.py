@@ -74,7 +74,8 @@ class Plan:
 # --- processes --------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:  # the benchmarks do not import the tests
+def free_port() -> int:
+    """A loopback port nobody listens on (the OS picks it)."""
     import socket
 
     with socket.socket() as s:

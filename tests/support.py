@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ import httpx
 import torch
 import uvicorn
 
+from benchmarks.run_cpu import free_port  # one copy: the benchmarks start servers on free ports too
 from model.checkpoint import save_checkpoint
 from model.config import preset
 from model.tokenizer import Tokenizer
@@ -33,13 +33,6 @@ CORPUS = (
 
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_checkpoints(root: Path) -> Path:

@@ -10,10 +10,9 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from support import settings_for
+from support import settings_for, slow_steps
 
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.generate import GenerationConfig, generate
@@ -195,7 +194,7 @@ def test_a_failed_forward_fails_its_request_and_the_engine_goes_on(served: Serve
 
 def test_drain_finishes_or_aborts_in_flight_requests_and_refuses_new_ones(served: ServedModel) -> None:
     engine = served.engine
-    engine.runner.execute = _slowed(engine.runner.execute, 0.01)  # type: ignore[method-assign]  # 100 steps: >1 s
+    slow_steps(engine, 0.01)  # 100 steps: > 1 s
 
     async def main() -> tuple[list[StepOutput], list[StepOutput]]:
         quick = asyncio.ensure_future(collect(engine, served.make_request(
@@ -211,14 +210,6 @@ def test_drain_finishes_or_aborts_in_flight_requests_and_refuses_new_ones(served
     quick, slow = asyncio.run(main())
     assert quick[-1].finish_reason == "length" and slow[-1].finish_reason == "abort"
     assert engine.blocks.num_free == engine.blocks.num_blocks
-
-
-def _slowed(fn: Any, seconds: float) -> Any:
-    def slow(*args: Any) -> Any:
-        time.sleep(seconds)
-        return fn(*args)
-
-    return slow
 
 
 def test_the_offline_engine_benchmark_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
