@@ -86,6 +86,7 @@ class StepInputs:
         self.d_params = self.dev[8 * at :].view(torch.float32).view(len(PARAMS), max_seqs)
         self.max_source = max_source
         self.transfers = Transfers()
+        self.copied: torch.cuda.Event | None = None  # CUDA: marks the end of the last non-blocking copy
 
     def _put(self, name: str, at: int, values: list[int] | range) -> None:
         a, _ = self.offsets[name]
@@ -104,6 +105,8 @@ class StepInputs:
         """Pack the plan: rows [0, S) decode one token each for seat == row, then the prefill chunks.
         `decode_seats` / `decode_len` pad the decode part to a captured bucket."""
         pool = self.pool
+        if self.copied is not None:  # the last step's copy may still be reading the pinned buffer we rewrite now
+            self.copied.synchronize()
         decodes = [s for s in plan if s.num_new == 1]
         prefills = [s for s in plan if s.num_new > 1]
         s_rows = max((s.request.seat or 0) + 1 for s in decodes) if decodes else 0
@@ -151,6 +154,9 @@ class StepInputs:
         encode = [s for s in plan if s.encode_source]
         source_len = self._pack_sources(encode)
         self.transfers.h2d(self.dev, self.host)  # the step's one host-to-device copy
+        if self.device.type == "cuda":
+            self.copied = torch.cuda.Event()
+            self.copied.record()
         if decode_len is not None:  # a captured bucket (decoder-only models)
             longest = max(longest, decode_len)
         layout = StepLayout(self.d["slots"][:row], s_rows, longest, None, cross, None, chunks,
