@@ -10,6 +10,8 @@ import pytest
 import torch
 from support import LiveServer, make_checkpoints, settings_for
 
+from service.registry import ServedModel, build_served_model
+
 
 @pytest.fixture(scope="session")
 def checkpoints_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -29,6 +31,24 @@ def make_server(checkpoints_dir: Path) -> Iterator[Callable[..., LiveServer]]:
     yield make
     for s in servers:
         s.stop()
+
+
+@pytest.fixture
+def build(checkpoints_dir: Path) -> Iterator[Callable[..., ServedModel]]:
+    """Factory: build(name="tiny-gpt", start=True, **settings_overrides) -> a served model without HTTP, its
+    engine loop running unless start=False; every engine is stopped at teardown."""
+    made: list[ServedModel] = []
+
+    def make(name: str = "tiny-gpt", start: bool = True, **overrides: Any) -> ServedModel:
+        m = build_served_model(checkpoints_dir / name, settings_for(checkpoints_dir, **overrides))
+        if start:
+            m.engine.start()
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.engine.stop()
 
 
 @pytest.fixture(scope="module")

@@ -5,34 +5,17 @@ string can be kept in the output."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from support import settings_for
 
 from model.checkpoint import load_checkpoint
 from service.engine.request import SamplingParams, StepOutput
-from service.registry import ServedModel, build_served_model
+from service.registry import ServedModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture
-def build(checkpoints_dir: Path) -> Iterator[Any]:
-    made: list[ServedModel] = []
-
-    def make(**overrides: Any) -> ServedModel:
-        m = build_served_model(checkpoints_dir / "tiny-gpt", settings_for(checkpoints_dir, **overrides))
-        m.engine.start()
-        made.append(m)
-        return m
-
-    yield make
-    for m in made:
-        m.engine.stop()
 
 
 def run(served: ServedModel, prompts: list[str], params: list[SamplingParams]) -> list[list[StepOutput]]:

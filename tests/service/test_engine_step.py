@@ -5,19 +5,17 @@ in a batch of 32, and (with CUDA) graphs equal to eager and bfloat16 close to th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from support import settings_for
 
 from model.checkpoint import load_checkpoint
 from model.generate import GenerationConfig, generate
 from service.engine.cuda_graphs import DecodeGraphs
 from service.engine.request import SamplingParams, StepOutput
-from service.registry import ServedModel, build_served_model
+from service.registry import ServedModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,22 +24,6 @@ PROMPTS = ["ROMEO: What light through yonder window", "a", "JULIET: O Romeo, Rom
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 def cuda(test: Any) -> Any:
     return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
-
-
-@pytest.fixture
-def build(checkpoints_dir: Path) -> Iterator[Any]:
-    made: list[ServedModel] = []
-
-    def make(name: str = "tiny-gpt", start: bool = True, **overrides: Any) -> ServedModel:
-        m = build_served_model(checkpoints_dir / name, settings_for(checkpoints_dir, **overrides))
-        if start:
-            m.engine.start()
-        made.append(m)
-        return m
-
-    yield make
-    for m in made:
-        m.engine.stop()
 
 
 def run(served: ServedModel, prompts: list[str], params: SamplingParams | list[SamplingParams] = GREEDY
