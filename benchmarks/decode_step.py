@@ -20,11 +20,10 @@ from typing import Any
 
 import torch
 
+from model.checkpoint import DTYPES
 from model.config import preset
 from model.kv_cache import ContiguousKVCache
 from model.transformer import DecoderOnlyLM
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _sync(device: torch.device) -> None:

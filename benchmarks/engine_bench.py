@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from model.checkpoint import DTYPES
 from model.config import preset
 from model.tokenizer import Tokenizer
 from model.transformer import DecoderOnlyLM, build_model, num_parameters
@@ -32,7 +33,6 @@ from service.engine.engine import Engine, EngineConfig, StepStats
 from service.engine.request import Request, SamplingParams
 from service.engine.runner import ModelRunner
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BLOCK_SIZE = 16
 
 

@@ -24,9 +24,8 @@ from typing import Any
 
 import torch
 
+from model.checkpoint import DTYPES
 from model.config import TransformerConfig, preset
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ from model.masks import length_mask
 from model.paged_cache import StepLayout
 
 if TYPE_CHECKING:
-    from service.engine.inputs import Prepared
     from service.engine.runner import ModelRunner
     from service.engine.scheduler import ScheduledRequest
 
@@ -57,7 +56,7 @@ class DecodeGraphs:
         d = self.runner.inputs.d
         return StepLayout(d["slots"][:seats], seats, length, length_mask(d["decode_lens"][:seats], length))
 
-    def run(self, key: tuple[int, int], prep: Prepared) -> Tensor:
+    def run(self, key: tuple[int, int]) -> Tensor:
         """Hidden states (seats, d_model) of the padded decode rows."""
         if not self.use_graphs:
             return self.runner.forward_decode(key[0], self._layout(key))

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
+from model.checkpoint import DTYPES
+
 log = logging.getLogger("attnserve.device")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 BIG_MATMUL_S = 5e-4  # a decode-shaped float32 matmul slower than this makes a step compute-bound
 

@@ -59,7 +59,7 @@ class Engine:
         on_finish: Callable[[RequestStats], None] | None = None,
     ) -> None:
         self.name, self.runner, self.config = name, runner, config
-        self.decode, self.eos_id = decode, eos_id
+        self.decode = decode
         self.blocks = BlockManager(config.num_blocks, config.block_size, runner.pool.num_seats,
                                    runner.pool.blocks_per_seat)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, eos_id,

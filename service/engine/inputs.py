@@ -84,7 +84,6 @@ class StepInputs:
         dev_i64 = self.dev[: 8 * at].view(torch.int64)
         self.d = {name: dev_i64[a : a + n] for name, (a, n) in self.offsets.items()}
         self.d_params = self.dev[8 * at :].view(torch.float32).view(len(PARAMS), max_seqs)
-        self.max_source = max_source
         self.transfers = Transfers()
         self.copied: torch.cuda.Event | None = None  # CUDA: marks the end of the last non-blocking copy
 

@@ -18,7 +18,7 @@ from model.attention import AttentionCapture, MultiHeadAttention
 from model.paged_cache import BlockPool, PagedKVCache
 from model.transformer import DecoderOnlyLM, Transformer, num_parameters
 from service.engine.cuda_graphs import DecodeGraphs
-from service.engine.inputs import Prepared, StepInputs
+from service.engine.inputs import Prepared, StepInputs, Transfers
 from service.engine.request import ModelOutput, PromptLogprob, TokenLogprob
 from service.engine.sampler import ERROR_NAN, Sampler
 from service.engine.scheduler import ScheduledRequest
@@ -55,7 +55,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = DecodeGraphs(self, num_seats, seat_len) if use_graphs else None
 
     @property
-    def transfers(self) -> Any:
+    def transfers(self) -> Transfers:
         return self.inputs.transfers
 
     def bind_thread(self) -> None:
@@ -91,7 +91,7 @@ class ModelRunner:
             self._encode(prep)
         cache = None
         if bucket is not None and self.graphs is not None:
-            hidden = self.graphs.run(bucket, prep)  # (S_bucket, d_model)
+            hidden = self.graphs.run(bucket)  # (S_bucket, d_model)
         else:
             cache = PagedKVCache(self.pool, prep.layout)
             d = self.inputs.d
@@ -221,5 +221,3 @@ class ModelRunner:
             rows[kind] = w.double().round(decimals=6).tolist()
         return rows
 
-
-__all__ = ["BlockPool", "ModelRunner"]
