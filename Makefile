@@ -85,8 +85,10 @@ docker-run:
 
 # --- benchmarks (benchmarks/README.md) -------------------------------------------------------------------------
 # Our server vs transformers generate() (served one at a time, and one static batch) on identical weights, and the
-# roofline: both models, float32 and bfloat16, ~10 minutes on 2 CPU cores; writes benchmarks/results/<date>-cpu/.
+# roofline: both models, float32 and bfloat16, ~10 minutes on 2 CPU cores; then the shared-prefix scenario with
+# prefix caching on and off (~1 minute); writes benchmarks/results/<date>-cpu/.
 BENCH_ARGS ?=
 
 bench: setup
 	$(BIN)/python -m benchmarks.run_cpu $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.prefix_bench
