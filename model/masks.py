@@ -23,6 +23,12 @@ def length_mask(lengths: Tensor, t_k: int) -> Tensor:
     return padding_mask(torch.arange(t_k, device=lengths.device)[None, :] < lengths[:, None])
 
 
+def span_mask(starts: Tensor, lengths: Tensor, t_k: int) -> Tensor:
+    """(B,) first and end key -> (B, 1, 1, T_k): key j is visible to row b iff starts[b] <= j < lengths[b]."""
+    j = torch.arange(t_k, device=lengths.device)[None, :]
+    return padding_mask((j >= starts[:, None]) & (j < lengths[:, None]))
+
+
 def combine_masks(*masks: Tensor | None) -> Tensor | None:
     """Logical AND of the masks that are present (causal and key padding combine this way)."""
     out: Tensor | None = None

@@ -1,11 +1,16 @@
 """The serving engine's KV memory (`BlockPool`) and one step's ragged view of it (`PagedKVCache`).
 
 The pool is paged: K/V live in blocks of `block_size` tokens that a block manager hands out. Its allocator keeps
-each request's blocks contiguous: a request sits in a seat, a run of `blocks_per_seat` blocks (block j of seat
-s is block s * blocks_per_seat + j), so its keys and values are one strided view and a whole decode batch is
-one view of the pool, read in place by attention; nothing is gathered or copied per step (on a CPU, copying
+each request's own blocks contiguous: a request sits in a seat, a run of `blocks_per_seat` blocks (block j of
+seat s is block s * blocks_per_seat + j), so its keys and values are one strided view and a whole decode batch
+is one view of the pool, read in place by attention; nothing is gathered or copied per step (on a CPU, copying
 every request's context in every layer cost more than the attention itself). The last seat is the null seat:
-padding rows write there. A translator's encoder K/V sit in a second pool of seats, written once per request."""
+padding rows write there. A translator's encoder K/V sit in a second pool of seats, written once per request.
+
+A request may share its leading blocks with others (a cached prefix, `n` choices of one prompt): those keys lie
+in another seat at the same positions (a `SharedRun`). Decode rows then attend in parts, as cascade attention
+does: their own seat in place, each shared run once for all the rows that share it (one matmul), the parts
+merged by their log-sum-exp; a prefill chunk reads its shared runs and its own keys as one concatenation."""
 
 from __future__ import annotations
 
@@ -77,13 +82,26 @@ class BlockPool:
 
 @dataclass(frozen=True)
 class PrefillChunk:
-    """Rows [row, row + num_new) of the step are tokens start.. of the request in `seat` (causal among them)."""
+    """Rows [row, row + num_new) of the step are tokens start.. of the request in `seat` (causal among them).
+    Its keys before `own_from` lie in `shared` runs (seat, start, end) of other seats."""
 
     row: int
     num_new: int
     seat: int
     start: int
     source_len: int = 0  # a translator's encoder tokens
+    shared: tuple[tuple[int, int, int], ...] = ()
+    own_from: int = 0
+
+
+@dataclass(frozen=True)
+class SharedRun:
+    """Keys [start, end) of the decode rows `rows` lie in `seat`: blocks they share with the request there."""
+
+    seat: int
+    start: int
+    end: int
+    rows: Tensor  # (n,) decode rows
 
 
 @dataclass
@@ -94,11 +112,12 @@ class StepLayout:
     write_slots: Tensor  # (N,) slot of each row's K/V
     num_decode: int = 0
     decode_len: int = 0  # keys the decode rows attend over (their longest context, or a captured bucket)
-    decode_mask: Tensor | None = None  # (num_decode, 1, 1, decode_len)
+    decode_mask: Tensor | None = None  # (num_decode, 1, 1, decode_len): each row's own keys
     cross_len: int = 0
     cross_mask: Tensor | None = None  # (num_decode, 1, 1, cross_len)
     prefills: list[PrefillChunk] = field(default_factory=list)
     capture_seats: frozenset[int] = frozenset()  # seats whose attention rows are recorded
+    shared: list[SharedRun] = field(default_factory=list)  # decode rows' keys in other seats
 
 
 class PagedKVCache:
@@ -134,18 +153,24 @@ class PagedKVCache:
             qd = q[:s, None].transpose(1, 2)  # (S, h, 1, d_k)
             kd = keys[:s, :decode_len].transpose(1, 2)  # (S, h, L, d_k): each seat's run, in place
             vd = values[:s, :decode_len].transpose(1, 2)
-            if wants:
+            shared = lay.shared if kind == "decoder_self" else []
+            if shared:
+                assert decode_mask is not None
+                od = self._cascade(qd, kd, vd, decode_mask, keys, values, shared)
+            if wants:  # a request whose rows are captured shares no block: its own keys are all of them
                 w = attention_weights(qd, kd, decode_mask)  # (S, h, 1, L)
                 self._keep(kind, layer, {i: w[i, :, 0] for i in range(s) if i in lay.capture_seats})
-                od = w @ vd
-            else:  # every decode row sees at least one key, so no row needs zeroing
+                if not shared:
+                    od = w @ vd
+            elif not shared:  # every decode row sees at least one key, so no row needs zeroing
                 od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=decode_mask)
             parts.append(od.transpose(1, 2).reshape(s, *q.shape[1:]))  # (S, h, d_k)
         for c in lay.prefills:
             qp = q[c.row : c.row + c.num_new].transpose(0, 1)[None]  # (1, h, n, d_k)
             n_keys = c.source_len if kind == "cross" else c.start + c.num_new
-            kp = keys[c.seat, :n_keys].transpose(0, 1)[None]  # (1, h, T_k, d_k)
-            vp = values[c.seat, :n_keys].transpose(0, 1)[None]
+            own = kind == "cross" or not c.shared  # cross-attention keys are always the seat's own
+            kp, vp = (t[c.seat, :n_keys].transpose(0, 1)[None] if own else self._chunk_keys(t, c, n_keys)
+                      for t in (keys, values))  # (1, h, T_k, d_k)
             mask = None if kind == "cross" else causal_mask(c.num_new, n_keys, q.device)
             if wants and c.seat in lay.capture_seats:
                 w = attention_weights(qp, kp, mask)  # (1, h, n, T_k)
@@ -158,6 +183,35 @@ class PagedKVCache:
             parts.append(op[0].transpose(0, 1))  # (n, h, d_k)
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out[None]  # (1, N, h, d_k)
+
+    @staticmethod
+    def _chunk_keys(keys: Tensor, c: PrefillChunk, n_keys: int) -> Tensor:
+        """A chunk's keys when its first ones are shared: its runs, then its own, in position order."""
+        parts = [keys[seat, a:b] for seat, a, b in c.shared] + [keys[c.seat, c.own_from : n_keys]]
+        return torch.cat(parts).transpose(0, 1)[None]
+
+    @staticmethod
+    def _cascade(qd: Tensor, kd: Tensor, vd: Tensor, mask: Tensor, keys: Tensor, values: Tensor,
+                 shared: list[SharedRun]) -> Tensor:
+        """Decode attention over each row's own keys (in place, `mask`) and its shared runs, merged exactly:
+        softmax over the union = the parts' exp-sums rescaled to a common running maximum. (S, h, 1, d_k)"""
+        scale = qd.size(-1) ** -0.5
+        logits = ((qd @ kd.transpose(-2, -1)) * scale).float().masked_fill(~mask, float("-inf"))  # (S, h, 1, L)
+        top = logits.amax(-1, keepdim=True)  # finite: a decode row's newest key is always its own
+        p = (logits - top).exp()
+        den, num = p.sum(-1, keepdim=True), (p.to(vd.dtype) @ vd).float()
+        for run in shared:
+            rows = run.rows
+            k = keys[run.seat, run.start : run.end].transpose(0, 1)  # (h, T, d_k): read once for all its rows
+            v = values[run.seat, run.start : run.end].transpose(0, 1)
+            part = ((qd.index_select(0, rows) @ k.transpose(-2, -1)) * scale).float()  # (n, h, 1, T)
+            old = top.index_select(0, rows)
+            new = torch.maximum(old, part.amax(-1, keepdim=True))
+            keep, p = (old - new).exp(), (part - new).exp()
+            den.index_copy_(0, rows, den.index_select(0, rows) * keep + p.sum(-1, keepdim=True))
+            num.index_copy_(0, rows, num.index_select(0, rows) * keep + (p.to(v.dtype) @ v).float())
+            top.index_copy_(0, rows, new)
+        return (num / den).to(qd.dtype)
 
     def _keep(self, kind: str, layer: int, rows: dict[int, Tensor]) -> None:
         self.rows.setdefault((kind, layer), {}).update(rows)

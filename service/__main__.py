@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default {d['max_num_batched_tokens'].default})")
     p.add_argument("--enforce-eager", action="store_true", default=None,
                    help="never capture CUDA graphs for decode steps (on a CPU there are none to capture)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                   help="reuse the KV blocks of prompt prefixes already computed, shared between requests and `n` "
+                   "choices (default on; --no-enable-prefix-caching computes every prompt in full)")
     p.add_argument("--api-key", dest="api_keys", action="append", metavar="KEY",
                    help="require `Authorization: Bearer KEY` (repeatable); no keys: the API is open")
     p.add_argument("--drain-timeout", type=float, metavar="SECONDS", help="seconds in-flight requests get after SIGTERM "

@@ -65,6 +65,7 @@ class Metrics:
         self.kv_usage = gauge("kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0 to 1)")
         self.kv_blocks = gauge("kv_blocks", "KV cache blocks in the pool")
         self.kv_free = gauge("kv_blocks_free", "Free KV cache blocks")
+        self.kv_shared = gauge("kv_blocks_shared", "KV cache blocks referenced by more than one request now")
         self.engine_up = gauge("engine_up", "1 while the model's engine loop runs, 0 once it stopped or died")
 
         # counters (vllm:prompt_tokens_total, generation_tokens_total, request_success_total, num_preemptions)
@@ -75,6 +76,10 @@ class Metrics:
         self.finished = counter("requests_finished", "Finished requests by finish_reason (stop, length, abort, "
                                 "error)", ("finish_reason",))
         self.preemptions = counter("preemptions", "Requests preempted to free KV blocks (recomputed later)")
+        self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache "
+                                      "(each admitted request's tokens; vllm:prefix_cache_queries)")
+        self.prefix_hits = counter("prefix_cache_hits", "Of the looked-up tokens, those whose KV blocks were "
+                                   "already computed and were reused (vllm:prefix_cache_hits)")
         self.rejected = counter("requests_rejected", "Requests refused before reaching the engine, by reason "
                                 "(overload, too_long, invalid); model is empty when the body named none validly",
                                 ("reason",))
@@ -142,6 +147,10 @@ class Metrics:
             self.step_decode.labels(m).observe(s.decode_time)
         if s.num_preempted:
             self.preemptions.labels(m).inc(s.num_preempted)
+        if s.prefix_queries:
+            self.prefix_queries.labels(m).inc(s.prefix_queries)
+            self.prefix_hits.labels(m).inc(s.prefix_hits)
+        self.kv_shared.labels(m).set(s.blocks_shared)
 
     def record_finish(self, r: RequestStats) -> None:
         """Engine thread, once per finished request (aborted and failed ones included)."""
@@ -192,6 +201,7 @@ class Metrics:
             snap = served.engine.snapshot()
             self.set_engine_state(name, up=snap.up, running=snap.num_running, waiting=snap.num_waiting,
                                   blocks_total=snap.blocks_total, blocks_free=snap.blocks_free)
+            self.kv_shared.labels(name).set(snap.blocks_shared)
 
     def set_engine_up(self, model: str, up: bool) -> None:
         self.engine_up.labels(model).set(1 if up else 0)

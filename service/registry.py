@@ -121,7 +121,9 @@ def build_served_model(
     per_block = BlockPool.bytes_per_block(cfg, settings.block_size, dtype)
     num_blocks = settings.kv_cache_blocks or max(1, settings.kv_cache_bytes // per_block)
     seat_len = -(-cfg.max_len // settings.block_size) * settings.block_size  # a seat holds the longest request
-    runner = ModelRunner(ckpt.model, settings.max_num_seqs, seat_len, settings.block_size, device, dtype,
+    # with prefix caching, a seat whose blocks others still share waits empty until they finish: a few spare seats
+    seats = settings.max_num_seqs + (max(1, settings.max_num_seqs // 4) if settings.enable_prefix_caching else 0)
+    runner = ModelRunner(ckpt.model, seats, seat_len, settings.block_size, device, dtype,
                          max(settings.max_num_batched_tokens, settings.max_num_seqs), settings.enforce_eager)
     config = EngineConfig(
         num_blocks=num_blocks,
@@ -132,6 +134,7 @@ def build_served_model(
         max_waiting_tokens=settings.max_waiting_tokens,
         queue_timeout=settings.queue_timeout,
         max_model_len=cfg.max_len,
+        enable_prefix_caching=settings.enable_prefix_caching,
     )
     tok = ckpt.tokenizer
     engine = Engine(path.name, runner, config, tok.decode, tok.eos_id, on_step, on_finish)

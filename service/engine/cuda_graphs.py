@@ -44,8 +44,9 @@ class DecodeGraphs:
         self.pool_handle = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     def bucket(self, plan: list[ScheduledRequest]) -> tuple[int, int] | None:
-        """The (seats, context) bucket of a decode-only plan; None for any other plan."""
-        if not plan or any(s.num_new != 1 or s.encode_source or s.request.seat is None for s in plan):
+        """The (seats, context) bucket of a decode-only plan whose rows share no block; None for any other."""
+        if not plan or any(s.num_new != 1 or s.encode_source or s.request.seat is None or s.request.shared_runs
+                           for s in plan):
             return None
         seats = max(s.request.seat or 0 for s in plan) + 1
         longest = max(s.start + 1 for s in plan)

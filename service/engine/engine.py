@@ -61,7 +61,8 @@ class Engine:
         self.name, self.runner, self.config = name, runner, config
         self.decode = decode
         self.blocks = BlockManager(config.num_blocks, config.block_size, runner.pool.num_seats,
-                                   runner.pool.blocks_per_seat)
+                                   runner.pool.blocks_per_seat, config.enable_prefix_caching)
+        self._prefix_seen = (0, 0)  # the prefix cache's (queries, hits) at the last step's stats
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, eos_id,
                                    config.max_model_len)
         runner.sampler.eos_id = eos_id
@@ -138,7 +139,7 @@ class Engine:
         """Read from any thread: list lengths and counters are safe to read while the loop runs."""
         alive = self.dead is None and self._thread is not None and self._thread.is_alive()
         return EngineSnapshot(alive, len(self.scheduler.running), len(self.scheduler.waiting), self.blocks.num_blocks,
-                              self.blocks.num_free)
+                              self.blocks.num_free, self.blocks.num_shared)
 
     @property
     def num_pending(self) -> int:
@@ -268,9 +269,12 @@ class Engine:
 
     def _stats(self, plan: SchedulerOutput, decode: int, forward: float, step_time: float) -> StepStats:
         prefill = plan.num_tokens - decode
+        cache = self.blocks.cache
+        seen, self._prefix_seen = self._prefix_seen, (cache.queries, cache.hits) if cache else (0, 0)
         return StepStats(self.name, len(plan.scheduled), prefill, decode, forward if prefill else 0.0,
                          forward if not prefill else 0.0, step_time, len(self.scheduler.running),
-                         len(self.scheduler.waiting), len(plan.preempted), self.blocks.num_blocks, self.blocks.num_free)
+                         len(self.scheduler.waiting), len(plan.preempted), self.blocks.num_blocks, self.blocks.num_free,
+                         self._prefix_seen[0] - seen[0], self._prefix_seen[1] - seen[1], self.blocks.num_shared)
 
     def _count_pending(self) -> None:
         waiting = self.scheduler.waiting

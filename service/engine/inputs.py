@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.masks import length_mask
-from model.paged_cache import BlockPool, PrefillChunk, StepLayout
+from model.masks import length_mask, span_mask
+from model.paged_cache import BlockPool, PrefillChunk, SharedRun, StepLayout
 from service.engine.request import Request
 from service.engine.sampler import PARAMS, param_values
 from service.engine.scheduler import ScheduledRequest
@@ -67,7 +67,8 @@ class StepInputs:
         rows = max_tokens + pool.num_seats  # prefill tokens plus one (maybe padding) row per seat
         sizes = {"tokens": rows, "positions": rows, "slots": rows, "score_rows": rows, "score_targets": rows,
                  "sample_rows": max_seqs,
-                 "decode_lens": pool.num_seats, "cross_lens": pool.num_seats, "sources": max_seqs * max_source,
+                 "decode_lens": pool.num_seats, "decode_starts": pool.num_seats, "cross_lens": pool.num_seats,
+                 "run_rows": pool.num_seats * pool.blocks_per_seat, "sources": max_seqs * max_source,
                  "source_lens": max_seqs}
         self.offsets: dict[str, tuple[int, int]] = {}
         at = 0
@@ -136,7 +137,9 @@ class StepInputs:
             self._put("tokens", row, token_at(req, s.start, s.num_new))
             self._put("positions", row, range(s.start, s.start + s.num_new))
             self._put("slots", row, range(pool.slot(seat, s.start), pool.slot(seat, s.start + s.num_new)))
-            chunks.append(PrefillChunk(row, s.num_new, seat, s.start, len(req.source_ids or [])))
+            own_from = req.own_start * pool.block_size
+            chunks.append(PrefillChunk(row, s.num_new, seat, s.start, len(req.source_ids or []), req.shared_runs,
+                                       own_from))
             row += s.num_new
         sample_index, rows = [-1] * len(plan), []
         sampled: list[ScheduledRequest] = []
@@ -149,6 +152,7 @@ class StepInputs:
         self._put("sample_rows", 0, rows)
         for j, s in enumerate(sampled):
             self.np_f32[:, j] = param_values(s.request.params)
+        runs = self._group_runs(decodes, s_rows)
         scored = self._pack_scores(plan, chunk_end)
         encode = [s for s in plan if s.encode_source]
         source_len = self._pack_sources(encode)
@@ -160,11 +164,34 @@ class StepInputs:
             longest = max(longest, decode_len)
         layout = StepLayout(self.d["slots"][:row], s_rows, longest, None, cross, None, chunks,
                             frozenset((s.request.seat or 0) for s in plan if s.request.request_id in capture_ids))
-        if s_rows:
+        layout.shared = [SharedRun(seat, a, b, self.d["run_rows"][at : at + n]) for seat, a, b, at, n in runs]
+        if layout.shared:
+            layout.decode_mask = span_mask(self.d["decode_starts"][:s_rows], self.d["decode_lens"][:s_rows], longest)
+        elif s_rows:
             layout.decode_mask = length_mask(self.d["decode_lens"][:s_rows], longest)
             if pool.cross_k is not None:
                 layout.cross_mask = length_mask(self.d["cross_lens"][:s_rows], cross)
         return Prepared(layout, row, sample_index, sampled, encode, source_len, scored)
+
+    def _group_runs(self, decodes: list[ScheduledRequest], s_rows: int) -> list[tuple[int, int, int, int, int]]:
+        """Decode rows that share blocks: each row's first own key, and the rows of each shared run (seat, start,
+        end) packed one run after another; (seat, start, end, offset, count) per run."""
+        sharing = [s for s in decodes if s.request.shared_runs]
+        if not sharing:
+            return []
+        self._fill("decode_starts", s_rows, 0)
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for s in sharing:
+            req = s.request
+            self._put("decode_starts", req.seat or 0, [req.own_start * self.pool.block_size])
+            for run in req.shared_runs:
+                groups.setdefault(run, []).append(req.seat or 0)
+        out, at = [], 0
+        for (seat, a, b), rows in groups.items():
+            self._put("run_rows", at, rows)
+            out.append((seat, a, b, at, len(rows)))
+            at += len(rows)
+        return out
 
     def _pack_scores(self, plan: list[ScheduledRequest], chunk_end: dict[int, int]) -> list[tuple[str, int, int]]:
         """Rows whose logits score the next prompt token, for requests that ask for prompt logprobs: the row at

@@ -79,7 +79,8 @@ class Request:
 
     Decoder tokens are `prompt_ids + output_ids`; `num_computed` of them have K/V in the cache. A translator's
     request also has `source_ids` for the encoder, whose cross-attention K/V count as `num_cross_blocks`. A
-    running request sits in a seat of the KV pool and holds its first `block_ids`."""
+    running request sits in a seat of the KV pool; `block_ids[j]` holds its tokens of block j: from `own_start` on
+    in its own seat, before that wherever another request computed them (service/engine/blocks.py)."""
 
     request_id: str
     prompt_ids: list[int]
@@ -92,6 +93,11 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     num_cross_blocks: int = 0
     seat: int | None = None
+    own_start: int = 0  # first block in its own seat; the ones before are shared
+    shared_runs: tuple[tuple[int, int, int], ...] = ()  # (seat, first, end token) of the shared keys
+    block_names: list[bytes] = field(default_factory=list)  # prefix-cache names of its full blocks so far
+    num_committed: int = 0  # blocks named in the prefix cache
+    encoded: bool = False  # a translator's encoder K/V are in its seat
     num_computed: int = 0
     num_preemptions: int = 0
     scheduled_time: float | None = None  # first time it left the waiting queue
@@ -216,6 +222,7 @@ class EngineConfig:
     max_waiting_tokens: int = 262144
     queue_timeout: float | None = None  # seconds a request may wait before it starts
     max_model_len: int = 512
+    enable_prefix_caching: bool = True  # reuse computed blocks of a known prefix (vLLM's automatic prefix caching)
 
 
 @dataclass(frozen=True)
@@ -234,6 +241,9 @@ class StepStats:
     num_preempted: int
     blocks_total: int
     blocks_free: int
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache this step
+    prefix_hits: int = 0  # of which were found computed
+    blocks_shared: int = 0
 
 
 @dataclass(frozen=True)
@@ -245,6 +255,7 @@ class EngineSnapshot:
     num_waiting: int
     blocks_total: int
     blocks_free: int
+    blocks_shared: int = 0
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ while there are seats (`max_num_seqs`), KV blocks and token budget. A prompt lon
 prefilled in chunks over several steps (chunked prefill), so it never stalls the streams already running. When
 a running request needs a block and none is free, the most recently arrived running request is preempted: its
 blocks are freed and it is requeued to be recomputed later. `update()` takes the runner's `ModelOutput` and
-applies the token-level stops (EOS, stop token ids, max_tokens, the context length)."""
+applies the token-level stops (EOS, stop token ids, max_tokens, the context length), and names the blocks each
+step completed in the prefix cache (service/engine/prefix_cache.py)."""
 
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ class ScheduledRequest:
 
     @property
     def encode_source(self) -> bool:
-        """A translator request whose encoder must run (first time, or after preemption)."""
-        return self.request.is_encoder_decoder and self.start == 0
+        """A translator request whose encoder must run (first time in its seat, or after preemption)."""
+        return self.request.is_encoder_decoder and not self.request.encoded
 
 
 @dataclass
@@ -158,20 +159,28 @@ class Scheduler:
             if reserved:
                 out.scheduled.append(ScheduledRequest(req, req.num_computed, n))
                 used += n
-        # 2. Admit waiting requests first come, first served, while seats, blocks and budget last.
+        # 2. Admit waiting requests first come, first served, while seats, blocks and budget last. A request
+        # starts after the blocks of its prefix already in the pool; one whose next block a running request is
+        # computing waits a step for it (the others behind it do not wait).
         budget = limit - out.num_tokens
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            req = self.waiting[0]
-            n = min(req.num_tokens, budget)
-            cross = self._cross_blocks(req)
-            if n <= 0 or not self.blocks.can_admit(self.blocks.blocks_for(n) + cross):
+        for req in list(self.waiting):
+            if len(self.running) >= self.max_num_seqs or budget <= 0:
                 break
-            self.waiting.popleft()
-            self.blocks.allocate(req, self.blocks.blocks_for(n))
+            match = self.blocks.match(req)
+            if match.waits:
+                continue
+            cached = len(match.blocks) * self.blocks.block_size
+            n = min(req.num_tokens - cached, budget)
+            cross = self._cross_blocks(req)
+            seat = self.blocks.seat_for(req, match, cached + n, cross)
+            if seat is None:
+                break
+            self.waiting.remove(req)
+            self.blocks.admit(req, match, seat, cached + n)
             self.blocks.allocate_cross(req, cross)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.scheduled.append(ScheduledRequest(req, 0, n))
+            out.scheduled.append(ScheduledRequest(req, cached, n))
             budget -= n
         return out
 
@@ -183,14 +192,19 @@ class Scheduler:
             if req.status.is_finished:  # finished while the step ran (never today: aborts land between steps)
                 continue
             req.num_computed = s.start + s.num_new
+            req.encoded = True
             if not s.samples:
+                self.blocks.commit(req)
                 continue
             error = output.errors[i] if output.errors is not None else None
             token = output.token_ids[i]
             if error is not None or token < 0:
+                if req.seat is not None:  # its K/V may be unusable: nothing in its seat is reused
+                    self.blocks.forget_seat(req.seat)
                 self.finish(req, RequestStatus.FINISHED_ERROR)
                 results.append(Sampled(req, None, RequestStatus.FINISHED_ERROR, error or "no token was sampled"))
                 continue
+            self.blocks.commit(req)
             p = req.params
             if p.max_tokens == 0:  # prompt scoring: prefilled, nothing generated
                 self.finish(req, RequestStatus.FINISHED_LENGTH)

@@ -172,7 +172,13 @@ def test_metrics_after_a_known_load(make_server: Callable[..., Any]) -> None:
     assert count("decode_step_time_seconds") == steps - len(scheduled)
     assert count("step_time_seconds") == count("batch_size") == at(m, "attnserve_batch_size_sum") == steps
     assert count("iteration_tokens") == steps
-    assert at(m, "attnserve_iteration_tokens_sum") == sum(s.prompt_tokens for s in scheduled) + steps - len(scheduled)
+    # prefix caching: every scheduled prompt is looked up; the tokens found computed are not computed again
+    hits = at(m, "attnserve_prefix_cache_hits_total")
+    assert at(m, "attnserve_prefix_cache_queries_total") == sum(s.prompt_tokens for s in scheduled)
+    assert hits > 0, "the repeated prompts reused no block"
+    assert at(m, "attnserve_iteration_tokens_sum") == (sum(s.prompt_tokens for s in scheduled) - hits + steps
+                                                         - len(scheduled))
+    assert at(m, "attnserve_kv_blocks_shared") == 0
     assert at(m, "attnserve_request_prompt_tokens_sum") == at(m, "attnserve_prompt_tokens_total")
     assert at(m, "attnserve_request_generation_tokens_sum") == at(m, "attnserve_generation_tokens_total")
     assert at(m, "attnserve_inter_token_latency_seconds_sum") == pytest.approx(
@@ -201,8 +207,9 @@ async def _final_scrape(url: str) -> dict[str, dict[Labels, float]]:
 
 def test_preemption_is_counted_and_tokens_stay_exact(make_server: Callable[..., Any]) -> None:
     """Two greedy choices share 8 blocks of 4 tokens; each needs 7 to finish, so the newer is preempted once and
-    recomputed after the older finishes. Output tokens are unchanged; its prompt is prefilled twice."""
-    server = make_server(kv_cache_blocks=8, block_size=4)
+    recomputed after the older finishes. Output tokens are unchanged; its prompt is prefilled twice (without
+    prefix caching, which would share the prompt's block and change the arithmetic)."""
+    server = make_server(kv_cache_blocks=8, block_size=4, enable_prefix_caching=False)
     r = httpx.post(f"{server.url}{COMP}", json=body("ROMEO:", 20, n=2, model=MODEL), timeout=60)
     assert r.status_code == 200, r.text
     texts = [c["text"] for c in r.json()["choices"]]

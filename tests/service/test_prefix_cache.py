@@ -1,0 +1,142 @@
+"""Prefix caching and block sharing in the scheduler and block manager, no model.
+
+A fake runner writes every scheduled token into a simulated pool at the place the request's block table says
+(block_ids[p // block_size], offset p % block_size), as the real runner writes K/V. Before every step each
+running request's computed positions must still hold its own tokens: a shared block that was overwritten, a
+cached block reused for other tokens, or a block evicted while in use shows up as a wrong token. After
+everything ends, reference counts, the budget and the seats are back to their start."""
+
+from __future__ import annotations
+
+import random
+
+from service.engine.blocks import BlockManager
+from service.engine.request import ModelOutput, Request, RequestStatus, SamplingParams
+from service.engine.scheduler import Scheduler, SchedulerOutput
+
+
+class FakePool:
+    def __init__(self) -> None:
+        self.slots: dict[tuple[int, int], int] = {}
+
+    def check(self, sched: Scheduler) -> None:
+        bs = sched.blocks.block_size
+        for req in sched.running:
+            ids = req.all_ids
+            for p in range(req.num_computed):
+                assert self.slots.get((req.block_ids[p // bs], p % bs)) == ids[p], (
+                    f"{req.request_id}: position {p} of block {req.block_ids[p // bs]} lost its token")
+            assert all(sched.blocks.references(b) > 0 for b in req.block_ids)
+            own = req.block_ids[req.own_start :]
+            assert all(b // sched.blocks.blocks_per_seat == req.seat for b in own), "an own block outside its seat"
+            assert all(b % sched.blocks.blocks_per_seat == j for j, b in enumerate(req.block_ids)), "misplaced"
+
+
+def step(sched: Scheduler, pool: FakePool, token: int | None = None, rng: random.Random | None = None) -> None:
+    pool.check(sched)
+    run(sched, pool, sched.schedule(), token, rng)
+
+
+def run(sched: Scheduler, pool: FakePool, plan: SchedulerOutput, token: int | None = None,
+        rng: random.Random | None = None) -> None:
+    """What the runner does with a plan: write each scheduled token where its block lies, sample, update."""
+    bs = sched.blocks.block_size
+    for s in plan.scheduled:
+        req = s.request
+        ids = req.all_ids
+        for p in range(s.start, s.start + s.num_new):
+            block = req.block_ids[p // bs]
+            if block % sched.blocks.blocks_per_seat != p // bs or block // sched.blocks.blocks_per_seat != req.seat:
+                raise AssertionError(f"{req.request_id} writes position {p} into a block it shares")
+            pool.slots[(block, p % bs)] = ids[p]
+    tokens = [(token if token is not None else (rng or random).randrange(50, 60)) if s.samples else -1
+              for s in plan.scheduled]
+    sched.update(plan, ModelOutput(tokens))
+
+
+def request(rid: str, prompt: list[int], max_tokens: int = 4) -> Request:
+    return Request(rid, list(prompt), SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+
+
+def assert_clean(blocks: BlockManager) -> None:
+    assert blocks.num_free == blocks.num_blocks and blocks.num_shared == 0
+    assert all(blocks.references(b) == 0 for b in range(blocks.num_seats * blocks.blocks_per_seat))
+    assert blocks.num_free_seats == blocks.num_seats
+
+
+def test_a_later_request_reuses_the_computed_prefix_and_the_hit_counter_counts_it() -> None:
+    blocks = BlockManager(64, 4, num_seats=4, blocks_per_seat=16, prefix_caching=True)
+    sched, pool = Scheduler(blocks), FakePool()
+    a = request("a", list(range(1, 19)))  # 18 tokens: 4 full blocks
+    sched.add(a)
+    while sched.has_work():
+        step(sched, pool, 7)
+    assert blocks.cache is not None and blocks.cache.hits == 0 and blocks.cache.queries == 18
+    b = request("b", [*range(1, 15), 99, 98])  # shares the first 3 full blocks (12 tokens) and 2 more
+    sched.add(b)
+    plan = sched.schedule()
+    assert [(s.start, s.num_new) for s in plan.scheduled] == [(12, 4)], "only the new tokens are computed"
+    assert blocks.cache.hits == 12 and blocks.cache.queries == 18 + 16
+    assert (b.seat, b.own_start) == (0, 0), "the whole cached prefix lies at the start of a free seat: taken"
+    run(sched, pool, plan, 7)
+    while sched.has_work():
+        step(sched, pool, 7)
+    assert_clean(blocks)
+
+
+def test_n_choices_hold_the_prompt_once() -> None:
+    blocks = BlockManager(64, 4, num_seats=8, blocks_per_seat=16, prefix_caching=True)
+    sched, pool = Scheduler(blocks), FakePool()
+    prompt = list(range(1, 11))  # 10 tokens: 2 full blocks + 2 tokens
+    choices = [request(f"c{i}", prompt, max_tokens=3) for i in range(4)]
+    for r in choices:
+        sched.add(r)
+    step(sched, pool, 5)  # the first choice computes the prompt; the others wait for its blocks
+    assert [r.status for r in choices] == [RequestStatus.RUNNING] + [RequestStatus.WAITING] * 3
+    step(sched, pool, 5)
+    assert all(r.status == RequestStatus.RUNNING for r in choices)
+    held = {b for r in choices for b in r.block_ids}
+    assert sum(len(r.block_ids) for r in choices) == 4 * 3
+    assert len(held) == 2 + 4, "the prompt's 2 full blocks once, a last block per choice"
+    assert blocks.num_shared == 2 and blocks.num_free == 64 - 6
+    while sched.has_work():
+        step(sched, pool, 5)
+    assert_clean(blocks)
+
+
+def test_eviction_under_pressure_never_touches_a_block_in_use_and_everything_returns() -> None:
+    """Random prompts over a few shared prefixes, a small pool: preemption, eviction and aborts happen."""
+    rng = random.Random(0)
+    blocks = BlockManager(24, 4, num_seats=6, blocks_per_seat=12, prefix_caching=True)
+    sched, pool = Scheduler(blocks, max_num_seqs=5, max_num_batched_tokens=24), FakePool()
+    prefixes = [[rng.randrange(1, 40) for _ in range(rng.choice((4, 9, 16)))] for _ in range(3)]
+    live: list[Request] = []
+    for i in range(120):
+        if rng.random() < 0.5:
+            prompt = rng.choice(prefixes) + [rng.randrange(1, 40) for _ in range(rng.randrange(1, 8))]
+            r = request(f"r{i}", prompt[:28], max_tokens=rng.randrange(1, 21))
+            sched.add(r)
+            live.append(r)
+        if live and rng.random() < 0.08:  # an abort at any moment
+            victim = rng.choice(live)
+            if not victim.status.is_finished:
+                sched.finish(victim, RequestStatus.FINISHED_ABORTED)
+        step(sched, pool, rng=rng)
+        live = [r for r in live if not r.status.is_finished]
+    while sched.has_work():
+        step(sched, pool, rng=rng)
+    assert sched.num_preemptions > 0, "the pool was never under pressure"
+    assert blocks.cache is not None and blocks.cache.hits > 0
+    assert_clean(blocks)
+
+
+def test_without_prefix_caching_nothing_is_shared() -> None:
+    blocks = BlockManager(64, 4, num_seats=4, blocks_per_seat=16)
+    sched, pool = Scheduler(blocks), FakePool()
+    for i in range(3):
+        sched.add(request(f"r{i}", list(range(1, 14))))
+    step(sched, pool, 3)
+    assert all(r.own_start == 0 and r.num_computed == 13 for r in sched.running) and blocks.num_shared == 0
+    while sched.has_work():
+        step(sched, pool, 3)
+    assert_clean(blocks)
