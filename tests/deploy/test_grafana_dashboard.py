@@ -102,7 +102,8 @@ def test_dashboard_covers_the_serving_signals() -> None:
                  "attnserve_inter_token_latency_seconds_bucket", "attnserve_e2e_request_latency_seconds_bucket",
                  "attnserve_requests_waiting", "attnserve_requests_running", "attnserve_kv_cache_usage_ratio",
                  "attnserve_batch_size_sum", "attnserve_requests_finished_total", "attnserve_requests_rejected_total",
-                 "attnserve_http_requests_total"):
+                 "attnserve_http_requests_total", "attnserve_prefix_cache_hits_total",
+                 "attnserve_prefix_cache_queries_total", "attnserve_kv_blocks_shared"):
         assert name in used, f"no panel shows {name}"
     quantile_panels = [e for e in exprs(load_dashboard()) if e.startswith("histogram_quantile(")]
     assert any("time_to_first_token" in e for e in quantile_panels)
