@@ -91,7 +91,7 @@ def generate(
     return out
 
 
-def _length_penalty(length: int, alpha: float) -> float:
+def length_penalty(length: int, alpha: float) -> float:
     return ((5 + length) / 6) ** alpha  # GNMT (Wu et al. 2016)
 
 
@@ -117,7 +117,7 @@ def beam_search(
         keep_beam, keep_tok, keep_score = [], [], []
         for s, b, tok in zip(top.tolist(), beam.tolist(), token.tolist(), strict=True):
             if tok == cfg.eos_id:
-                finished.append((s / _length_penalty(t + 1, cfg.length_penalty), seqs[b, n:].tolist()))
+                finished.append((s / length_penalty(t + 1, cfg.length_penalty), seqs[b, n:].tolist()))
             else:
                 keep_beam.append(b)
                 keep_tok.append(tok)
@@ -134,5 +134,5 @@ def beam_search(
     if len(finished) < k:  # out of steps: unfinished hypotheses compete as they are
         for s, b in zip(scores.tolist(), range(k), strict=True):
             if s > float("-inf"):
-                finished.append((s / _length_penalty(seqs.size(1) - n, cfg.length_penalty), seqs[b, n:].tolist()))
+                finished.append((s / length_penalty(seqs.size(1) - n, cfg.length_penalty), seqs[b, n:].tolist()))
     return max(finished, key=lambda f: f[0])[1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,6 +13,7 @@ from service.engine.request import AttentionSpec, StepOutput
 from service.errors import APIError
 from service.inspection.streaming import stream_spec, streamed_attention
 from service.registry import ServedModel
+from service.routes import beam
 from service.routes.deps import (
     error_responses,
     omitted_max_tokens,
@@ -66,9 +68,12 @@ def _timing(out: StepOutput) -> Timing:
 async def generate(body: GenerateRequest, request: Request) -> GenerateResponse | StreamingResponse:
     """Continue a prompt (a decoder-only model) or translate a source sentence (a translator). JSON, or with
     `stream` Server-Sent Events: one `token` event per token (with `return_attention`, its attention row), then
-    `done` with finish_reason, usage and timing. A translator's default max_tokens is sized to its source."""
+    `done` with finish_reason, usage and timing. A translator's default max_tokens is sized to its source.
+    `beam_width` > 1 answers with the best hypothesis of a beam search (JSON only)."""
     served = served_model(request, body.model)
     ids = served.tokenizer.encode(body.prompt)
+    if body.beam_width is not None and body.beam_width > 1:
+        return await _beams(served, body, request, ids)
     params = sampling_params(body, settings_of(request), body.logprobs,
                              default_max_tokens=omitted_max_tokens(served, ids, body.max_tokens), prompt=body.prompt)
     req = served.make_request(request_id(request, "gen"), body.prompt, params, prompt_ids=ids)
@@ -82,6 +87,19 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse 
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return await until_disconnect(request, _collect(served, stream, req.request_id, body.logprobs is not None))
+
+
+async def _beams(served: ServedModel, body: GenerateRequest, request: Request, ids: list[int]) -> GenerateResponse:
+    assert body.beam_width is not None
+    beam.check_beam(body, body.beam_width, "beam_width", settings_of(request))
+    rid, start = request_id(request, "gen"), time.monotonic()
+    results = await until_disconnect(request, beam.run_all(served, body, request, rid, [(body.prompt, ids)],
+                                                           body.beam_width, body.length_penalty))
+    best = results[0][0][0]
+    return GenerateResponse(id=rid, model=served.name, text=served.tokenizer.decode(best.token_ids),
+                            token_ids=best.token_ids, finish_reason=beam.finish_reason(best),
+                            usage=beam.usage(results, 1), tokens=None,
+                            timing=Timing(queue_time=None, time_to_first_token=None, total_time=time.monotonic() - start))
 
 
 async def _collect(served: ServedModel, stream: AsyncIterator[StepOutput], rid: str, logprobs: bool) -> GenerateResponse:

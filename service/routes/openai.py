@@ -1,5 +1,6 @@
 """POST /v1/completions: OpenAI's completions API (n, stop, seed, logprobs, echo, streaming with [DONE]) and
-vLLM's extras: prompt scoring (echo + logprobs, max_tokens 0, prompt_logprobs) and its sampling fields."""
+vLLM's extras: prompt scoring (echo + logprobs, max_tokens 0, prompt_logprobs), its sampling fields and beam
+search (use_beam_search, length_penalty)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from service.engine.engine import RequestStream
 from service.engine.request import SamplingParams, StepOutput
 from service.errors import APIError
 from service.registry import ServedModel
+from service.routes import beam
 from service.routes import completion_logprobs as lps
 from service.routes.deps import (
     check_token_ids,
@@ -116,6 +118,8 @@ async def completions(body: CompletionRequest, request: Request) -> CompletionRe
     if len(prompts) * body.n > settings.max_n * 4:
         raise APIError(400, f"{len(prompts)} prompts x n={body.n} exceeds {settings.max_n * 4} choices", param="prompt")
     rid = request_id(request, "cmpl")
+    if body.use_beam_search:
+        return await _beams(body, request, served, settings, prompts, rid)
     choices: list[_Choice] = []
     streams: list[RequestStream] = []
     async with AsyncExitStack() as stack:
@@ -138,6 +142,20 @@ async def completions(body: CompletionRequest, request: Request) -> CompletionRe
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return await until_disconnect(request, _collect(served, body, rid, created, choices, streams, pending))
+
+
+async def _beams(body: CompletionRequest, request: Request, served: ServedModel, settings: Settings,
+                 prompts: list[tuple[str, list[int] | None]], rid: str) -> CompletionResponse:
+    """vLLM's use_beam_search: n hypotheses per prompt, best first (index = prompt x n + rank)."""
+    beam.check_beam(body, body.n, "n", settings)
+    pairs = [(text, served.tokenizer.encode(text) if given is None else given) for text, given in prompts]
+    results = await until_disconnect(request, beam.run_all(served, body, request, rid, pairs, body.n,
+                                                           body.length_penalty))
+    choices = [CompletionChoice(index=i * body.n + r, text=served.tokenizer.decode(h.token_ids),
+                                finish_reason=beam.finish_reason(h), prompt_logprobs=None)
+               for i, (hyps, _, _) in enumerate(results) for r, h in enumerate(hyps[: body.n])]
+    return CompletionResponse(id=rid, created=int(time.time()), model=served.name, choices=choices,
+                              usage=beam.usage(results, body.n))
 
 
 def _start(c: _Choice, served: ServedModel, body: CompletionRequest, out: StepOutput) -> CompletionLogprobs | None:

@@ -16,6 +16,7 @@ class GenerateRequest(SamplingFields):
         json_schema_extra={"examples": [
             {"model": "shakespeare-gpt", "prompt": "ROMEO:", "max_tokens": 32, "temperature": 0.8, "seed": 1},
             {"model": "multi30k-en-de", "prompt": "Two dogs play in the snow.", "temperature": 0, "stream": True},
+            {"model": "multi30k-en-de", "prompt": "Two dogs play in the snow.", "beam_width": 4},
         ]},
     )
 
@@ -24,6 +25,10 @@ class GenerateRequest(SamplingFields):
     return_attention: AttentionStreamSpec | None = Field(
         None, description="stream each generated token's attention row (stream must be true)"
     )
+    beam_width: int | None = Field(None, ge=1, description="beam search of this width (the best hypothesis is the "
+                                   "answer; sampling fields are not used); none or 1: sampling as asked")
+    length_penalty: float | None = Field(None, description="with beam_width: alpha of the GNMT length penalty "
+                                         "((5 + length) / 6) ** alpha (default 0.6, the paper's)")
 
 
 class Timing(BaseModel):

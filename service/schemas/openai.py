@@ -16,8 +16,7 @@ class StreamOptions(BaseModel):
 # vLLM's extra fields that this server cannot honour, with the value that asks for nothing: a request that sends
 # one of these values passes, any other value is refused with a 400 naming the field
 UNSUPPORTED: dict[str, object] = {
-    "best_of": None, "suffix": "", "logit_bias": {}, "skip_special_tokens": True, "use_beam_search": False,
-    "length_penalty": 1.0, "truncate_prompt_tokens": None, "allowed_token_ids": None, "bad_words": [],
+    "best_of": None, "suffix": "", "logit_bias": {}, "skip_special_tokens": True, "truncate_prompt_tokens": None, "allowed_token_ids": None, "bad_words": [],
     "spaces_between_special_tokens": True, "return_tokens_as_token_ids": False, "guided_json": None,
     "guided_regex": None, "guided_choice": None, "guided_grammar": None, "structured_outputs": None,
     "response_format": None, "logits_processors": None, "priority": 0,
@@ -26,7 +25,8 @@ UNSUPPORTED: dict[str, object] = {
 
 class CompletionRequest(SamplingFields):
     """OpenAI's /v1/completions request, plus vLLM's sampling extras (top_k, min_p, min_tokens, repetition_penalty,
-    ignore_eos, stop_token_ids, include_stop_str_in_output, prompt_logprobs). Every field but prompt may be null."""
+    ignore_eos, stop_token_ids, include_stop_str_in_output, prompt_logprobs) and beam search (use_beam_search, n,
+    length_penalty). Every field but prompt may be null."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -34,6 +34,7 @@ class CompletionRequest(SamplingFields):
             {"model": "shakespeare-gpt", "prompt": "ROMEO:", "max_tokens": 32},
             {"model": "multi30k-en-de", "prompt": "A man rides a bike.", "temperature": 0},
             {"model": "shakespeare-gpt", "prompt": "ROMEO: But soft", "max_tokens": 0, "echo": True, "logprobs": 1},
+            {"model": "multi30k-en-de", "prompt": "A man rides a bike.", "use_beam_search": True, "n": 4},
         ]},
     )
 
@@ -54,8 +55,10 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
     logit_bias: dict[str, float] | None = None
     skip_special_tokens: bool = True
-    use_beam_search: bool = False
-    length_penalty: float = 1.0
+    use_beam_search: bool = Field(False, description="vLLM: beam search of width n; choices best first")
+    length_penalty: float | None = Field(None, description="with use_beam_search: alpha of the GNMT length penalty "
+                                         "((5 + length) / 6) ** alpha that divides a hypothesis's log-prob "
+                                         "(default 0.6, the paper's)")
     truncate_prompt_tokens: int | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None

@@ -1,0 +1,65 @@
+"""Beam search requests on /v1/completions (vLLM's `use_beam_search`, `n` = the beam width, `length_penalty`) and
+/v1/generate (`beam_width`): checked, run through the engine (service/beam_search.py), answered best first."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from service.beam_search import Hypothesis, beam_search
+from service.errors import APIError
+from service.registry import ServedModel
+from service.routes.deps import omitted_max_tokens, sampling_params, settings_of
+from service.schemas.common import Usage
+from service.settings import Settings
+
+DEFAULT_LENGTH_PENALTY = 0.6  # GNMT's alpha, the paper's with beam 4 (model.generate.GenerationConfig)
+# what a beam cannot honour: the value that asks for nothing, and why
+_REFUSED: dict[str, tuple[object, str]] = {
+    "stream": (False, "beam search returns whole hypotheses"),
+    "echo": (False, "beam search returns the completions only"),
+    "logprobs": (None, "beam search reports no per-token log-probs"),
+    "prompt_logprobs": (None, "beam search does not score the prompt"),
+    "stop": (None, "beam search ends hypotheses at EOS or max_tokens only"),
+    "stop_token_ids": (None, "beam search ends hypotheses at EOS or max_tokens only"),
+    "return_attention": (None, "attention rows are streamed for sampled tokens only"),
+}
+
+
+def check_beam(body: Any, width: int, field: str, settings: Settings) -> None:
+    """400 for a beam request asking for what a beam cannot do, or wider than the server's n limit."""
+    if width > settings.max_n:
+        raise APIError(400, f"{field} is {width}; the limit is {settings.max_n}", param=field)
+    for name, (nothing, why) in _REFUSED.items():
+        value = getattr(body, name, nothing)
+        if value not in (nothing, [], ""):
+            raise APIError(400, f"{name} cannot be used with beam search: {why}", param=name)
+
+
+async def run_beams(served: ServedModel, body: Any, request: Any, rid: str, prompt: str, ids: list[int],
+                    width: int, alpha: float | None) -> tuple[list[Hypothesis], int, int]:
+    """Best-first hypotheses for one prompt, its prompt-token count and max_tokens."""
+    params = sampling_params(body, settings_of(request), None, prompt=prompt,
+                             default_max_tokens=omitted_max_tokens(served, ids, body.max_tokens))
+    req = served.make_request(rid, prompt, params, prompt_ids=ids)
+    served.engine.check(req)  # too long for the context, or the engine not taking requests: refused as usual
+    beams = await beam_search(served, rid, req.prompt_ids, req.source_ids, width, params.max_tokens,
+                              DEFAULT_LENGTH_PENALTY if alpha is None else alpha)
+    return beams, req.num_prompt_tokens, params.max_tokens
+
+
+async def run_all(served: ServedModel, body: Any, request: Any, rid: str, prompts: list[tuple[str, list[int]]],
+                  width: int, alpha: float | None) -> list[tuple[list[Hypothesis], int, int]]:
+    return list(await asyncio.gather(*(run_beams(served, body, request, f"{rid}-{i}", text, ids, width, alpha)
+                                       for i, (text, ids) in enumerate(prompts))))
+
+
+def usage(results: list[tuple[list[Hypothesis], int, int]], returned: int) -> Usage:
+    """The prompts once each; the completion tokens of the hypotheses returned."""
+    prompt = sum(p for _, p, _ in results)
+    completion = sum(len(h.token_ids) for beams, _, _ in results for h in beams[:returned])
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def finish_reason(h: Hypothesis) -> str:
+    return "stop" if h.finished else "length"
