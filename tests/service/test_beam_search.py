@@ -10,10 +10,10 @@ from typing import Any
 
 import httpx
 import pytest
+from support import LiveServer
 
 from model.checkpoint import load_checkpoint
 from model.generate import GenerationConfig, beam_search
-from support import LiveServer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
