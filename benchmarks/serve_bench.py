@@ -142,12 +142,14 @@ async def run_with_long_prompts(client: aiohttp.ClientSession, spec: LoadSpec, p
     one token; they are not in the summary): a long prefill must not stall the streams (chunked prefill)."""
     send: Sender = send_native if spec.api == "native" else send_openai
     long_spec = replace(spec, input_len=long_len, output_len=1, seed=spec.seed + 7)
-    long_prompt = (await make_prompts(client, long_spec, 1))[0]
-    stop, sent = asyncio.Event(), []
+    # distinct prompts: a repeated one would be served from the prefix cache after its first arrival
+    long_prompts = await make_prompts(client, long_spec, 32)
+    stop, sent = asyncio.Event(), []  # type: asyncio.Event, list[asyncio.Task[RequestResult]]
 
     async def arrivals() -> None:
         while not stop.is_set():
-            sent.append(asyncio.create_task(_guarded(send, client, long_spec, long_prompt, 10_000 + len(sent))))
+            prompt = long_prompts[len(sent) % len(long_prompts)]
+            sent.append(asyncio.create_task(_guarded(send, client, long_spec, prompt, 10_000 + len(sent))))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
 
@@ -156,7 +158,7 @@ async def run_with_long_prompts(client: aiohttp.ClientSession, spec: LoadSpec, p
     stop.set()
     await background
     long_results = await asyncio.gather(*sent)
-    level["long_prompts"] = {"tokens": len(long_prompt.ids), "interval_s": interval, "sent": len(sent),
+    level["long_prompts"] = {"tokens": len(long_prompts[0].ids), "interval_s": interval, "sent": len(sent),
                              "ok": sum(r.ok for r in long_results),
                              "median_ttft_ms": 1000 * statistics.median([r.ttft for r in long_results if r.ok] or [0])}
     return level
@@ -170,20 +172,23 @@ async def run_sweep(spec: LoadSpec, concurrencies: list[int], num_prompts: list[
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, headers=headers,
                                      timeout=aiohttp.ClientTimeout(total=spec.timeout)) as client:
-        prompts = await make_prompts(client, spec, max(num_prompts))
+        # every request its own prompt (warm-up and levels too): none is served from a server's prefix cache
+        extra_level = num_prompts[-1] if long_prompts is not None else 0
+        prompts = await make_prompts(client, spec, warmup + sum(num_prompts) + extra_level)
         for i in range(warmup):
             await _guarded(send_native if spec.api == "native" else send_openai, client,
-                           replace(spec, output_len=min(8, spec.output_len)), prompts[i % len(prompts)], i)
-        levels = []
+                           replace(spec, output_len=min(8, spec.output_len)), prompts[i], i)
+        levels, at = [], warmup
         for c, n in zip(concurrencies, num_prompts, strict=True):
             before = await scrape(client, spec)
-            level = await run_level(client, spec, prompts[:n], c, request_rate, progress)
+            level = await run_level(client, spec, prompts[at : at + n], c, request_rate, progress)
+            at += n
             level["server"] = step_stats(before, await scrape(client, spec), level)
             levels.append(level)
         extra = {}
         if long_prompts is not None:  # the highest level again, with long prompts arriving
             c, n = concurrencies[-1], num_prompts[-1]
-            extra["with_long_prompts"] = await run_with_long_prompts(client, spec, prompts[:n], c, *long_prompts,
+            extra["with_long_prompts"] = await run_with_long_prompts(client, spec, prompts[at : at + n], c, *long_prompts,
                                                                      progress=progress)
     return {"spec": {k: v for k, v in asdict(spec).items() if k != "api_key"},
             "mean_prompt_tokens": sum(len(p.ids) for p in prompts) / len(prompts), "levels": levels, **extra}
