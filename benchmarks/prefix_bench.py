@@ -35,13 +35,12 @@ from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
-from tqdm import tqdm
 
 from benchmarks.checkpoints import make_model
 from benchmarks.report import markdown_table
 from benchmarks.run_cpu import RESULTS, Plan, free_port, our_server, running
-from benchmarks.serve_bench import _guarded, percentile, summarize
-from benchmarks.serve_client import STEP_SERIES, LoadSpec, Prompt, RequestResult, send_openai
+from benchmarks.serve_bench import _guarded, run_level
+from benchmarks.serve_client import STEP_SERIES, LoadSpec, Prompt, send_openai
 
 log = logging.getLogger("benchmarks")
 FLAG = "--no-enable-prefix-caching"
@@ -128,22 +127,8 @@ async def load(url: str, model: str, sc: Scenario, prompts: Prompts | None,
         spec = LoadSpec(url, model, "openai", len(prompts.requests[0].ids), sc.output_len, seed=sc.seed)
         await _guarded(send_openai, client, replace(spec, output_len=min(8, sc.output_len)), prompts.warmup, 0)
         before = await counters(client, url, model)
-        gate = asyncio.Semaphore(sc.streams)
-        bar = tqdm(total=len(prompts.requests), desc=f"{model} prefix", disable=not progress, leave=False)
-
-        async def one(i: int, prompt: Prompt) -> RequestResult:
-            async with gate:
-                result = await _guarded(send_openai, client, spec, prompt, sc.seed + i)
-            bar.update(1)
-            return result
-
-        start = time.perf_counter()
-        results = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts.requests)))
-        duration = time.perf_counter() - start
-        bar.close()
+        summary = await run_level(client, spec, prompts.requests, sc.streams, progress=progress)
         after = await counters(client, url, model)
-    summary = summarize(list(results), duration)
-    summary["p90_ttft_ms"] = percentile([1000 * r.ttft for r in results if r.ok], 90)
     return {**summary, **server_stats(before, after)}, prompts
 
 

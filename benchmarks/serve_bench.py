@@ -93,6 +93,7 @@ def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
         ms = [1000 * v for v in values]
         out[f"mean_{name}_ms"] = float(np.mean(ms)) if ms else 0.0
         out[f"median_{name}_ms"] = percentile(ms, 50)
+        out[f"p90_{name}_ms"] = percentile(ms, 90)
         out[f"p99_{name}_ms"] = percentile(ms, 99)
     return out
 
