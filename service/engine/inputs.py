@@ -169,8 +169,8 @@ class StepInputs:
             layout.decode_mask = span_mask(self.d["decode_starts"][:s_rows], self.d["decode_lens"][:s_rows], longest)
         elif s_rows:
             layout.decode_mask = length_mask(self.d["decode_lens"][:s_rows], longest)
-            if pool.cross_k is not None:
-                layout.cross_mask = length_mask(self.d["cross_lens"][:s_rows], cross)
+        if s_rows and pool.cross_k is not None:
+            layout.cross_mask = length_mask(self.d["cross_lens"][:s_rows], cross)
         return Prepared(layout, row, sample_index, sampled, encode, source_len, scored)
 
     def _group_runs(self, decodes: list[ScheduledRequest], s_rows: int) -> list[tuple[int, int, int, int, int]]:

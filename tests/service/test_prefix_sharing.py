@@ -14,7 +14,7 @@ import pytest
 
 from model.checkpoint import load_checkpoint
 from model.generate import GenerationConfig, generate
-from service.engine.request import SamplingParams, StepOutput
+from service.engine.request import Request, SamplingParams, StepOutput
 from service.registry import ServedModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -108,6 +108,31 @@ def test_a_translator_shares_blocks_only_within_one_source(build: Any, checkpoin
                 for s in sources]
     assert run(served, sources, together=False, params=params) == expected
     assert run(served, sources, together=True, params=params) == expected
+    settle(served)
+
+
+def test_translator_rows_that_share_blocks_decode_beside_other_sources(build: Any, checkpoints_dir: Path) -> None:
+    """Requests with one source and one forced decoder prefix share its blocks while a longer source decodes in
+    the same steps: each row must still see only its own source (cross-attention masked to its length)."""
+    served = build("tiny-mt", enable_prefix_caching=True)
+    ref = load_checkpoint(checkpoints_dir / "tiny-mt")
+    tok = ref.tokenizer
+    prefix = [tok.bos_id or 0] + tok.encode("Zwei Hunde spielen")[:8]
+    jobs = [("Two dogs.", prefix), ("Two dogs.", prefix), ("A man rides a bike in the snow with two dogs.", prefix)]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+    async def one(i: int, source: str, prompt: list[int]) -> list[int]:
+        req = Request(f"t{i}", list(prompt), params, source_ids=tok.encode(source))
+        async with served.engine.open(req) as stream:
+            return [o.token_id async for o in stream if o.token_id is not None]
+
+    async def main() -> list[list[int]]:
+        return list(await asyncio.gather(*(one(i, s, p) for i, (s, p) in enumerate(jobs))))
+
+    expected = [generate(ref.model.eval(), p, GenerationConfig(max_new_tokens=10), source=tok.encode(s))
+                for s, p in jobs]
+    assert asyncio.run(main()) == expected
+    assert served.engine.blocks.cache is not None and served.engine.blocks.cache.hits >= 8
     settle(served)
 
 
