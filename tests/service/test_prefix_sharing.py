@@ -117,7 +117,7 @@ def test_translator_rows_that_share_blocks_decode_beside_other_sources(build: An
     served = build("tiny-mt", enable_prefix_caching=True)
     ref = load_checkpoint(checkpoints_dir / "tiny-mt")
     tok = ref.tokenizer
-    prefix = [tok.bos_id or 0] + tok.encode("Zwei Hunde spielen")[:8]
+    prefix = [tok.bos_id or 0, *tok.encode("Zwei Hunde spielen")[:8]]
     jobs = [("Two dogs.", prefix), ("Two dogs.", prefix), ("A man rides a bike in the snow with two dogs.", prefix)]
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 
