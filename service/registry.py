@@ -95,6 +95,7 @@ class ServedModel:
             "device": self.device,
             "kv_blocks": self.engine.blocks.num_blocks,
             "block_size": self.engine.blocks.block_size,
+            "prefix_caching": self.engine.blocks.cache is not None,
         }
 
 
