@@ -73,6 +73,11 @@ class BlockPool:
         self.cross_k[layer, seat, : k.size(0)] = k
         self.cross_v[layer, seat, : v.size(0)] = v
 
+    def copy(self, source: int, dest: int, at: int, n: int) -> None:
+        """Positions [at, at + n) of every layer's K/V from seat `source` to seat `dest` (copy on write)."""
+        for t in (self.k, self.v):
+            t[:, dest, at : at + n] = t[:, source, at : at + n]
+
     def clear(self, seat: int) -> None:
         """Zero a seat (after a request whose K/V may hold NaN, so that no later mask meets a NaN)."""
         for t in (self.k, self.v, self.cross_k, self.cross_v):

@@ -2,9 +2,9 @@
 hypothesis's next-token log-probs (one request per hypothesis, `max_tokens` 1, the top 2 x width), batched with
 whatever else the engine is running, and keeps the best `width` continuations.
 
-Hypotheses fork without copying: a hypothesis's request names its prompt + tokens block by block, and prefix
-caching (service/engine/prefix_cache.py) finds every full block its parent already computed, so a step computes
-only each hypothesis's last, partial block. The rules are the reference decoder's (`model.generate.beam_search`):
+Hypotheses fork through prefix caching (service/engine/prefix_cache.py): a hypothesis's request shares every
+full block its parent computed and copies the computed tokens of the block it diverges in (copy on write), so a
+step computes one token per hypothesis. The rules are the reference decoder's (`model.generate.beam_search`):
 a candidate ending in EOS is finished with score log p / GNMT length penalty, the search stops once `width` are
 finished, and at the length limit the live ones compete as they are; hypotheses come back best first."""
 

@@ -5,8 +5,9 @@ Admission and preemption decide by the budget (`num_blocks`): a block counts whi
 Placement: a request sits in a seat, a run of `blocks_per_seat` blocks, and block j of its sequence always lies
 at position j of some seat (block id = seat * blocks_per_seat + j). Its own blocks are those of its seat from
 `own_start` on; the blocks before `own_start` it shares, where they lie, with the requests that computed them
-(prefix caching, `n` choices of one prompt). A request that finds its whole cached prefix in a free seat takes
-that seat (nothing to share). Reference counts keep a shared block from being overwritten: a seat is given to a
+(prefix caching, `n` choices of one prompt). A request that starts inside a block computed elsewhere gets the
+tokens in common copied into its own block (copy on write: `admit` returns the copy for the runner). A request
+that finds its whole cached prefix in a free seat takes that seat (nothing to share or copy). Reference counts keep a shared block from being overwritten: a seat is given to a
 new request only if no block at or past where the new request starts writing is referenced.
 
 Freed blocks keep their names (service/engine/prefix_cache.py) until their place is written again. The seat of
@@ -16,7 +17,7 @@ that span (evicting its blocks), else the lowest free seat past it."""
 
 from __future__ import annotations
 
-from service.engine.prefix_cache import Match, PrefixCache, block_names
+from service.engine.prefix_cache import Match, Partial, PrefixCache, block_names, root_name
 from service.engine.request import Request
 
 
@@ -69,7 +70,14 @@ class BlockManager:
         again for its logits (a block-aligned prompt recomputes its last block)."""
         if self.cache is None or req.attention is not None or req.params.prompt_logprobs is not None:
             return Match()
-        return self.cache.lookup(block_names(req, self.block_size, (req.num_tokens - 1) // self.block_size))
+        names = block_names(req, self.block_size, (req.num_tokens - 1) // self.block_size)
+        found = self.cache.lookup(names)
+        m = len(found.blocks)
+        if found.waits:
+            return found
+        rest = req.all_ids[m * self.block_size : min((m + 1) * self.block_size, req.num_tokens - 1)]
+        partial = self.cache.best_partial(names[m - 1] if m else root_name(req), rest) if rest else None
+        return Match(found.blocks, False, partial)
 
     def seat_for(self, req: Request, match: Match, num_tokens: int, cross: int = 0) -> int | None:
         """A seat for req if its first num_tokens (the matched blocks included) and `cross` encoder blocks fit
@@ -80,8 +88,10 @@ class BlockManager:
         seat = self._takeover(match)
         return seat if seat is not None else self._pick_seat(len(match.blocks))
 
-    def admit(self, req: Request, match: Match, seat: int, num_tokens: int) -> None:
-        """Seat req, reference its matched blocks, and give it own blocks up to num_tokens."""
+    def admit(self, req: Request, match: Match, seat: int, num_tokens: int) -> tuple[int, int, int, int] | None:
+        """Seat req, reference its matched blocks, and give it own blocks up to num_tokens. Returns the copy to
+        make before the step, (from seat, to seat, first position, tokens), when it starts inside a block
+        computed elsewhere."""
         taken = self._takeover(match) == seat
         req.seat, req.own_start = seat, 0 if taken else len(match.blocks)
         self._occupant[seat] = req
@@ -91,12 +101,19 @@ class BlockManager:
         req.shared_runs = self._runs(match.blocks[: req.own_start])
         req.num_committed = len(match.blocks)
         req.num_computed = len(match.blocks) * self.block_size
+        copy = None
+        if match.partial is not None:
+            source, n = match.partial
+            if not taken:
+                copy = (source // self.blocks_per_seat, seat, req.num_computed, n)
+            req.num_computed += n
         if self.cache is not None:
             base = seat * self.blocks_per_seat
             for j in range(len(match.blocks), self.blocks_per_seat):
                 self.cache.evict(base + j)  # the new occupant will write here
             self.cache.count(req.num_tokens, req.num_computed)
         self.allocate(req, self.blocks_for(num_tokens) - len(req.block_ids))
+        return copy
 
     def _runs(self, blocks: tuple[int, ...]) -> tuple[tuple[int, int, int], ...]:
         """Consecutive shared blocks of one seat as (seat, first token, end token)."""
@@ -110,12 +127,14 @@ class BlockManager:
         return tuple(runs)
 
     def _takeover(self, match: Match) -> int | None:
-        """The free seat that holds all of the matched blocks at its start, if no other request needs more."""
-        if not match.blocks:
+        """The free seat that holds all of the matched blocks (and the partial one) at its start, if no other
+        request needs more of it."""
+        held = match.blocks + ((match.partial[0],) if match.partial is not None else ())
+        if not held:
             return None
-        seat = match.blocks[0] // self.blocks_per_seat
+        seat = held[0] // self.blocks_per_seat
         base = seat * self.blocks_per_seat
-        if self._occupant[seat] is not None or match.blocks != tuple(range(base, base + len(match.blocks))):
+        if self._occupant[seat] is not None or held != tuple(range(base, base + len(held))):
             return None
         return seat if self._writable(seat, len(match.blocks)) else None
 
@@ -175,23 +194,38 @@ class BlockManager:
         if self.cache is None or req.attention is not None:
             return
         full = min(req.num_computed // self.block_size, len(req.block_ids))
-        if full <= req.num_committed:
+        if full == req.num_committed and (req.partial_at == full or not req.num_computed % self.block_size):
             return
-        names = block_names(req, self.block_size, full)
-        for j in range(max(req.num_committed, req.own_start), full):
+        names, bs = block_names(req, self.block_size, full), self.block_size
+        first = max(req.num_committed, req.own_start)
+        ids = req.all_ids[first * bs : full * bs] if full > first else []
+        for j in range(first, full):
             self.cache.register(names[j], req.block_ids[j])
+            if j == req.partial_at:  # the block it was filling is full: what it holds is fixed
+                self.cache.freeze(req.block_ids[j])
+            else:  # a request diverging inside it can copy the tokens it has in common
+                tokens = tuple(ids[(j - first) * bs : (j - first + 1) * bs])
+                self.cache.offer(names[j - 1] if j else root_name(req),
+                                 Partial(req.block_ids[j], j * bs, (j + 1) * bs, None, tokens))
         req.num_committed = full
-
+        j = full
+        if req.num_computed % bs and j < len(req.block_ids) and req.partial_at != j:
+            self.cache.offer(names[j - 1] if j else root_name(req),
+                             Partial(req.block_ids[j], j * bs, (j + 1) * bs, req))
+            req.partial_at = j
     def free(self, req: Request) -> None:
         """Give back everything `req` holds, its seat included; its computed blocks stay named."""
         if self.cache is not None:
             j = req.num_committed
             self.cache.forget_pending(req.block_names[j:], req.block_ids[j:])
+            if 0 <= req.partial_at < len(req.block_ids):
+                self.cache.freeze(req.block_ids[req.partial_at])
         for b in req.block_ids:
             self._release(b)
         self._used -= req.num_cross_blocks
         req.block_ids = []
         req.num_cross_blocks = req.num_committed = req.own_start = 0
+        req.partial_at = -1
         req.shared_runs = ()
         req.encoded = False
         if req.seat is not None:

@@ -252,7 +252,7 @@ class Engine:
         t = time.monotonic()
         decode = plan.num_decode_tokens  # before update() appends this step's tokens
         try:
-            output = self.runner.execute(plan.scheduled)
+            output = self.runner.execute(plan.scheduled, plan.copies)
         except Exception:  # a failed forward fails its batch, never the engine
             log.exception("forward failed for %d requests", len(plan.scheduled))
             output = ModelOutput([-1] * len(plan.scheduled), errors=["the model failed on this request"] * len(plan.scheduled))

@@ -10,7 +10,13 @@ A block is registered once every token in it has been computed; it stays findabl
 until the block manager hands its place to another request (model/paged_cache.py keeps each block at its
 position in some seat, so a block is reused where it lies). A block a running request will compute is
 `pending`: a request whose next block is pending waits for it rather than computing it a second time (how `n`
-choices of one prompt, or a burst of requests behind one system prompt, hold the shared part once)."""
+choices of one prompt, or a burst of requests behind one system prompt, hold the shared part once).
+
+A block that is not full cannot be shared (its owner keeps writing into it), but its computed first tokens can
+be copied: a `Partial` records them, under the name of the block before it, and a request that starts with
+the same tokens there has them copied into its own block (copy on write) and computes only the rest; where
+the place is free, it takes the place instead. That is how `n` choices and beam hypotheses diverge: they share
+every full block and copy the one they diverge in."""
 
 from __future__ import annotations
 
@@ -25,12 +31,17 @@ def _digest(parent: bytes, tokens: list[int]) -> bytes:
     return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
 
 
+def root_name(req: Request) -> bytes:
+    """The name a chain starts from: nothing for a language model, the source for a translator."""
+    return _digest(b"source", req.source_ids) if req.source_ids is not None else b""
+
+
 def block_names(req: Request, block_size: int, count: int) -> list[bytes]:
     """The names of req's first `count` full blocks (kept on the request, extended as its tokens grow)."""
     names = req.block_names
     if len(names) < count:
         ids = req.all_ids
-        root = _digest(b"source", req.source_ids) if req.source_ids is not None else b""
+        root = root_name(req)
         for j in range(len(names), count):
             names.append(_digest(names[-1] if names else root, ids[j * block_size : (j + 1) * block_size]))
     return names[:count]
@@ -43,6 +54,28 @@ class Match:
 
     blocks: tuple[int, ...] = ()
     waits: bool = False
+    partial: tuple[int, int] | None = None  # (block, tokens): the next block's first tokens, computed elsewhere
+
+
+@dataclass
+class Partial:
+    """The computed first tokens of block `block` (positions start..): read from its running owner, or kept
+    when the owner left or the block filled."""
+
+    block: int
+    start: int
+    end: int
+    owner: Request | None
+    tokens: tuple[int, ...] = ()
+
+    def computed(self) -> list[int]:
+        if self.owner is None:
+            return list(self.tokens)
+        return self.owner.all_ids[self.start : min(self.owner.num_computed, self.end)]
+
+    def freeze(self) -> None:
+        if self.owner is not None:
+            self.tokens, self.owner = tuple(self.computed()), None
 
 
 class PrefixCache:
@@ -52,6 +85,8 @@ class PrefixCache:
         self.computed: dict[bytes, int] = {}
         self.name_of: dict[int, bytes] = {}
         self.pending: dict[bytes, int] = {}
+        self.partials: dict[bytes, dict[int, Partial]] = {}  # the name before -> block -> its computed start
+        self.partial_parent: dict[int, bytes] = {}
         self.queries = 0  # tokens looked up (each admitted request's known tokens), vLLM's prefix_cache_queries
         self.hits = 0  # of which found computed
 
@@ -82,8 +117,38 @@ class PrefixCache:
             if self.pending.get(name) == block:
                 del self.pending[name]
 
+    def offer(self, parent: bytes, part: Partial) -> None:
+        """A block being filled after the block named `parent`: its computed tokens may be copied."""
+        if part.block not in self.partial_parent:
+            self.partials.setdefault(parent, {})[part.block] = part
+            self.partial_parent[part.block] = parent
+
+    def freeze(self, block: int) -> None:
+        """The block's owner leaves it (or filled it): keep the tokens it computed there."""
+        parent = self.partial_parent.get(block)
+        if parent is not None:
+            self.partials[parent][block].freeze()
+
+    def best_partial(self, parent: bytes, tokens: list[int]) -> tuple[int, int] | None:
+        """(block, n): the block after `parent` whose computed tokens start with the most of `tokens` (n >= 1)."""
+        best: tuple[int, int] | None = None
+        for block, part in self.partials.get(parent, {}).items():
+            n = 0
+            for a, b in zip(part.computed(), tokens, strict=False):
+                if a != b:
+                    break
+                n += 1
+            if n and (best is None or n > best[1]):
+                best = (block, n)
+        return best
+
     def evict(self, block: int) -> bool:
         """The block's place is about to be overwritten: it no longer holds its name. True if it held one."""
+        parent = self.partial_parent.pop(block, None)
+        if parent is not None:
+            del self.partials[parent][block]
+            if not self.partials[parent]:
+                del self.partials[parent]
         name = self.name_of.pop(block, None)
         if name is None:
             return False

@@ -97,6 +97,7 @@ class Request:
     shared_runs: tuple[tuple[int, int, int], ...] = ()  # (seat, first, end token) of the shared keys
     block_names: list[bytes] = field(default_factory=list)  # prefix-cache names of its full blocks so far
     num_committed: int = 0  # blocks named in the prefix cache
+    partial_at: int = -1  # the block it is filling, offered for copying (service/engine/prefix_cache.py)
     encoded: bool = False  # a translator's encoder K/V are in its seat
     num_computed: int = 0
     num_preemptions: int = 0

@@ -81,8 +81,12 @@ class ModelRunner:
     # --- the step -----------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(self, plan: list[ScheduledRequest]) -> ModelOutput:
-        """Run the plan's tokens through the model; sample each request whose chunk reaches its last token."""
+    def execute(self, plan: list[ScheduledRequest], copies: list[tuple[int, int, int, int]] | None = None
+                ) -> ModelOutput:
+        """Run the plan's tokens through the model; sample each request whose chunk reaches its last token.
+        `copies` first: (from seat, to seat, position, n) K/V of requests that start inside a copied block."""
+        for source, dest, at, n in copies or ():
+            self.pool.copy(source, dest, at, n)
         capture_ids = {s.request.request_id for s in plan if s.request.attention is not None}
         bucket = self.graphs.bucket(plan) if self.graphs is not None and not capture_ids else None
         prep = self.inputs.prepare(plan, capture_ids, *(bucket or (None, None)))

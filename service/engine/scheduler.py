@@ -45,6 +45,7 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    copies: list[tuple[int, int, int, int]] = field(default_factory=list)  # K/V to copy first: (from, to, at, n)
 
     @property
     def is_empty(self) -> bool:
@@ -169,14 +170,16 @@ class Scheduler:
             match = self.blocks.match(req)
             if match.waits:
                 continue
-            cached = len(match.blocks) * self.blocks.block_size
+            cached = len(match.blocks) * self.blocks.block_size + (match.partial[1] if match.partial else 0)
             n = min(req.num_tokens - cached, budget)
             cross = self._cross_blocks(req)
             seat = self.blocks.seat_for(req, match, cached + n, cross)
             if seat is None:
                 break
             self.waiting.remove(req)
-            self.blocks.admit(req, match, seat, cached + n)
+            copy = self.blocks.admit(req, match, seat, cached + n)
+            if copy is not None:  # it starts inside a block computed in another seat: copy on write
+                out.copies.append(copy)
             self.blocks.allocate_cross(req, cross)
             req.status = RequestStatus.RUNNING
             self.running.append(req)

@@ -66,9 +66,9 @@ def test_one_transfer_each_way_per_step(build: Any) -> None:
     runner, per_step = served.engine.runner, []
     execute = runner.execute
 
-    def counted(plan: Any) -> Any:
+    def counted(plan: Any, copies: Any = None) -> Any:
         before = (runner.transfers.to_device, runner.transfers.to_host)
-        out = execute(plan)
+        out = execute(plan, copies)
         per_step.append((runner.transfers.to_device - before[0], runner.transfers.to_host - before[1]))
         return out
 

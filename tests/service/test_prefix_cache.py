@@ -18,6 +18,7 @@ from service.engine.scheduler import Scheduler, SchedulerOutput
 class FakePool:
     def __init__(self) -> None:
         self.slots: dict[tuple[int, int], int] = {}
+        self.copies = 0
 
     def check(self, sched: Scheduler) -> None:
         bs = sched.blocks.block_size
@@ -39,8 +40,12 @@ def step(sched: Scheduler, pool: FakePool, token: int | None = None, rng: random
 
 def run(sched: Scheduler, pool: FakePool, plan: SchedulerOutput, token: int | None = None,
         rng: random.Random | None = None) -> None:
-    """What the runner does with a plan: write each scheduled token where its block lies, sample, update."""
-    bs = sched.blocks.block_size
+    """What the runner does with a plan: copy, write each scheduled token where its block lies, sample, update."""
+    bs, per_seat = sched.blocks.block_size, sched.blocks.blocks_per_seat
+    pool.copies += len(plan.copies)
+    for source, dest, at, n in plan.copies:
+        for p in range(at, at + n):
+            pool.slots[(dest * per_seat + p // bs, p % bs)] = pool.slots[(source * per_seat + p // bs, p % bs)]
     for s in plan.scheduled:
         req = s.request
         ids = req.all_ids
@@ -75,8 +80,8 @@ def test_a_later_request_reuses_the_computed_prefix_and_the_hit_counter_counts_i
     b = request("b", [*range(1, 15), 99, 98])  # shares the first 3 full blocks (12 tokens) and 2 more
     sched.add(b)
     plan = sched.schedule()
-    assert [(s.start, s.num_new) for s in plan.scheduled] == [(12, 4)], "only the new tokens are computed"
-    assert blocks.cache.hits == 12 and blocks.cache.queries == 18 + 16
+    assert [(s.start, s.num_new) for s in plan.scheduled] == [(14, 2)], "only the new tokens are computed"
+    assert blocks.cache.hits == 14 and blocks.cache.queries == 18 + 16
     assert (b.seat, b.own_start) == (0, 0), "the whole cached prefix lies at the start of a free seat: taken"
     run(sched, pool, plan, 7)
     while sched.has_work():
@@ -127,6 +132,7 @@ def test_eviction_under_pressure_never_touches_a_block_in_use_and_everything_ret
         step(sched, pool, rng=rng)
     assert sched.num_preemptions > 0, "the pool was never under pressure"
     assert blocks.cache is not None and blocks.cache.hits > 0
+    assert pool.copies > 0, "no request started inside a block computed in another seat"
     assert_clean(blocks)
 
 
