@@ -206,12 +206,14 @@ class BlockManager:
             else:  # a request diverging inside it can copy the tokens it has in common
                 tokens = tuple(ids[(j - first) * bs : (j - first + 1) * bs])
                 self.cache.offer(names[j - 1] if j else root_name(req),
-                                 Partial(req.block_ids[j], j * bs, (j + 1) * bs, None, tokens))
+                                 Partial(req.block_ids[j], j * bs, (j + 1) * bs, tokens[0], None, tokens))
         req.num_committed = full
         j = full
         if req.num_computed % bs and j < len(req.block_ids) and req.partial_at != j:
+            p = len(req.prompt_ids)
+            token = req.prompt_ids[j * bs] if j * bs < p else req.output_ids[j * bs - p]
             self.cache.offer(names[j - 1] if j else root_name(req),
-                             Partial(req.block_ids[j], j * bs, (j + 1) * bs, req))
+                             Partial(req.block_ids[j], j * bs, (j + 1) * bs, token, req))
             req.partial_at = j
     def free(self, req: Request) -> None:
         """Give back everything `req` holds, its seat included; its computed blocks stay named."""

@@ -65,13 +65,19 @@ class Partial:
     block: int
     start: int
     end: int
+    first: int  # its first token, to pass over most candidates at once
     owner: Request | None
     tokens: tuple[int, ...] = ()
 
     def computed(self) -> list[int]:
-        if self.owner is None:
+        o = self.owner
+        if o is None:
             return list(self.tokens)
-        return self.owner.all_ids[self.start : min(self.owner.num_computed, self.end)]
+        end, p = min(o.num_computed, self.end), len(o.prompt_ids)
+        if end <= p:
+            return o.prompt_ids[self.start : end]
+        head = o.prompt_ids[self.start :] if self.start < p else []
+        return head + o.output_ids[max(0, self.start - p) : end - p]
 
     def freeze(self) -> None:
         if self.owner is not None:
@@ -133,6 +139,8 @@ class PrefixCache:
         """(block, n): the block after `parent` whose computed tokens start with the most of `tokens` (n >= 1)."""
         best: tuple[int, int] | None = None
         for block, part in self.partials.get(parent, {}).items():
+            if part.first != tokens[0]:
+                continue
             n = 0
             for a, b in zip(part.computed(), tokens, strict=False):
                 if a != b:

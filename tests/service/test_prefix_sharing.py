@@ -98,6 +98,37 @@ def test_decode_rows_share_blocks_while_they_run(build: Any, checkpoints_dir: Pa
     settle(served)
 
 
+def test_n_choices_hold_their_prompt_once_and_sample_as_without_sharing(build: Any) -> None:
+    """Four seeded choices of one 67-token prompt (16 full blocks of 4): the prompt's blocks are held once, each
+    choice copies the block it diverges in, and every choice draws what it draws without prefix caching."""
+    prompt = HEAD + "and"
+    choices = [SamplingParams(max_tokens=10, temperature=0.9, seed=s, ignore_eos=True) for s in range(4)]
+
+    def sample(served: ServedModel) -> tuple[list[list[int]], int, int]:
+        seen = [(0, 0)]
+        original = served.engine.scheduler.update
+
+        def update(plan: Any, output: Any) -> Any:
+            blocks = served.engine.blocks
+            seen.append((blocks.num_blocks - blocks.num_free, blocks.num_shared))
+            return original(plan, output)
+
+        served.engine.scheduler.update = update  # type: ignore[method-assign]
+
+        async def main() -> list[list[int]]:
+            return list(await asyncio.gather(*(_one(served, f"c{i}", prompt, p) for i, p in enumerate(choices))))
+
+        return asyncio.run(main()), max(u for u, _ in seen), max(sh for _, sh in seen)
+
+    shared, used, most_shared = sample(build(enable_prefix_caching=True))
+    alone, used_alone, _ = sample(build(enable_prefix_caching=False))
+    assert shared == alone
+    assert most_shared == 16, "the prompt's 16 full blocks were not shared by all four"
+    # 67 + 9 tokens get K/V (the tenth is sampled, never fed): 19 blocks a choice, 3 of them its own
+    assert used == 16 + 4 * 3 and used_alone == 4 * 19, (used, used_alone)
+    assert len({tuple(t) for t in shared}) > 1, "the choices did not diverge"
+
+
 def test_a_translator_shares_blocks_only_within_one_source(build: Any, checkpoints_dir: Path) -> None:
     served = build("tiny-mt", enable_prefix_caching=True)
     sources = ["Two dogs play in the snow.", "A man rides a bike.", "Two dogs play in the snow."]
