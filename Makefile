@@ -86,7 +86,7 @@ docker-run:
 # --- benchmarks (benchmarks/README.md) -------------------------------------------------------------------------
 # Our server vs transformers generate() (served one at a time, and one static batch) on identical weights, and the
 # roofline: both models, float32 and bfloat16, ~10 minutes on 2 CPU cores; then the shared-prefix scenario with
-# prefix caching on and off (~1 minute); writes benchmarks/results/<date>-cpu/.
+# prefix caching on and off (both models, ~4 minutes); writes benchmarks/results/<date>-cpu/.
 BENCH_ARGS ?=
 
 bench: setup
