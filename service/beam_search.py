@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from model.generate import length_penalty
+from model.generate import GenerationConfig, length_penalty
 from service.engine.request import Request, SamplingParams, TokenLogprob
 from service.registry import ServedModel
 
@@ -38,8 +38,10 @@ async def _next(served: ServedModel, rid: str, prompt: list[int], source: list[i
 
 
 async def beam_search(served: ServedModel, rid: str, prompt_ids: list[int], source_ids: list[int] | None,
-                      width: int, max_tokens: int, alpha: float) -> list[Hypothesis]:
-    """The hypotheses of a beam of `width` after `prompt_ids` (a translator's: [BOS], given `source_ids`)."""
+                      width: int, max_tokens: int, alpha: float | None = None) -> list[Hypothesis]:
+    """The hypotheses of a beam of `width` after `prompt_ids` (a translator's: [BOS], given `source_ids`); alpha
+    None is the reference decoder's default (0.6, the paper's with beam 4)."""
+    alpha = GenerationConfig.length_penalty if alpha is None else alpha
     eos = served.tokenizer.eos_id
     max_len = served.engine.config.max_model_len
     params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=2 * width, ignore_eos=True)

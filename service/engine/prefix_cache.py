@@ -150,19 +150,16 @@ class PrefixCache:
                 best = (block, n)
         return best
 
-    def evict(self, block: int) -> bool:
-        """The block's place is about to be overwritten: it no longer holds its name. True if it held one."""
+    def evict(self, block: int) -> None:
+        """The block's place is about to be overwritten: it no longer holds its name or its partial tokens."""
         parent = self.partial_parent.pop(block, None)
         if parent is not None:
             del self.partials[parent][block]
             if not self.partials[parent]:
                 del self.partials[parent]
         name = self.name_of.pop(block, None)
-        if name is None:
-            return False
-        if self.computed.get(name) == block:
+        if name is not None and self.computed.get(name) == block:
             del self.computed[name]
-        return True
 
     def count(self, queried: int, hit: int) -> None:
         self.queries += queried

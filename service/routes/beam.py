@@ -13,7 +13,6 @@ from service.routes.deps import omitted_max_tokens, sampling_params, settings_of
 from service.schemas.common import Usage
 from service.settings import Settings
 
-DEFAULT_LENGTH_PENALTY = 0.6  # GNMT's alpha, the paper's with beam 4 (model.generate.GenerationConfig)
 # what a beam cannot honour: the value that asks for nothing, and why
 _REFUSED: dict[str, tuple[object, str]] = {
     "stream": (False, "beam search returns whole hypotheses"),
@@ -37,27 +36,26 @@ def check_beam(body: Any, width: int, field: str, settings: Settings) -> None:
 
 
 async def run_beams(served: ServedModel, body: Any, request: Any, rid: str, prompt: str, ids: list[int],
-                    width: int, alpha: float | None) -> tuple[list[Hypothesis], int, int]:
-    """Best-first hypotheses for one prompt, its prompt-token count and max_tokens."""
+                    width: int, alpha: float | None) -> tuple[list[Hypothesis], int]:
+    """Best-first hypotheses for one prompt, and its prompt-token count."""
     params = sampling_params(body, settings_of(request), None, prompt=prompt,
                              default_max_tokens=omitted_max_tokens(served, ids, body.max_tokens))
     req = served.make_request(rid, prompt, params, prompt_ids=ids)
     served.engine.check(req)  # too long for the context, or the engine not taking requests: refused as usual
-    beams = await beam_search(served, rid, req.prompt_ids, req.source_ids, width, params.max_tokens,
-                              DEFAULT_LENGTH_PENALTY if alpha is None else alpha)
-    return beams, req.num_prompt_tokens, params.max_tokens
+    beams = await beam_search(served, rid, req.prompt_ids, req.source_ids, width, params.max_tokens, alpha)
+    return beams, req.num_prompt_tokens
 
 
 async def run_all(served: ServedModel, body: Any, request: Any, rid: str, prompts: list[tuple[str, list[int]]],
-                  width: int, alpha: float | None) -> list[tuple[list[Hypothesis], int, int]]:
+                  width: int, alpha: float | None) -> list[tuple[list[Hypothesis], int]]:
     return list(await asyncio.gather(*(run_beams(served, body, request, f"{rid}-{i}", text, ids, width, alpha)
                                        for i, (text, ids) in enumerate(prompts))))
 
 
-def usage(results: list[tuple[list[Hypothesis], int, int]], returned: int) -> Usage:
+def usage(results: list[tuple[list[Hypothesis], int]], returned: int) -> Usage:
     """The prompts once each; the completion tokens of the hypotheses returned."""
-    prompt = sum(p for _, p, _ in results)
-    completion = sum(len(h.token_ids) for beams, _, _ in results for h in beams[:returned])
+    prompt = sum(p for _, p in results)
+    completion = sum(len(h.token_ids) for beams, _ in results for h in beams[:returned])
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 

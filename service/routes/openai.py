@@ -153,7 +153,7 @@ async def _beams(body: CompletionRequest, request: Request, served: ServedModel,
                                                            body.length_penalty))
     choices = [CompletionChoice(index=i * body.n + r, text=served.tokenizer.decode(h.token_ids),
                                 finish_reason=beam.finish_reason(h), prompt_logprobs=None)
-               for i, (hyps, _, _) in enumerate(results) for r, h in enumerate(hyps[: body.n])]
+               for i, (hyps, _) in enumerate(results) for r, h in enumerate(hyps[: body.n])]
     return CompletionResponse(id=rid, created=int(time.time()), model=served.name, choices=choices,
                               usage=beam.usage(results, body.n))
 
