@@ -18,6 +18,7 @@ log = logging.getLogger("attnserve.device")
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 BIG_MATMUL_S = 5e-4  # a decode-shaped float32 matmul slower than this makes a step compute-bound
+BF16_MIN_SPEEDUP = 1.3  # less gain than this on the matmul is lost to the conversions around it
 
 
 def pick_device(setting: str) -> str:
@@ -51,12 +52,30 @@ def _matmul_seconds(dtype: torch.dtype, d_model: int, rows: int = 32, reps: int 
     return best
 
 
+def cpu_dtype_choice(fp32_s: float, bf16_s: float) -> tuple[torch.dtype, str]:
+    """float32 or bfloat16 for a CPU with native bf16 instructions, from one decode-shaped matmul's time in each,
+    and the reason in words (for the start-up log line).
+
+    A small model's step is bound by per-op overhead, which bf16 does not shrink (and its conversions add to):
+    measured over HTTP, a d_model-256 model streamed 2,152 tok/s in bf16 vs 2,261 in float32 at 32 streams, where
+    GPT-2 small (d_model 768) gained 1.7x. So bf16 only where it is clearly faster and the matmul takes real time."""
+    speedup = fp32_s / bf16_s if bf16_s > 0 else float("inf")
+    if not bf16_s * BF16_MIN_SPEEDUP < fp32_s:
+        return torch.float32, f"bfloat16 is not {BF16_MIN_SPEEDUP:g}x faster ({speedup:.2f}x)"
+    if fp32_s <= BIG_MATMUL_S:
+        return torch.float32, (f"bfloat16 is {speedup:.2f}x faster on the matmul, but the matmul is too small "
+                               f"(<= {BIG_MATMUL_S * 1e6:.0f} us) for that to outweigh per-op overhead")
+    return torch.bfloat16, f"bfloat16 is {speedup:.2f}x faster on a matmul big enough to matter"
+
+
 def pick_dtype(setting: str, device: str, d_model: int = 768) -> torch.dtype:
     if setting != "auto":
         return DTYPES[setting]
     if device.startswith("cuda"):
         return torch.bfloat16
     if not cpu_flags() & set(NATIVE_BF16_FLAGS):
+        log.info("dtype auto: float32: this CPU has no native bfloat16 instructions (%s), so torch would emulate "
+                 "them several times slower", " or ".join(NATIVE_BF16_FLAGS))
         return torch.float32
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one core's kernels: a busy neighbour core cannot skew the comparison
@@ -64,10 +83,7 @@ def pick_dtype(setting: str, device: str, d_model: int = 768) -> torch.dtype:
         fp32, bf16 = _matmul_seconds(torch.float32, d_model), _matmul_seconds(torch.bfloat16, d_model)
     finally:
         torch.set_num_threads(threads)
-    # A small model's step is bound by per-op overhead, which bf16 does not shrink (and its conversions add
-    # to): measured over HTTP, a d_model-256 model streamed 2,152 tok/s in bf16 vs 2,261 in float32 at 32
-    # streams, where GPT-2 small (d_model 768) gained 1.7x. So bf16 only where the matmul takes real time.
-    choice = torch.bfloat16 if bf16 * 1.3 < fp32 and fp32 > BIG_MATMUL_S else torch.float32
-    log.info("dtype auto: %s (a decode-shaped matmul took %.0f us in float32, %.0f us in bfloat16)",
-             str(choice).removeprefix("torch."), fp32 * 1e6, bf16 * 1e6)
+    choice, reason = cpu_dtype_choice(fp32, bf16)
+    log.info("dtype auto: %s: %s (a decode-shaped matmul took %.0f us in float32, %.0f us in bfloat16)",
+             str(choice).removeprefix("torch."), reason, fp32 * 1e6, bf16 * 1e6)
     return choice

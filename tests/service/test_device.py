@@ -30,3 +30,28 @@ def test_auto_follows_the_measurement_where_bf16_is_native(monkeypatch: pytest.M
 def test_this_machines_flags_are_read() -> None:
     flags = device.cpu_flags()
     assert not flags or "fpu" in flags or "sse2" in flags
+
+
+@pytest.mark.parametrize(("fp32_us", "bf16_us", "dtype", "words"), [
+    (196, 106, torch.float32, ["1.85x faster", "too small", "per-op overhead"]),  # faster, but a tiny matmul
+    (1000, 900, torch.float32, ["not 1.3x faster", "1.11x"]),
+    (1000, 500, torch.bfloat16, ["2.00x faster", "big enough"]),
+])
+def test_the_choice_says_why(fp32_us: float, bf16_us: float, dtype: torch.dtype, words: list[str]) -> None:
+    choice, reason = device.cpu_dtype_choice(fp32_us * 1e-6, bf16_us * 1e-6)
+    assert choice == dtype and all(w in reason for w in words), reason
+
+
+def test_the_start_up_line_gives_the_reason(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(device, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    times = {torch.float32: 196e-6, torch.bfloat16: 106e-6}
+    monkeypatch.setattr(device, "_matmul_seconds", lambda dtype, d_model: times[dtype])
+    with caplog.at_level("INFO", logger="attnserve.device"):
+        assert device.pick_dtype("auto", "cpu") == torch.float32
+    line = caplog.records[-1].getMessage()
+    assert line.startswith("dtype auto: float32: bfloat16 is 1.85x faster") and "too small" in line, line
+    assert "196 us in float32, 106 us in bfloat16" in line
+    monkeypatch.setattr(device, "cpu_flags", lambda: {"avx2"})
+    with caplog.at_level("INFO", logger="attnserve.device"):
+        assert device.pick_dtype("auto", "cpu") == torch.float32
+    assert "no native bfloat16 instructions" in caplog.records[-1].getMessage()
