@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-default-models", action="store_true",
                    help="do not serve the shipped models (only those given with --model/--models-dir)")
     p.add_argument("--default-model", metavar="NAME", help="the model a request without `model` gets (default: "
-                   "the first served model: --models-dir folders by name, then --model ones; multi30k-en-de with "
-                   "the shipped models); an unknown name stops the start")
+                   "the largest served decoder-only language model by parameter count, so shakespeare-gpt rather "
+                   "than the translator multi30k-en-de with the shipped models; with no language model served, "
+                   "the first model by name); an unknown name stops the start")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto: cuda when torch sees a GPU")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and KV cache (auto: float32 on CPU, bfloat16 on CUDA)")

@@ -20,7 +20,7 @@ from service.gatekeeper import BodyLimit, Gatekeeper
 from service.logs import setup_logging
 from service.metrics import CONTENT_TYPE, Metrics
 from service.registry import ServedModel, discover, load_models
-from service.routes import attention, chat, generate, health, models, openai, pages
+from service.routes import attention, chat, generate, health, models, openai, pages, vllm
 from service.routes.pages import DOCS_ASSETS, STATIC, VIEWER_ASSETS
 from service.settings import Settings, SettingsError
 
@@ -34,6 +34,16 @@ async def drain_engines(app: FastAPI, timeout: float) -> None:
     await asyncio.gather(*(m.engine.drain(timeout) for m in served.values()))
 
 
+def default_model(models: dict[str, ServedModel]) -> str | None:
+    """The model of requests that name none: the largest decoder-only language model by parameter count (a chat
+    model such as SmolLM2 when one is served, else the shipped shakespeare-gpt), never a translator that merely
+    sorts first, which would answer `{"prompt": "hi"}` in German; with no language model, the first by name."""
+    lms = [m for m in models.values() if not m.is_encoder_decoder]
+    if lms:
+        return max(lms, key=lambda m: m.describe()["parameters"]).name
+    return min(models) if models else None
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     setup_logging(settings.log_level, settings.log_json)
@@ -42,6 +52,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.models_dir is not None and not settings.models_dir.is_dir():  # else: a server with no model
+            raise SettingsError(f"models dir {settings.models_dir}: no such folder (--models-dir, "
+                                "ATTNSERVE_MODELS_DIR)")
         found = [p.name for p in discover(settings)]
         if settings.default_model is not None and settings.default_model not in found:
             raise SettingsError(f"default model '{settings.default_model}' is not among the served models "
@@ -50,7 +63,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for name, served in app.state.models.items():
             metrics.add_model(name, served.describe())
         names = list(app.state.models)
-        app.state.default_model = settings.default_model or (names[0] if names else None)
+        app.state.default_model = settings.default_model or default_model(app.state.models)
+        if not names:
+            log.warning("no model to serve: no checkpoint folder (with a config.json) was found",
+                        extra={"models_dir": str(settings.models_dir), "models": [str(p) for p in settings.models]})
         async with anyio.create_task_group():  # load anyio's backend now, not in the first stream's response
             pass
         app.state.ready = True
@@ -80,8 +96,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.draining = False
     app.state.started = time.time()
     install(app)
-    for router in (health.router, models.router, generate.router, openai.router, chat.router, attention.router,
-                   pages.router):
+    # each router included once, with its one tag: /docs lists an operation under every tag it carries
+    for router in (health.router, models.router, vllm.router, generate.router, openai.router, chat.router,
+                   attention.router, pages.router):
         app.include_router(router)
     app.mount(VIEWER_ASSETS, StaticFiles(directory=STATIC), name="viewer-assets")
 

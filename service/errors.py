@@ -58,7 +58,7 @@ def rejection_reason(status: int, code: str | None) -> str | None:
         return "overload"
     if code == "context_length_exceeded":
         return "too_long"
-    if status in (400, 413, 422) or code == "model_not_found":
+    if status in (400, 413, 415, 422) or code == "model_not_found":
         return "invalid"
     return None
 
@@ -70,6 +70,18 @@ def _field(loc: tuple[Any, ...]) -> str:
     """`prompt.0`, never the union member tags pydantic puts in locations (`constrained-str`, `list[int]`)."""
     parts = [str(p) for p in loc if isinstance(p, int) or (str(p).isidentifier() and p not in _TYPE_TAGS)]
     return ".".join(parts) or "body"
+
+
+def _not_json(request: Request, exc: RequestValidationError) -> APIError | None:
+    """415 for a body sent without a JSON Content-Type (curl -d sends x-www-form-urlencoded): FastAPI then leaves
+    it unparsed, and "body: Input should be a valid dictionary" would not say what to change. 415 Unsupported Media
+    Type is the status for content in a format the resource does not take (RFC 9110 15.5.16)."""
+    kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if not isinstance(exc.body, bytes) or kind == "application/json" or kind.endswith("+json"):
+        return None
+    got = f"Content-Type {kind}" if kind else "no Content-Type"
+    return APIError(415, f"the request body must be JSON, sent with the header `Content-Type: application/json` "
+                    f"(this request had {got})", param="body", code="unsupported_media_type")
 
 
 def install(app: FastAPI) -> None:
@@ -96,6 +108,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        not_json = _not_json(request, exc)
+        if not_json is not None:
+            return respond(request, not_json)
         errors = exc.errors()
         # for a union field, the branch whose type matched says more than "should be a valid string"
         first: dict[str, Any] = next((e for e in errors if not str(e.get("type", "")).endswith("_type")),

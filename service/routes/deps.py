@@ -7,6 +7,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -24,6 +25,11 @@ T = TypeVar("T")
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses=` for the error statuses a route can answer, all in OpenAI's error shape."""
     return {s: {"model": ErrorResponse} for s in statuses}
+
+# The model the current HTTP request resolved to (set by served_model, in the request's own task): sampling_params
+# reads its defaults here, so every surface that samples (generate, completions, chat, attention) applies them
+# without each route passing the model along.
+RESOLVED: ContextVar[ServedModel | None] = ContextVar("attnserve_resolved_model", default=None)
 
 # Temperatures below this sample as greedy (as vLLM does): dividing logits by ~1e-300 overflows to inf.
 GREEDY_BELOW = 1e-5
@@ -44,7 +50,15 @@ def served_model(request: Request, name: str | None) -> ServedModel:
         raise APIError(404, f"model '{name}' does not exist; available: {sorted(models)}", "not_found_error",
                        param="model", code="model_not_found")
     request.state.model_name = served.name
+    RESOLVED.set(served)
     return served
+
+
+def model_defaults(served: ServedModel) -> dict[str, float]:
+    """A model's own values for sampling fields a request omits (vLLM applies a checkpoint's generation_config the
+    same way; an explicit value still wins). A translator decodes greedily: one source has one right translation,
+    and sampled at temperature 1 it wanders off the source (its BLEU is measured greedy or with beams)."""
+    return {"temperature": 0.0} if served.is_encoder_decoder else {}
 
 
 def settings_of(request: Request) -> Settings:
@@ -57,7 +71,8 @@ def sampling_params(body: Sampling, settings: Settings, logprobs: int | None, se
     """Check the limits that depend on settings and build the engine's SamplingParams.
 
     `default_max_tokens` replaces the schema's default when the request gives none (a translator sizes it to its
-    source: ServedModel.default_max_tokens); `prompt` is what the access log shows with log_prompts."""
+    source: ServedModel.default_max_tokens); an omitted (or null) temperature takes the resolved model's default
+    (model_defaults); `prompt` is what the access log shows with log_prompts."""
     max_tokens = body.max_tokens
     if "max_tokens" not in body.model_fields_set:  # the default is never refused, only capped
         max_tokens = min(default_max_tokens or max_tokens, settings.max_tokens_limit)
@@ -75,11 +90,15 @@ def sampling_params(body: Sampling, settings: Settings, logprobs: int | None, se
         raise APIError(400, f"min_tokens is {body.min_tokens}, more than max_tokens ({max_tokens})", param="min_tokens")
     if logprobs is not None and logprobs > settings.max_logprobs:
         raise APIError(400, f"logprobs is {logprobs}; the limit is {settings.max_logprobs}", param="logprobs")
+    temperature = body.temperature
+    served = RESOLVED.get()
+    if "temperature" not in body.model_fields_set and served is not None:
+        temperature = model_defaults(served).get("temperature", temperature)
     caller = CALLER.get()
     if settings.log_prompts and caller is not None:  # the access log line carries it; off by default
         caller.prompt = None if prompt is None else str(prompt)
     return SamplingParams(
-        max_tokens=max_tokens, temperature=0.0 if body.temperature < GREEDY_BELOW else body.temperature,
+        max_tokens=max_tokens, temperature=0.0 if temperature < GREEDY_BELOW else temperature,
         top_k=max(body.top_k, 0), top_p=max(body.top_p, MIN_TOP_P), min_p=body.min_p,
         repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty, seed=None if body.seed is None else body.seed + seed_offset,

@@ -6,14 +6,12 @@ from fastapi import APIRouter, Request
 
 from service.inspection.selection import describe_attention
 from service.registry import ServedModel
-from service.routes import vllm
 from service.routes.chat_prompt import chat_capability
 from service.routes.deps import check_token_ids, error_responses, served_model, settings_of
 from service.schemas.native import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from service.schemas.openai import ModelCard, ModelList
 
 router = APIRouter(tags=["models"])
-router.include_router(vllm.router)  # vLLM's /tokenize, /detokenize, /tokenizer_info, /version
 ERRORS = error_responses(400, 401, 404)
 
 

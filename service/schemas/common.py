@@ -41,7 +41,8 @@ class Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid", str_max_length=MAX_TEXT_CHARS)
 
     max_tokens: int = Field(16, ge=1, description="tokens to generate at most")
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 means greedy")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 means greedy; omitted: 1, or 0 for a "
+                               "translator (encoder-decoder), which decodes greedily by default")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1, description="0 (or vLLM's -1) disables top-k")
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="drop tokens below min_p x the top token's probability")
