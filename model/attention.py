@@ -10,13 +10,21 @@ import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
+    from model.config import TransformerConfig
     from model.kv_cache import KVCache
 
 KINDS = ("encoder_self", "decoder_self", "cross")
+
+
+def share_kv(k: Tensor, h: int) -> Tensor:
+    """Grouped-query attention's K or V (B, h_kv, T, d_k) as (B, h, T, d_k): query head i reads K/V head
+    i // (h / h_kv), as each group of h / h_kv consecutive query heads shares one."""
+    return k if k.size(1) == h else k.repeat_interleave(h // k.size(1), dim=1)
 
 
 def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -58,8 +66,9 @@ def attend(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, kind: str, layer: int,
     capture: AttentionCapture | None = None, dropout_p: float = 0.0,
 ) -> Tensor:
-    """Attention(Q, K, V) on (B, h, T, d_k) tensors: the explicit path when `capture` wants this layer's
-    weights, else the fast path. Returns (B, h, T_q, d_k)."""
+    """Attention(Q, K, V) on (B, h, T, d_k) tensors (K/V may have fewer, shared heads): the explicit path when
+    `capture` wants this layer's weights, else the fast path. Returns (B, h, T_q, d_k)."""
+    k, v = share_kv(k, q.size(1)), share_kv(v, q.size(1))
     if capture is not None and capture.wants(kind, layer):
         weights = attention_weights(q, k, mask)  # (B, h, T_q, T_k)
         capture.record(kind, layer, weights)
@@ -68,31 +77,38 @@ def attend(
 
 
 class MultiHeadAttention(nn.Module):
-    """MultiHead(Q, K, V) = Concat(head_1..head_h) W_O with head_i = Attention(Q W_Q_i, K W_K_i, V W_V_i)."""
+    """MultiHead(Q, K, V) = Concat(head_1..head_h) W_O with head_i = Attention(Q W_Q_i, K W_K_i, V W_V_i).
+    With `n_kv_heads` < h, groups of query heads share K/V heads (grouped-query attention; 1 = multi-query)."""
 
     def __init__(
-        self, d_model: int, h: int, kind: str, layer_idx: int, dropout: float = 0.0, bias: bool = True
+        self, d_model: int, h: int, kind: str, layer_idx: int, dropout: float = 0.0, bias: bool = True,
+        n_kv_heads: int | None = None, qkv_bias: bool | None = None,
     ) -> None:
         super().__init__()
         assert kind in KINDS, kind
         self.h, self.d_k = h, d_model // h
+        self.h_kv = n_kv_heads or h
         self.kind, self.layer_idx = kind, layer_idx
-        self.w_q = nn.Linear(d_model, d_model, bias=bias)
-        self.w_k = nn.Linear(d_model, d_model, bias=bias)
-        self.w_v = nn.Linear(d_model, d_model, bias=bias)
+        in_bias = bias if qkv_bias is None else qkv_bias
+        self.w_q = nn.Linear(d_model, d_model, bias=in_bias)
+        self.w_k = nn.Linear(d_model, self.h_kv * self.d_k, bias=in_bias)
+        self.w_v = nn.Linear(d_model, self.h_kv * self.d_k, bias=in_bias)
         self.w_o = nn.Linear(d_model, d_model, bias=bias)
         self.dropout = dropout
 
-    def heads(self, x: Tensor) -> Tensor:
-        b, t, _ = x.shape
-        return x.view(b, t, self.h, self.d_k)  # (B, T, h, d_k): a view, no copy
+    @classmethod
+    def of(cls, cfg: TransformerConfig, kind: str, layer_idx: int) -> MultiHeadAttention:
+        """The attention sub-layer the config describes (cross-attention never shares K/V heads)."""
+        kv = cfg.n_kv_heads if kind != "cross" else None
+        return cls(cfg.d_model, cfg.h, kind, layer_idx, cfg.attn_dropout, cfg.bias, kv, cfg.qkv_bias)
 
-    def split_heads(self, x: Tensor) -> Tensor:
-        return self.heads(x).transpose(1, 2)  # (B, h, T, d_k)
+    def heads(self, x: Tensor, n: int | None = None) -> Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, n or self.h, self.d_k)  # (B, T, heads, d_k): a view, no copy
 
     def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys and values of x (B, T, d_model) as (B, h, T, d_k)."""
-        return self.split_heads(self.w_k(x)), self.split_heads(self.w_v(x))
+        """Keys and values of x (B, T, d_model) as (B, h_kv, T, d_k)."""
+        return self.heads(self.w_k(x), self.h_kv).transpose(1, 2), self.heads(self.w_v(x), self.h_kv).transpose(1, 2)
 
     def forward(
         self,
@@ -101,22 +117,37 @@ class MultiHeadAttention(nn.Module):
         mask: Tensor | None = None,
         cache: KVCache | None = None,
         capture: AttentionCapture | None = None,
+        rotary: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        """x (B, T_q, d_model); memory (B, T_k, d_model) for cross-attention. With a cache, the cache stores
-        this step's keys/values and attends over everything it holds (its own masks and layout)."""
+        """x (B, T_q, d_model); memory (B, T_k, d_model) for cross-attention; `rotary` the (cos, sin) of x's
+        positions when positions are rotary (applied to q and k before the cache stores k). With a cache, the
+        cache stores this step's keys/values and attends over everything it holds (its own masks and layout)."""
         b, t, _ = x.shape
-        if cache is not None:
-            q = self.heads(self.w_q(x))  # (B, T_q, h, d_k)
-            if self.kind == "cross":
+        q = self.heads(self.w_q(x))  # (B, T_q, h, d_k)
+        if self.kind == "cross":
+            if cache is not None:
                 out = cache.attend_cross(self.layer_idx, q, lambda: self.project_kv(_need(memory)), capture)
-            else:
-                out = cache.attend(self.layer_idx, q, self.heads(self.w_k(x)), self.heads(self.w_v(x)), capture)
-            return self.w_o(out.reshape(b, t, self.h * self.d_k))  # (B, T_q, d_model)
-        q = self.split_heads(self.w_q(x))  # (B, h, T_q, d_k)
-        k, v = self.project_kv(_need(memory) if self.kind == "cross" else x)  # (B, h, T_k, d_k)
+                return self.w_o(out.reshape(b, t, self.h * self.d_k))  # (B, T_q, d_model)
+            k, v = self.project_kv(_need(memory))  # (B, h_kv, T_k, d_k)
+        else:
+            k, v = self.heads(self.w_k(x), self.h_kv), self.heads(self.w_v(x), self.h_kv)  # (B, T, h_kv, d_k)
+            if rotary is not None:
+                q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
+            if cache is not None:
+                out = cache.attend(self.layer_idx, q, k, v, capture)  # (B, T_q, h, d_k)
+                return self.w_o(out.reshape(b, t, self.h * self.d_k))
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, h_kv, T_k, d_k)
         p = self.dropout if self.training else 0.0
-        out = attend(q, k, v, mask, self.kind, self.layer_idx, capture, p)
+        out = attend(q.transpose(1, 2), k, v, mask, self.kind, self.layer_idx, capture, p)  # (B, h, T_q, d_k)
         return self.w_o(out.transpose(1, 2).reshape(b, t, self.h * self.d_k))  # (B, T_q, d_model)
+
+
+def apply_rotary(x: Tensor, rotary: tuple[Tensor, Tensor]) -> Tensor:
+    """Rotate x (B, T, heads, d_k) by its positions' angles (RoFormer): x cos + rotate_half(x) sin, where
+    rotate_half pairs feature i with i + d_k/2 (the Hugging Face Llama layout)."""
+    cos, sin = (t[:, :, None].to(x.dtype) for t in rotary)  # (B, T, 1, d_k)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 def _need(memory: Tensor | None) -> Tensor:

@@ -24,7 +24,8 @@ class KVCache(Protocol):
     """What an attention layer needs from whatever keeps its keys and values."""
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, capture: AttentionCapture | None) -> Tensor:
-        """Store this step's k, v and attend q over the cached sequence. q, k, v, result: (B, T_new, h, d_k)."""
+        """Store this step's k, v and attend q over the cached sequence. q, result: (B, T_new, h, d_k); k, v:
+        (B, T_new, h_kv, d_k), h_kv dividing h (grouped-query attention)."""
         ...
 
     def attend_cross(self, layer: int, q: Tensor, project: KVProjector, capture: AttentionCapture | None) -> Tensor:
@@ -33,7 +34,7 @@ class KVCache(Protocol):
 
 
 class ContiguousKVCache:
-    """Preallocated (B, h, max_len, d_k) buffers per layer for B sequences decoded in lockstep; written in place."""
+    """Preallocated (B, h_kv, max_len, d_k) buffers per layer for B sequences decoded in lockstep; written in place."""
 
     def __init__(
         self,
@@ -45,7 +46,7 @@ class ContiguousKVCache:
         memory_valid: Tensor | None = None,
     ) -> None:
         max_len = max_len or cfg.max_len
-        shape = (cfg.n_decoder_layers, batch_size, cfg.h, max_len, cfg.d_k)
+        shape = (cfg.n_decoder_layers, batch_size, cfg.kv_heads, max_len, cfg.d_k)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = [0] * cfg.n_decoder_layers
@@ -66,7 +67,7 @@ class ContiguousKVCache:
         self.v[layer, :, :, start:end] = v.transpose(1, 2)
         self.lengths[layer] = end
         mask = None if t == 1 else causal_mask(t, end, k.device)  # (T_new, T_k)
-        keys, values = self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, h, T_k, d_k)
+        keys, values = self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, h_kv, T_k, d_k)
         return attend(q.transpose(1, 2), keys, values, mask, "decoder_self", layer, capture).transpose(1, 2)
 
     def attend_cross(self, layer: int, q: Tensor, project: KVProjector, capture: AttentionCapture | None) -> Tensor:

@@ -1,5 +1,8 @@
 """The Transformer's building blocks, in the paper's order: positional encoding, FFN, residual + LayerNorm,
-the encoder layer and the decoder layer (sections 3.1, 3.3, 3.5)."""
+the encoder layer and the decoder layer (sections 3.1, 3.3, 3.5).
+
+Later models' departures are options of the same modules, chosen by the config: rotary positions (RoFormer)
+instead of added encodings, RMSNorm instead of LayerNorm, a gated FFN (SwiGLU), grouped-query attention."""
 
 from __future__ import annotations
 
@@ -53,7 +56,56 @@ class LearnedPositions(nn.Module):
         return F.embedding(positions, self.weight)  # (B, T, d_model)
 
 
+def rotary_frequencies(d_k: int, theta: float, scaling: dict[str, float | str] | None = None) -> Tensor:
+    """theta^(-2i/d_k) for i < d_k/2, the angle per position of each pair of features; `scaling` stretches
+    them for contexts longer than the training one ("linear": all by 1/factor; "llama3": low frequencies by
+    1/factor, high ones kept, a smooth ramp between, as Meta's Llama 3.1 reference does)."""
+    inv = 1.0 / (theta ** (torch.arange(0, d_k, 2, dtype=torch.int64).float() / d_k))  # (d_k/2,)
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv
+    assert scaling is not None
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv / factor
+    if kind == "llama3":
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / low, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        ramp = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / high) & (wavelen <= old / low)
+        return torch.where(medium, ramp, scaled)
+    raise ValueError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3)")
+
+
+class RotaryPositions(nn.Module):
+    """Rotary position embedding: each pair of a head's features is rotated by position x frequency, so q.k
+    depends on the distance between positions. Returns (cos, sin), each (B, T, d_k), for attention's
+    `apply_rotary`."""
+
+    inv_freq: Tensor
+
+    def __init__(self, d_k: int, theta: float, scaling: dict[str, float | str] | None = None) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", rotary_frequencies(d_k, theta, scaling), persistent=False)
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        angles = positions[..., None].float() * self.inv_freq  # (B, T, d_k/2), in float32 whatever the model's dtype
+        angles = torch.cat((angles, angles), dim=-1)  # (B, T, d_k): feature i pairs with i + d_k/2 (HF's layout)
+        return angles.cos(), angles.sin()
+
+
+def norm_layer(cfg: TransformerConfig) -> nn.Module:
+    """LayerNorm (the paper, GPT-2) or RMSNorm (x / rms(x) * g: no mean, no bias; Llama)."""
+    if cfg.norm_kind == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias)
+
+
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": F.silu,
     "relu": F.relu,
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -61,17 +113,22 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 
 
 class FeedForward(nn.Module):
-    """FFN(x) = max(0, x W_1 + b_1) W_2 + b_2 (ReLU, or GELU), with dropout on the activation."""
+    """FFN(x) = max(0, x W_1 + b_1) W_2 + b_2 (ReLU, or GELU), with dropout on the activation; gated (Llama's
+    SwiGLU with silu): FFN(x) = (act(x W_1) * x W_3) W_2."""
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         self.w_1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.w_3 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if cfg.ffn == "gated" else None
         self.w_2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.act = ACTIVATIONS[cfg.activation]
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w_2(self.dropout(self.act(self.w_1(x))))
+        hidden = self.act(self.w_1(x))  # (B, T, d_ff)
+        if self.w_3 is not None:
+            hidden = hidden * self.w_3(x)
+        return self.w_2(self.dropout(hidden))
 
 
 class Residual(nn.Module):
@@ -80,7 +137,7 @@ class Residual(nn.Module):
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.norm = norm_layer(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
         self.pre_norm = cfg.norm == "pre"
 
@@ -95,12 +152,13 @@ class EncoderLayer(nn.Module):
 
     def __init__(self, cfg: TransformerConfig, layer_idx: int) -> None:
         super().__init__()
-        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.h, "encoder_self", layer_idx, cfg.attn_dropout, cfg.bias)
+        self.self_attn = MultiHeadAttention.of(cfg, "encoder_self", layer_idx)
         self.ffn = FeedForward(cfg)
         self.res_attn, self.res_ffn = Residual(cfg), Residual(cfg)
 
-    def forward(self, x: Tensor, mask: Tensor | None, capture: AttentionCapture | None = None) -> Tensor:
-        x = self.res_attn(x, lambda y: self.self_attn(y, mask=mask, capture=capture))
+    def forward(self, x: Tensor, mask: Tensor | None, capture: AttentionCapture | None = None,
+                rotary: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        x = self.res_attn(x, lambda y: self.self_attn(y, mask=mask, capture=capture, rotary=rotary))
         return self.res_ffn(x, self.ffn)
 
 
@@ -109,11 +167,11 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, cfg: TransformerConfig, layer_idx: int) -> None:
         super().__init__()
-        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.h, "decoder_self", layer_idx, cfg.attn_dropout, cfg.bias)
+        self.self_attn = MultiHeadAttention.of(cfg, "decoder_self", layer_idx)
         self.res_self = Residual(cfg)
         self.cross_attn: MultiHeadAttention | None = None
         if cfg.is_encoder_decoder:
-            self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.h, "cross", layer_idx, cfg.attn_dropout, cfg.bias)
+            self.cross_attn = MultiHeadAttention.of(cfg, "cross", layer_idx)
             self.res_cross = Residual(cfg)
         self.ffn = FeedForward(cfg)
         self.res_ffn = Residual(cfg)
@@ -126,8 +184,9 @@ class DecoderLayer(nn.Module):
         memory_mask: Tensor | None = None,
         cache: KVCache | None = None,
         capture: AttentionCapture | None = None,
+        rotary: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        x = self.res_self(x, lambda y: self.self_attn(y, mask=self_mask, cache=cache, capture=capture))
+        x = self.res_self(x, lambda y: self.self_attn(y, mask=self_mask, cache=cache, capture=capture, rotary=rotary))
         if self.cross_attn is not None:
             cross = self.cross_attn
             x = self.res_cross(x, lambda y: cross(y, memory, mask=memory_mask, cache=cache, capture=capture))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.attention import AttentionCapture, attention_weights
+from model.attention import AttentionCapture, attention_weights, share_kv
 from model.config import TransformerConfig
 from model.kv_cache import KVProjector
 from model.masks import causal_mask
@@ -36,7 +36,8 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
 
 
 class BlockPool:
-    """Preallocated K/V: per decoder layer, (num_seats + 1) seats of seat_len slots of (h, d_k)."""
+    """Preallocated K/V: per decoder layer, (num_seats + 1) seats of seat_len slots of (h_kv, d_k): with
+    grouped-query attention only the shared K/V heads are stored."""
 
     def __init__(self, cfg: TransformerConfig, num_seats: int, seat_len: int, block_size: int = 16,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
@@ -45,7 +46,7 @@ class BlockPool:
         self.blocks_per_seat = seat_len // block_size
         self.null_seat = num_seats
         device = torch.device(device)
-        shape = (cfg.n_decoder_layers, num_seats + 1, seat_len, cfg.h, cfg.d_k)
+        shape = (cfg.n_decoder_layers, num_seats + 1, seat_len, cfg.kv_heads, cfg.d_k)
         self.k, self.v = lazy_zeros(shape, dtype, device), lazy_zeros(shape, dtype, device)
         self.cross_k: Tensor | None = None
         self.cross_v: Tensor | None = None
@@ -55,15 +56,15 @@ class BlockPool:
 
     @staticmethod
     def bytes_per_block(cfg: TransformerConfig, block_size: int, dtype: torch.dtype) -> int:
-        """K and V of every decoder layer for block_size tokens."""
+        """K and V of every decoder layer for block_size tokens (h_kv heads of d_k each)."""
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * cfg.n_decoder_layers * block_size * cfg.d_model * itemsize
+        return 2 * cfg.n_decoder_layers * block_size * cfg.kv_heads * cfg.d_k * itemsize
 
     def slot(self, seat: int, position: int) -> int:
         return seat * self.seat_len + position
 
     def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
-        """k, v (N, h, d_k) go to `slots` (N,) in place."""
+        """k, v (N, h_kv, d_k) go to `slots` (N,) in place."""
         self.k[layer].view(-1, *self.k.shape[3:]).index_copy_(0, slots, k)
         self.v[layer].view(-1, *self.v.shape[3:]).index_copy_(0, slots, v)
 
@@ -135,7 +136,7 @@ class PagedKVCache:
         self.rows: dict[tuple[str, int], dict[int, Tensor]] = {}
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, capture: AttentionCapture | None) -> Tensor:
-        self.pool.write(layer, self.layout.write_slots, k[0], v[0])  # (N, h, d_k) each
+        self.pool.write(layer, self.layout.write_slots, k[0], v[0])  # (N, h_kv, d_k) each
         lay = self.layout
         return self._ragged("decoder_self", layer, q[0], self.pool.k[layer], self.pool.v[layer],
                             lay.decode_len, lay.decode_mask, capture)
@@ -154,27 +155,31 @@ class PagedKVCache:
         wants = capture is not None and capture.wants(kind, layer) and bool(lay.capture_seats)
         parts = []
         s = lay.num_decode
+        h, h_kv = q.size(1), keys.size(2)
         if s:
-            qd = q[:s, None].transpose(1, 2)  # (S, h, 1, d_k)
-            kd = keys[:s, :decode_len].transpose(1, 2)  # (S, h, L, d_k): each seat's run, in place
+            # A decode row's g = h / h_kv query heads that share a K/V head are g query rows over that head:
+            # grouped-query attention without repeating K/V.
+            qd = q[:s].view(s, h_kv, h // h_kv, q.size(-1))  # (S, h_kv, g, d_k)
+            kd = keys[:s, :decode_len].transpose(1, 2)  # (S, h_kv, L, d_k): each seat's run, in place
             vd = values[:s, :decode_len].transpose(1, 2)
             shared = lay.shared if kind == "decoder_self" else []
             if shared:
                 assert decode_mask is not None
                 od = self._cascade(qd, kd, vd, decode_mask, keys, values, shared)
             if wants:  # a request whose rows are captured shares no block: its own keys are all of them
-                w = attention_weights(qd, kd, decode_mask)  # (S, h, 1, L)
-                self._keep(kind, layer, {i: w[i, :, 0] for i in range(s) if i in lay.capture_seats})
+                w = attention_weights(qd, kd, decode_mask)  # (S, h_kv, g, L)
+                per_head = w.reshape(s, h, -1)  # (S, h, L)
+                self._keep(kind, layer, {i: per_head[i] for i in range(s) if i in lay.capture_seats})
                 if not shared:
                     od = w @ vd
             elif not shared:  # every decode row sees at least one key, so no row needs zeroing
                 od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=decode_mask)
-            parts.append(od.transpose(1, 2).reshape(s, *q.shape[1:]))  # (S, h, d_k)
+            parts.append(od.reshape(s, *q.shape[1:]))  # (S, h, d_k)
         for c in lay.prefills:
             qp = q[c.row : c.row + c.num_new].transpose(0, 1)[None]  # (1, h, n, d_k)
             n_keys = c.source_len if kind == "cross" else c.start + c.num_new
             own = kind == "cross" or not c.shared  # cross-attention keys are always the seat's own
-            kp, vp = (t[c.seat, :n_keys].transpose(0, 1)[None] if own else self._chunk_keys(t, c, n_keys)
+            kp, vp = (share_kv(t[c.seat, :n_keys].transpose(0, 1)[None] if own else self._chunk_keys(t, c, n_keys), h)
                       for t in (keys, values))  # (1, h, T_k, d_k)
             mask = None if kind == "cross" else causal_mask(c.num_new, n_keys, q.device)
             if wants and c.seat in lay.capture_seats:
@@ -199,17 +204,18 @@ class PagedKVCache:
     def _cascade(qd: Tensor, kd: Tensor, vd: Tensor, mask: Tensor, keys: Tensor, values: Tensor,
                  shared: list[SharedRun]) -> Tensor:
         """Decode attention over each row's own keys (in place, `mask`) and its shared runs, merged exactly:
-        softmax over the union = the parts' exp-sums rescaled to a common running maximum. (S, h, 1, d_k)"""
+        softmax over the union = the parts' exp-sums rescaled to a common running maximum. qd (S, h_kv, g, d_k)
+        holds each K/V head's group of query heads as rows; returns the same shape."""
         scale = qd.size(-1) ** -0.5
-        logits = ((qd @ kd.transpose(-2, -1)) * scale).float().masked_fill(~mask, float("-inf"))  # (S, h, 1, L)
+        logits = ((qd @ kd.transpose(-2, -1)) * scale).float().masked_fill(~mask, float("-inf"))  # (S, h_kv, g, L)
         top = logits.amax(-1, keepdim=True)  # finite: a decode row's newest key is always its own
         p = (logits - top).exp()
         den, num = p.sum(-1, keepdim=True), (p.to(vd.dtype) @ vd).float()
         for run in shared:
             rows = run.rows
-            k = keys[run.seat, run.start : run.end].transpose(0, 1)  # (h, T, d_k): read once for all its rows
+            k = keys[run.seat, run.start : run.end].transpose(0, 1)  # (h_kv, T, d_k): read once for all its rows
             v = values[run.seat, run.start : run.end].transpose(0, 1)
-            part = ((qd.index_select(0, rows) @ k.transpose(-2, -1)) * scale).float()  # (n, h, 1, T)
+            part = ((qd.index_select(0, rows) @ k.transpose(-2, -1)) * scale).float()  # (n, h_kv, g, T)
             old = top.index_select(0, rows)
             new = torch.maximum(old, part.amax(-1, keepdim=True))
             keep, p = (old - new).exp(), (part - new).exp()

@@ -11,7 +11,14 @@ from torch import Tensor, nn
 
 from model.attention import AttentionCapture
 from model.config import TransformerConfig
-from model.layers import DecoderLayer, EncoderLayer, LearnedPositions, SinusoidalPositions
+from model.layers import (
+    DecoderLayer,
+    EncoderLayer,
+    LearnedPositions,
+    RotaryPositions,
+    SinusoidalPositions,
+    norm_layer,
+)
 from model.masks import causal_mask, combine_masks, padding_mask
 
 if TYPE_CHECKING:
@@ -38,11 +45,12 @@ class Encoder(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(cfg, i) for i in range(cfg.n_encoder_layers))
-        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias) if cfg.final_norm else None
+        self.norm = norm_layer(cfg) if cfg.final_norm else None
 
-    def forward(self, x: Tensor, mask: Tensor | None, capture: AttentionCapture | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None, capture: AttentionCapture | None = None,
+                rotary: tuple[Tensor, Tensor] | None = None) -> Tensor:
         for layer in self.layers:
-            x = layer(x, mask, capture)
+            x = layer(x, mask, capture, rotary)
         return self.norm(x) if self.norm is not None else x
 
 
@@ -52,7 +60,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.n_decoder_layers))
-        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias) if cfg.final_norm else None
+        self.norm = norm_layer(cfg) if cfg.final_norm else None
 
     def forward(
         self,
@@ -62,9 +70,10 @@ class Decoder(nn.Module):
         memory_mask: Tensor | None = None,
         cache: KVCache | None = None,
         capture: AttentionCapture | None = None,
+        rotary: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         for layer in self.layers:
-            x = layer(x, self_mask, memory, memory_mask, cache, capture)
+            x = layer(x, self_mask, memory, memory_mask, cache, capture, rotary)
         return self.norm(x) if self.norm is not None else x
 
 
@@ -75,8 +84,14 @@ class _Base(nn.Module):
         super().__init__()
         self.config = cfg
         self.tgt_embed = Embedding(cfg.vocab_size, cfg.d_model, cfg.scale_embeddings)
-        positions = SinusoidalPositions if cfg.positional == "sinusoidal" else LearnedPositions
-        self.positions = positions(cfg.max_len, cfg.d_model)
+        self.positions: nn.Module | None = None
+        self.rotary: RotaryPositions | None = None
+        if cfg.positional == "rotary":  # positions rotate q and k inside attention instead of adding to x
+            scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
+            self.rotary = RotaryPositions(cfg.d_k, cfg.rope_theta, scaling)
+        else:
+            positions = SinusoidalPositions if cfg.positional == "sinusoidal" else LearnedPositions
+            self.positions = positions(cfg.max_len, cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout)
         self.decoder = Decoder(cfg)
         self.generator = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # the pre-softmax linear
@@ -94,7 +109,12 @@ class _Base(nn.Module):
                 nn.init.zeros_(p)
 
     def embed(self, tokens: Tensor, positions: Tensor, embed: Embedding) -> Tensor:
-        return self.dropout(embed(tokens) + self.positions(positions))  # (B, T, d_model)
+        x = embed(tokens)  # (B, T, d_model)
+        return self.dropout(x + self.positions(positions) if self.positions is not None else x)
+
+    def rotations(self, positions: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(cos, sin) of the positions for rotary attention, or None for added position encodings."""
+        return self.rotary(positions) if self.rotary is not None else None
 
     def decode(
         self,
@@ -125,7 +145,7 @@ class _Base(nn.Module):
                 causal_mask(t, t, tokens.device), padding_mask(valid) if valid is not None else None
             )
         x = self.embed(tokens, positions, self.tgt_embed)
-        return self.decoder(x, self_mask, memory, memory_mask, cache, capture)
+        return self.decoder(x, self_mask, memory, memory_mask, cache, capture, self.rotations(positions))
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.generator(hidden)  # (..., vocab)
@@ -155,7 +175,7 @@ class Transformer(_Base):
             raise ValueError(f"source length {s} exceeds max_len {self.config.max_len}")
         positions = torch.arange(s, device=src.device).expand(b, s)
         mask = padding_mask(src_valid) if src_valid is not None else None
-        return self.encoder(self.embed(src, positions, self.src_embed), mask, capture)
+        return self.encoder(self.embed(src, positions, self.src_embed), mask, capture, self.rotations(positions))
 
     def forward(
         self,
