@@ -1,6 +1,7 @@
 """Chat messages to one prompt, as Hugging Face does it: the Jinja `chat_template` a checkpoint declares in
 `tokenizer_config.json` (or `chat_template.jinja`), rendered in a sandbox with HF's variables (`messages`,
-`add_generation_prompt`, `bos_token`, `eos_token`, the other special tokens, `raise_exception`, `strftime_now`).
+`add_generation_prompt`, `bos_token`, `eos_token`, the other special tokens, `raise_exception`, `strftime_now`);
+a GGUF file carries its template in its metadata instead.
 
 A checkpoint without a template gets `DEFAULT_TEMPLATE`: one "role: content" line per message, then
 "assistant:" when a reply is wanted. A translator has no template: it translates the last user message."""
@@ -86,6 +87,16 @@ def _declared(config: dict[str, Any], folder: Path) -> str | None:
         return template
     file = folder / "chat_template.jinja"
     return file.read_text() if file.is_file() else None
+
+
+@lru_cache(maxsize=64)
+def embedded_chat_template(text: str, bos_token: str | None, eos_token: str | None) -> ChatTemplate:
+    """A template carried inside the weights file (GGUF's tokenizer.chat_template), compiled once."""
+    try:
+        _compiled(text)
+    except TemplateError as e:
+        raise ChatTemplateError(f"the model file's chat_template does not parse: {e}") from e
+    return ChatTemplate("checkpoint", text, (("bos_token", bos_token), ("eos_token", eos_token)))
 
 
 @lru_cache(maxsize=64)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from model.config import TransformerConfig
 from model.paged_cache import BlockPool
 from model.tokenizer import Tokenizer
 from model.transformer import DecoderOnlyLM, Transformer, num_parameters
@@ -21,6 +22,7 @@ from service.engine.runner import ModelRunner
 from service.settings import Settings
 
 log = logging.getLogger("attnserve.registry")
+MIN_CONTEXT = 512  # the default context is never cut below this (a chat needs room), nor above the model's
 
 @dataclass
 class ServedModel:
@@ -71,7 +73,7 @@ class ServedModel:
                      prompt_ids: list[int] | None = None) -> Request:
         """A translator gets the text as its source and starts decoding from BOS; an LM continues the text."""
         tok = self.tokenizer
-        ids = prompt_ids if prompt_ids is not None else tok.encode(text or "")
+        ids = prompt_ids if prompt_ids is not None else tok.encode(text or "", add_bos=self.checkpoint.add_bos)
         if self.is_encoder_decoder:
             bos = tok.bos_id if tok.bos_id is not None else 0
             return Request(request_id, [bos], params, source_ids=ids)
@@ -87,6 +89,8 @@ class ServedModel:
             "parameters": num_parameters(self.model),
             "d_model": cfg.d_model,
             "heads": cfg.h,
+            "kv_heads": cfg.kv_heads,  # < heads: grouped-query attention (query heads share K/V heads)
+            "kv_bytes_per_token": BlockPool.bytes_per_block(cfg, 1, self.dtype),
             "encoder_layers": cfg.n_encoder_layers if cfg.is_encoder_decoder else 0,
             "decoder_layers": cfg.n_decoder_layers,
             "vocab_size": cfg.vocab_size,
@@ -100,12 +104,36 @@ class ServedModel:
 
 
 def discover(settings: Settings) -> list[Path]:
-    """Checkpoint folders: every folder with a config.json under models_dir, then the explicit ones."""
+    """Checkpoints: every folder with a config.json and every .gguf file under models_dir, then the explicit ones."""
     found: list[Path] = []
     if settings.models_dir is not None and settings.models_dir.is_dir():
-        found += sorted(p for p in settings.models_dir.iterdir() if (p / "config.json").is_file())
+        found += sorted(p for p in settings.models_dir.iterdir()
+                        if (p / "config.json").is_file() or (p.is_file() and p.suffix.lower() == ".gguf"))
     found += [Path(p) for p in settings.models]
     return found
+
+
+def model_name(path: Path) -> str:
+    """A folder serves under its name, a GGUF file under its name without the suffix."""
+    return path.stem if path.is_file() and path.suffix.lower() == ".gguf" else path.name
+
+
+def context_length(cfg: TransformerConfig, settings: Settings, kv_tokens: int) -> int:
+    """The longest request served (vLLM's --max-model-len): the setting, else the model's context capped to what
+    the KV budget holds for max_num_seqs sequences (in whole blocks, and never below MIN_CONTEXT), since each
+    sequence slot reserves room for the longest request (model/paged_cache.py); a translator keeps its context."""
+    if cfg.is_encoder_decoder:
+        return min(cfg.max_len, settings.max_model_len or cfg.max_len)
+    if settings.max_model_len is not None:
+        if settings.max_model_len > cfg.max_len:
+            raise CheckpointError(f"--max-model-len {settings.max_model_len} exceeds the model's context "
+                                  f"({cfg.max_len} tokens)")
+        if settings.max_model_len > kv_tokens:
+            raise CheckpointError(f"--max-model-len {settings.max_model_len} does not fit the KV cache "
+                                  f"({kv_tokens} tokens; raise --kv-cache-bytes or --kv-cache-blocks)")
+        return settings.max_model_len
+    fair = kv_tokens // max(1, settings.max_num_seqs) // settings.block_size * settings.block_size
+    return min(cfg.max_len, max(fair, MIN_CONTEXT))
 
 
 def build_served_model(
@@ -121,7 +149,11 @@ def build_served_model(
     cfg = ckpt.config
     per_block = BlockPool.bytes_per_block(cfg, settings.block_size, dtype)
     num_blocks = settings.kv_cache_blocks or max(1, settings.kv_cache_bytes // per_block)
-    seat_len = -(-cfg.max_len // settings.block_size) * settings.block_size  # a seat holds the longest request
+    max_model_len = context_length(cfg, settings, num_blocks * settings.block_size)
+    if max_model_len < cfg.max_len:
+        log.info("context capped", extra={"model": model_name(path), "max_model_len": max_model_len,
+                                          "model_context": cfg.max_len})
+    seat_len = -(-max_model_len // settings.block_size) * settings.block_size  # a seat holds the longest request
     # with prefix caching, a seat whose blocks others still share waits empty until they finish: a few spare seats
     seats = settings.max_num_seqs + (max(1, settings.max_num_seqs // 4) if settings.enable_prefix_caching else 0)
     runner = ModelRunner(ckpt.model, seats, seat_len, settings.block_size, device, dtype,
@@ -134,12 +166,13 @@ def build_served_model(
         max_waiting_requests=settings.max_waiting_requests,
         max_waiting_tokens=settings.max_waiting_tokens,
         queue_timeout=settings.queue_timeout,
-        max_model_len=cfg.max_len,
+        max_model_len=max_model_len,
         enable_prefix_caching=settings.enable_prefix_caching,
     )
     tok = ckpt.tokenizer
-    engine = Engine(path.name, runner, config, tok.decode, tok.eos_id, on_step, on_finish)
-    return ServedModel(path.name, ckpt, engine, device, dtype)
+    name = model_name(path)
+    engine = Engine(name, runner, config, tok.decode, tok.eos_id, on_step, on_finish)
+    return ServedModel(name, ckpt, engine, device, dtype)
 
 
 def load_models(
@@ -155,9 +188,9 @@ def load_models(
         try:
             served = build_served_model(path, settings, on_step, on_finish)
         except CheckpointError as e:
-            raise CheckpointError(f"model {path.name}: {e}") from e
+            raise CheckpointError(f"model {model_name(path)}: {e}") from e
         if served.name in models:
-            raise CheckpointError(f"model {path.name}: two models share this name")
+            raise CheckpointError(f"model {served.name}: two models share this name")
         if settings.warmup:
             tok = served.tokenizer
             probe = tok.encode("The ") or [0]

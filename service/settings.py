@@ -34,7 +34,10 @@ class Settings(BaseSettings):
     # engine
     block_size: int = 16
     kv_cache_blocks: int | None = Field(default=None, description="KV blocks per model (overrides the bytes)")
-    kv_cache_bytes: int = 256 * 2**20
+    kv_cache_bytes: int = 2**30
+    max_model_len: int | None = Field(default=None, description="the longest request (prompt + output) served "
+                                      "(default: the model's context, capped to the KV cache's share per sequence "
+                                      "for max_num_seqs sequences, never below 512 tokens)")
     max_num_seqs: int = 64
     max_num_batched_tokens: int = Field(default=512, description="token budget of one engine step; longer "
                                         "prompts are prefilled in chunks of it (chunked prefill)")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
+from service.chat_template import ChatTemplate, ChatTemplateError, embedded_chat_template, load_chat_template
 from service.errors import APIError
 from service.registry import ServedModel
 from service.schemas.chat import UNSUPPORTED, ChatCompletionRequest
@@ -59,6 +59,9 @@ def messages_of(body: ChatCompletionRequest) -> list[dict[str, Any]]:
 
 def template_of(served: ServedModel) -> ChatTemplate:
     tok = served.tokenizer
+    embedded = served.checkpoint.chat_template
+    if embedded is not None:
+        return embedded_chat_template(embedded, tok.specials.bos, tok.specials.eos)
     return load_chat_template(served.checkpoint.path, tok.specials.bos, tok.specials.eos)
 
 
