@@ -52,19 +52,21 @@ def llama_config(hf: dict[str, Any], file: str = "config.json") -> TransformerCo
     if hf.get("head_dim") not in (None, d_model // h):
         raise CheckpointError(f"{file}: head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
     window = hf.get("sliding_window")
-    if window is not None and hf.get("use_sliding_window", kind == "mistral") and \
-            window < hf.get("max_position_embeddings", 0):
+    sliding = hf.get("use_sliding_window", kind == "mistral") or "sliding_attention" in hf.get("layer_types", [])
+    if window is not None and sliding and window < hf.get("max_position_embeddings", 0):
         raise CheckpointError(f"{file}: sliding-window attention ({window} tokens) is not supported")
     if hf.get("mlp_bias"):
         raise CheckpointError(f"{file}: mlp_bias is not supported")
-    scaling = hf.get("rope_scaling")
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})  # transformers 5 writes the former
+    theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
     try:
         return TransformerConfig(
             arch="decoder-only", vocab_size=hf["vocab_size"], d_model=d_model, h=h,
             n_kv_heads=hf.get("num_key_value_heads") or h, d_ff=hf["intermediate_size"],
             n_decoder_layers=hf["num_hidden_layers"], n_encoder_layers=0,
             max_len=hf.get("max_position_embeddings", 2048), norm="pre", norm_kind="rmsnorm",
-            positional="rotary", rope_theta=float(hf.get("rope_theta", 10000.0)),
+            positional="rotary", rope_theta=theta,
             rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
             activation="silu", ffn="gated", bias=bool(hf.get("attention_bias", False)),
             qkv_bias=True if kind == "qwen2" else None, layer_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),

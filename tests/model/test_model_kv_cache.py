@@ -7,6 +7,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from model.config import preset
 from model.kv_cache import ContiguousKVCache
 from model.layers import DecoderLayer
 from model.masks import length_mask
@@ -31,7 +32,8 @@ def _positions(start: int, end: int, batch: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("chunks", [[1] * 12, [5, 1, 4, 2], [12]], ids=["token-by-token", "chunks", "one-shot"])
-def test_contiguous_cache_decoder_only(gpt: DecoderOnlyLM, chunks: list[int]) -> None:
+def test_contiguous_cache_decoder_only(lm: DecoderOnlyLM, chunks: list[int]) -> None:
+    gpt = lm
     torch.manual_seed(0)
     tokens = torch.randint(0, gpt.config.vocab_size, (2, sum(chunks)))
     cache = ContiguousKVCache(gpt.config, batch_size=2, max_len=16)
@@ -147,7 +149,17 @@ def _sequences(vocab: int) -> list[list[int]]:
     return [torch.randint(0, vocab, (n,)).tolist() for n in lengths]
 
 
-def test_paged_cache_decoder_only(gpt: DecoderOnlyLM) -> None:
+@pytest.fixture(params=["tiny-gpt", "tiny-llama", "multi-query"])
+def lm(request: pytest.FixtureRequest) -> DecoderOnlyLM:
+    """The GPT-2 shape, the Llama shape (rotary, RMSNorm, SwiGLU, 4 query heads over 2 K/V heads) and MQA."""
+    cfg = preset("tiny-gpt") if request.param == "tiny-gpt" else preset(
+        "tiny-llama", n_kv_heads=2 if request.param == "tiny-llama" else 1)
+    torch.manual_seed(0)
+    return DecoderOnlyLM(cfg).eval()
+
+
+def test_paged_cache_decoder_only(lm: DecoderOnlyLM) -> None:
+    gpt = lm
     pool = BlockPool(gpt.config, num_seats=4, seat_len=16, block_size=BLOCK)
     seqs = _sequences(gpt.config.vocab_size)
     with torch.no_grad():
@@ -193,8 +205,8 @@ def test_paged_cache_without_cross_pool_is_refused(gpt: DecoderOnlyLM, seq2seq: 
         seq2seq.decode(torch.tensor([[1]]), torch.tensor([[0]]), cache=cache)
 
 
-def test_block_pool_seats_are_contiguous_runs_of_blocks(gpt: DecoderOnlyLM) -> None:
-    cfg = gpt.config
+def test_block_pool_seats_are_contiguous_runs_of_blocks(lm: DecoderOnlyLM) -> None:
+    cfg = lm.config
     pool = BlockPool(cfg, num_seats=3, seat_len=2 * BLOCK, block_size=BLOCK)
     per_block = BlockPool.bytes_per_block(cfg, BLOCK, torch.float32)
     actual = (pool.k.numel() + pool.v.numel()) * pool.k.element_size()
