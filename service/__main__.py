@@ -2,7 +2,8 @@
 
 SIGTERM (or Ctrl-C) drains: /ready turns 503 and new requests get 503 while in-flight requests finish (up to the
 drain timeout); the rest end with finish_reason "abort"; then the server exits 0. A second signal stops at once:
-open connections are cut and the process dies of that signal (exit status 143 for SIGTERM, 130 for Ctrl-C)."""
+open connections are cut, the engines stop, and the process dies of that signal (exit status 143 for SIGTERM, 130
+for Ctrl-C), with no traceback: every line on stderr stays JSON."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import socket
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import uvicorn
 from fastapi import FastAPI
@@ -35,13 +36,15 @@ log = logging.getLogger("attnserve.server")
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn, but the first SIGTERM/SIGINT drains the engines before the server stops."""
+    """uvicorn, but the first SIGTERM/SIGINT drains the engines before the server stops, and a second one stops at
+    once: `stopped_by` is then that signal, for the process to die of once the engines are stopped."""
 
     def __init__(self, config: uvicorn.Config, settings: Settings) -> None:
         super().__init__(config)
         self.app = cast(FastAPI, config.app)
         self.settings = settings
         self._draining = False
+        self.stopped_by: int | None = None
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         """Run the app's lifespan around uvicorn (not inside it), so that a model that cannot load ends the start
@@ -52,18 +55,56 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not hasattr(self.config, "loaded_app"):
             return super().handle_exit(sig, frame)
-        if self._draining:  # the second signal: no waiting for connections; uvicorn re-raises the signal at the end
-            log.warning("second signal: stopping now", extra={"signal": signal.Signals(sig).name})
-            self.force_exit = True
-            return super().handle_exit(sig, frame)
+        name = signal.Signals(sig).name
+        if self.stopped_by is not None:  # a third signal: the stop is under way
+            return None
+        if self._draining:
+            # not passed on to uvicorn, which would re-raise it inside asyncio.run: a SIGINT there cancels the
+            # lifespan's cleanup and ends in a KeyboardInterrupt traceback; main() dies of it after the cleanup
+            log.warning("second signal: stopping now", extra={"signal": name})
+            self.stopped_by = sig
+            self.should_exit = self.force_exit = True
+            return None
         self._draining = True
-        log.info("draining", extra={"signal": signal.Signals(sig).name, "timeout_s": self.settings.drain_timeout})
+        extra = {"signal": name, "timeout_s": self.settings.drain_timeout}
+        if sig == signal.SIGINT:  # a person at a terminal: tell them how not to wait
+            log.info("draining: in-flight requests get up to %g s to finish; press Ctrl-C again to stop at once",
+                     self.settings.drain_timeout, extra=extra)
+        else:
+            log.info("draining", extra=extra)
         asyncio.get_event_loop().create_task(self._drain())
+        return None
 
     async def _drain(self) -> None:
         await drain_engines(self.app, self.settings.drain_timeout)
         await asyncio.sleep(0.2)  # let the last events of aborted streams go out
         self.should_exit = True
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse at once a host:port this process cannot listen on (another server has it, or no such address),
+    rather than after the models load, when uvicorn binds it. Each address the host resolves to is bound and
+    released, as uvicorn will bind them."""
+    try:
+        for family, kind, proto, _, address in socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                                   flags=socket.AI_PASSIVE):
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a TIME_WAIT port is free
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio binds each family
+                sock.bind(address)
+    except OSError as e:
+        raise SettingsError(f"cannot listen on {host}:{port}: {e.strerror or e}; is another server using port "
+                            f"{port}? Pick another with --port") from e
+
+
+def die_of(sig: int) -> NoReturn:
+    """End the process as killed by `sig` (exit status 128 + sig in a shell: 130 for Ctrl-C, 143 for SIGTERM),
+    the convention that lets a calling script see the interruption, with no KeyboardInterrupt traceback."""
+    logging.shutdown()  # flush the log lines before the signal ends the process
+    signal.signal(sig, signal.SIG_DFL)
+    os.kill(os.getpid(), sig)
+    sys.exit(128 + sig)  # only where the signal did not end the process
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,13 +170,20 @@ def main(argv: list[str] | None = None) -> None:
         settings.models_dir = None
     try:
         app = create_app(settings)
+        check_port(settings.host, settings.port)
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                                 log_config=log_config(settings.log_level, settings.log_json),
                                 access_log=False, timeout_graceful_shutdown=5, lifespan="off")
-        DrainingServer(config, settings).run()
+        server = DrainingServer(config, settings)
+        server.run()
     except (CheckpointError, SettingsError, OSError) as e:  # a bad model folder, file or setting: say which
         log.error("cannot start: %s", e, extra={"error": str(e)})
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C while the models load, before the server's own handlers are installed
+        log.warning("interrupted", extra={"signal": "SIGINT"})
+        die_of(signal.SIGINT)
+    if server.stopped_by is not None:
+        die_of(server.stopped_by)
     sys.exit(0)
 
 
