@@ -32,9 +32,14 @@ def num_layers(cfg: TransformerConfig, kind: str) -> int:
 
 
 def describe_attention(cfg: TransformerConfig, max_tokens: int, max_values: int) -> dict[str, Any]:
-    """What GET /v1/models says about inspection: the kinds, their stacks, which are causal, the limits."""
+    """What GET /v1/models says about inspection: the kinds, their stacks, which are causal, the limits; with
+    grouped-query attention, the K/V head each query head shares."""
     kinds = {k: {"layers": num_layers(cfg, k), "heads": cfg.h, "causal": CAUSAL[k], "queries": AXES[k][0],
                  "keys": AXES[k][1]} for k in model_kinds(cfg)}
+    if cfg.kv_heads != cfg.h:  # maps are per query head; say which of them read the same K/V head
+        group = cfg.h // cfg.kv_heads
+        kinds["decoder_self"]["kv_heads"] = cfg.kv_heads
+        kinds["decoder_self"]["kv_head_of_head"] = [i // group for i in range(cfg.h)]
     return {"kinds": kinds, "limits": {"max_tokens": max_tokens, "max_values": max_values},
             "aggregations": ["none", "mean", "max", "rollout"], "encodings": ["json", "base64"]}
 
