@@ -11,9 +11,17 @@ export const state = {
   rowsBy: { alignment: "predicted" },  // per view: label decoder rows by the token read ("input") or predicted
 };
 export const isTranslator = () => state.model.details.architecture === "encoder-decoder";
-export const kindsInResult = () => [...new Set([...state.result.maps.values()].map((m) => m.kind))];
-export const layersOf = (kind) => [...state.result.maps.values()].filter((m) => m.kind === kind).map((m) => m.layer);
-export const allHeads = () => [...state.result.maps.values()][0].heads;
+// What the selects offer: the maps of the result, or before one (on load, after a model switch) what the model's card
+// says it has (GET /v1/models: details.attention.kinds, each with its layers and heads).
+const range = (n) => Array.from({ length: n }, (_, i) => i);
+const cardKinds = () => (state.model && state.model.details.attention && state.model.details.attention.kinds) || {};
+export const kindsOffered = () => (state.result ? [...new Set([...state.result.maps.values()].map((m) => m.kind))]
+  : Object.keys(cardKinds()));
+export const layersOf = (kind) => (state.result
+  ? [...state.result.maps.values()].filter((m) => m.kind === kind).map((m) => m.layer)
+  : range((cardKinds()[kind] || { layers: 0 }).layers));
+export const allHeads = () => (state.result ? [...state.result.maps.values()][0].heads
+  : range((Object.values(cardKinds())[0] || { heads: 0 }).heads));
 export const tokensOf = (side) => (side === "encoder" ? state.result.encoder_tokens : state.result.decoder_tokens);
 export const rowsBy = () => state.rowsBy[state.view] || "input";
 // Labels and generated-flags of a side. Decoder rows may be labelled by the token each query predicts (the next one:

@@ -5,7 +5,7 @@ import { drawLegend } from "./draw.js";
 import { hideTooltip, snapshot, wire } from "./interact.js";
 import { AXES, HEAD_COLORS, api, matrix, unpack } from "./matrices.js";
 import {
-  $, allHeads, headName, isTranslator, kindName, kindsInResult, layersOf, marksNote, rowsBy, rowsNote, setLegend,
+  $, allHeads, headName, isTranslator, kindName, kindsOffered, layersOf, marksNote, rowsBy, rowsNote, setLegend,
   side, state,
 } from "./page.js";
 import { alignmentView, headView, heatmap, modelView } from "./views.js";
@@ -28,9 +28,16 @@ async function loadModels() {
   onModelChange();
 }
 
+// A switch forgets everything of the model before (its result, kinds, layer, status line and colour scale) and
+// offers the new model's kinds, layers and heads at once.
 function onModelChange() {
   state.model = state.models.find((m) => m.id === $("model").value) || null;
-  state.result = state.rollout = null;
+  state.result = state.rollout = state.window = null;
+  Object.assign(state, { kind: null, layer: 0, head: "mean" });
+  delete $("layer").dataset.touched;
+  setStatus("");
+  hideError();
+  setLegend(null);
   if (!state.model) return;
   const d = state.model.details, translator = isTranslator();
   $("lm-fields").hidden = translator;
@@ -41,6 +48,8 @@ function onModelChange() {
   $("model-info").textContent = `${d.architecture} · ${layers} layers × ${d.heads} heads · context ${d.context_length} tokens`;
   if (translator) $("generate").checked = !$("target").value.trim();
   if (state.view === "alignment" && !translator) setTab("heatmap");
+  state.heads = new Set(allHeads());
+  syncControls();
   showEmpty("Enter text and press Inspect.");
 }
 
@@ -63,21 +72,24 @@ function inputs() {
 
 async function inspect(selection) {
   if (!state.model) return;
+  const asked = state.model;
   hideError();
   $("inspect").disabled = true;
   setStatus("Inspecting…");
   try {
     const t0 = performance.now();
     const res = await api("/v1/attention", { ...inputs(), encoding: "base64", stats: true, ...(selection || {}) }, key());
+    if (state.model !== asked) return;  // the model was switched meanwhile: this result is no longer wanted
     state.result = { ...res, maps: mapsOf(res) };
     state.rollout = state.window = null;
     const n = res.decoder_tokens.length + (res.encoder_tokens || []).length;
-    setStatus(`${n} tokens${res.generated_tokens ? ` (${res.generated_tokens} generated)` : ""} · ` +
+    setStatus(`${asked.id} · ${n} tokens${res.generated_tokens ? ` (${res.generated_tokens} generated)` : ""} · ` +
       `${res.values.toLocaleString()} values · ${Math.round(performance.now() - t0)} ms`);
-    if (!kindsInResult().includes(state.kind)) state.kind = kindsInResult()[0];
+    if (!kindsOffered().includes(state.kind)) state.kind = kindsOffered()[0];
     state.heads = new Set(allHeads());
     await render();
   } catch (e) {
+    if (state.model !== asked) return;
     setStatus("");
     showError(e.message, e.status === 413 ? suggestion(e.message) : null);
   } finally {
@@ -115,7 +127,8 @@ function fillSelect(sel, options, value) {
 
 function syncControls() {
   const v = state.view;
-  let kinds = kindsInResult();
+  let kinds = kindsOffered();
+  if (!kinds.length) return;
   if (v === "rollout") kinds = kinds.filter((k) => k !== "cross");
   if (v === "alignment") kinds = ["cross"];
   state.kind = fillSelect($("kind"), kinds.map((k) => [k, kindName(k)]), state.kind);
@@ -153,7 +166,7 @@ function drawHeadToggles() {
 
 // --- the views ----------------------------------------------------------------------------------------------------
 async function render() {
-  if (!state.result) return;
+  if (!state.result) return syncControls();  // before an inspection: a choice of kind refills the layers
   document.body.dataset.rendered = "";
   state.width = $("canvas-wrap").clientWidth;
   if (state.view !== "head") state.focus = null;
@@ -209,6 +222,7 @@ function showError(message, smaller) {
   box.hidden = false;
 }
 function showEmpty(text) {
+  document.body.dataset.rendered = "";
   $("view").hidden = true;
   $("empty").hidden = false;
   $("empty").textContent = text;

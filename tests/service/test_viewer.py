@@ -190,3 +190,39 @@ def test_viewer_scales_without_the_sink_and_windows_long_inputs(make_server: Cal
     _rendered(page, "head")
     assert page.inner_text("#window-label").startswith("0–39")
     assert not page.errors, page.errors
+
+
+def test_the_controls_follow_the_model_before_and_after_an_inspection(make_server: Callable[..., Any],
+                                                                      browser_page: Any) -> None:
+    """The selects offer the model card's kinds, layers and heads on load (before any Inspect); a model switch
+    drops the previous model's kinds, status line and colour scale."""
+    server = make_server()
+    page = browser_page
+    cards = {m["id"]: m["details"]["attention"]["kinds"] for m in httpx.get(f"{server.url}/v1/models").json()["data"]}
+
+    def options(select: str) -> list[str]:
+        return page.eval_on_selector_all(f"#{select} option", "os => os.map(o => o.value)")  # type: ignore[no-any-return]
+
+    page.goto(f"{server.url}/inspect?model=tiny-gpt")
+    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+    gpt = cards["tiny-gpt"]["decoder_self"]
+    assert options("kind") == ["decoder_self"] and options("layer") == [str(i) for i in range(gpt["layers"])]
+    assert options("head") == ["mean", "max", *(str(h) for h in range(gpt["heads"]))]
+    page.fill("#prompt", "ROMEO:")
+    page.click("#inspect")
+    _rendered(page, "heatmap")
+    assert "tiny-gpt" in page.inner_text("#status") and page.inner_text("#legend-max")[0].isdigit()
+
+    page.select_option("#model", "tiny-mt")
+    assert options("kind") == list(cards["tiny-mt"]) and {"encoder_self", "cross"} <= set(options("kind"))
+    status = page.inner_text("#status")
+    assert "tiny-gpt" not in status and "tokens" not in status, status
+    assert page.inner_text("#legend-max").startswith("max"), "the colour scale of the old map is gone"
+    page.select_option("#kind", "encoder_self")  # chosen before Inspect, kept by it
+    enc = cards["tiny-mt"]["encoder_self"]
+    assert options("layer") == [str(i) for i in range(enc["layers"])]
+    page.fill("#source", SOURCE)
+    page.click("#inspect")
+    _rendered(page, "heatmap")
+    assert page.input_value("#kind") == "encoder_self" and "tiny-mt" in page.inner_text("#status")
+    assert not page.errors, page.errors
