@@ -1,8 +1,9 @@
 """The attention viewer in a real headless Chromium against a live server: it lists the models, inspects a
 translator, draws the heatmap (pixels read back from the canvas), shows the alignment's source and target tokens
 (rows labelled by the token predicted, or read), enlarges a map from the model view, exports PNG and JSON, opens the
-rollout at the last layer, windows the head view of long inputs, marks generated tokens and can scale colours
-without the first key. Screenshots go to tests/artifacts/."""
+rollout at the last layer, windows the head view of long inputs, marks generated tokens, can scale colours without
+the first key, offers the model's kinds, layers and heads before the first Inspect and forgets the old model's on a
+switch. Screenshots go to tests/artifacts/."""
 
 from __future__ import annotations
 
