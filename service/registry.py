@@ -119,19 +119,16 @@ def model_name(path: Path) -> str:
 
 
 def context_length(cfg: TransformerConfig, settings: Settings, kv_tokens: int) -> int:
-    """The longest request served (vLLM's --max-model-len): the setting, else the model's context capped to what
-    the KV budget holds for max_num_seqs sequences (in whole blocks, and never below MIN_CONTEXT), since each
-    sequence slot reserves room for the longest request (model/paged_cache.py); a translator keeps its context."""
+    """The longest request served (vLLM's --max-model-len): the setting (capped to each model's own context), else
+    the model's context capped to what the KV budget holds for max_num_seqs sequences (in whole blocks, never below
+    MIN_CONTEXT), since each sequence slot reserves room for the longest request (model/paged_cache.py)."""
     if cfg.is_encoder_decoder:
         return min(cfg.max_len, settings.max_model_len or cfg.max_len)
-    if settings.max_model_len is not None:
-        if settings.max_model_len > cfg.max_len:
-            raise CheckpointError(f"--max-model-len {settings.max_model_len} exceeds the model's context "
-                                  f"({cfg.max_len} tokens)")
-        if settings.max_model_len > kv_tokens:
+    if settings.max_model_len is not None:  # one setting for every served model: a cap on each one's context
+        if min(settings.max_model_len, cfg.max_len) > kv_tokens:
             raise CheckpointError(f"--max-model-len {settings.max_model_len} does not fit the KV cache "
                                   f"({kv_tokens} tokens; raise --kv-cache-bytes or --kv-cache-blocks)")
-        return settings.max_model_len
+        return min(settings.max_model_len, cfg.max_len)
     fair = kv_tokens // max(1, settings.max_num_seqs) // settings.block_size * settings.block_size
     return min(cfg.max_len, max(fair, MIN_CONTEXT))
 
