@@ -116,7 +116,8 @@ class Metrics:
 
     def add_model(self, name: str, details: Mapping[str, object]) -> None:
         """Create every series of a model at zero, so dashboards and rate() see it before its first request."""
-        keys = ("architecture", "parameters", "dtype", "device", "context_length", "block_size")
+        keys = ("architecture", "parameters", "dtype", "device", "context_length", "block_size", "heads", "kv_heads",
+                "kv_bytes_per_token")  # with grouped-query attention kv_heads < heads: the cache holds only those
         self.model_info.labels(name).info({k: str(details.get(k, "")) for k in keys})
         for metric in self._per_model:
             if metric is self.finished:

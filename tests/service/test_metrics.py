@@ -188,7 +188,8 @@ def test_metrics_after_a_known_load(make_server: Callable[..., Any]) -> None:
     info = next(dict(k) for k in m["attnserve_model_info"] if dict(k)["model"] == MODEL)
     described = server.models[MODEL].describe()
     assert info == {"model": MODEL, **{k: str(described[k]) for k in (
-        "architecture", "parameters", "dtype", "device", "context_length", "block_size")}}
+        "architecture", "parameters", "dtype", "device", "context_length", "block_size", "heads", "kv_heads",
+        "kv_bytes_per_token")}}
     assert info["dtype"] == "float32" and info["device"] == "cpu"
     build = dict(next(iter(m["attnserve_build_info"])))
     assert (build["version"], build["torch_version"]) == (__version__, torch.__version__)
