@@ -96,8 +96,9 @@ docker-run:
 
 # --- benchmarks (benchmarks/README.md) -------------------------------------------------------------------------
 # Our server vs transformers generate() (served one at a time, and one static batch) on identical weights, and the
-# roofline: both models, float32 and bfloat16, ~10 minutes on 2 CPU cores; then the shared-prefix scenario with
-# prefix caching on and off (both models, ~4 minutes); writes benchmarks/results/<date>-cpu/.
+# roofline: shakespeare-gpt, gpt2-small and SmolLM2-135M (downloaded once), float32 and bfloat16, ~8 minutes on
+# 2 CPU cores (SmolLM2 ~3 of them; BENCH_ARGS="--models smollm2-135m" for it alone); then the shared-prefix
+# scenario with prefix caching on and off (the two GPT models, ~4 minutes); writes benchmarks/results/<date>-cpu/.
 BENCH_ARGS ?=
 
 bench: setup

@@ -1,6 +1,6 @@
 """The best naive batching can do: Hugging Face `generate()` on one padded batch, offline, no HTTP.
 
-    python -m benchmarks.hf_static --model GPT2_FOLDER --dtype bfloat16 --batch 32 --input-len 32 --output-len 128
+    python -m benchmarks.hf_static --model HF_FOLDER --dtype bfloat16 --batch 32 --input-len 32 --output-len 128
 
 The prompts are seeded random token ids, left-padded into one batch with an attention mask (the layout
 batched `generate()` needs; with equal lengths the padding is empty). min_new_tokens = max_new_tokens =
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import GPT2LMHeadModel
+from transformers import AutoModelForCausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -32,6 +32,12 @@ def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
+def eos_id(cfg: Any) -> int:
+    """The config's end-of-text id (the first, where it lists several), 0 when it has none."""
+    eos = cfg.eos_token_id
+    return int((eos[0] if isinstance(eos, list | tuple) and eos else eos) or 0)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -41,10 +47,10 @@ def run_static(folder: Path, dtype: str = "float32", batch: int = 32, input_len:
                seed: int = 0, device: str = "cpu") -> dict[str, Any]:
     """Time one greedy generate() of `batch` prompts; output tokens/s over the wall time of that call."""
     dev = torch.device(device)
-    model: Any = GPT2LMHeadModel.from_pretrained(folder, dtype=DTYPES[dtype])
+    model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])  # a GPT-2 or Llama folder
     model = model.to(dev).eval()
     cfg = model.config
-    pad = int(cfg.eos_token_id or 0)
+    pad = eos_id(cfg)
     rng = random.Random(seed)
     ids, mask = pad_left([[rng.randrange(cfg.vocab_size) for _ in range(input_len)] for _ in range(batch)], pad)
     ids, mask = ids.to(dev), mask.to(dev)
@@ -70,7 +76,7 @@ def run_static(folder: Path, dtype: str = "float32", batch: int = 32, input_len:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.hf_static", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, required=True, help="a Hugging Face GPT-2 folder")
+    p.add_argument("--model", type=Path, required=True, help="a Hugging Face GPT-2 or Llama folder")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=32)

@@ -1,9 +1,10 @@
 """The naive baseline server: FastAPI + Hugging Face transformers `generate()`, one request at a time.
 
-    python -m benchmarks.naive_server --model GPT2_FOLDER --name shakespeare-gpt --dtype float32 --port 8001
+    python -m benchmarks.naive_server --model HF_FOLDER --name shakespeare-gpt --dtype float32 --port 8001
 
-It loads the GPT-2 export of one of our checkpoints (`model.checkpoint.export_gpt2`) into `GPT2LMHeadModel`,
-so the weights are identical, and speaks the same API as the service (native /v1/generate with SSE `token`
+It loads the GPT-2 export of one of our checkpoints (`model.checkpoint.export_gpt2`), or the Llama folder of
+SmolLM2's dequantized GGUF (benchmarks.checkpoints.export_hf), with `AutoModelForCausalLM`, so the weights are
+identical, and speaks the same API as the service (native /v1/generate with SSE `token`
 and `done` events, OpenAI /v1/completions with `data:` chunks and [DONE], /v1/models, /v1/tokenize,
 /v1/detokenize, /ready), so the same load generator measures both. Requests queue on a lock: this is what
 wrapping `generate()` in a web framework gives without batching. Each generated token is streamed as
@@ -27,9 +28,10 @@ import uvicorn
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse, StreamingResponse
 from tokenizers import Tokenizer
-from transformers import GPT2LMHeadModel, StoppingCriteria, StoppingCriteriaList
+from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from benchmarks.hf_static import eos_id
 from service.schemas import (
     CompletionRequest,
     DetokenizeRequest,
@@ -71,14 +73,16 @@ class Cancelled(StoppingCriteria):
 
 
 class NaiveModel:
-    """A GPT-2 folder in transformers, its tokenizer, and the lock that serializes requests."""
+    """A GPT-2 or Llama folder in transformers, its tokenizer, and the lock that serializes requests."""
 
     def __init__(self, folder: Path, name: str, dtype: str, device: str) -> None:
         self.name, self.device = name, torch.device(device)
-        model: Any = GPT2LMHeadModel.from_pretrained(folder, dtype=DTYPES[dtype])
+        model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
         self.model = model.to(self.device).eval()
         self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        self.eos = int(self.model.config.eos_token_id or 0)
+        self.eos = eos_id(self.model.config)
+        cfg = self.model.config
+        self.context = int(getattr(cfg, "n_positions", None) or cfg.max_position_embeddings)  # GPT-2's, Llama's
         self.lock = asyncio.Lock()
 
     def encode(self, text: str) -> list[int]:
@@ -99,7 +103,7 @@ class NaiveModel:
                                 stopping_criteria=StoppingCriteriaList([Cancelled(stop)]), **kwargs)
 
     def check(self, ids: list[int], body: SamplingFields) -> None:
-        limit = self.model.config.n_positions
+        limit = self.context
         if len(ids) + body.max_tokens > limit:
             raise HTTPException(400, f"prompt ({len(ids)}) + max_tokens ({body.max_tokens}) exceeds {limit} positions")
         if any(not 0 <= t < self.model.config.vocab_size for t in ids):
@@ -146,9 +150,9 @@ def create_naive_app(folder: Path, name: str, dtype: str = "float32", device: st
 
     @app.get("/v1/models/{model}")
     async def card(model: str) -> dict[str, Any]:
-        cfg = state["m"].model.config
+        m = state["m"]
         return {"id": name, "object": "model", "owned_by": "transformers",
-                "details": {"vocab_size": cfg.vocab_size, "context_length": cfg.n_positions, "dtype": dtype}}
+                "details": {"vocab_size": m.model.config.vocab_size, "context_length": m.context, "dtype": dtype}}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

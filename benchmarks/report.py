@@ -116,9 +116,25 @@ def targets(run: dict[str, Any], top: int) -> list[tuple[str, float | None, floa
     return out
 
 
+def models_table(runs: Sequence[dict[str, Any]]) -> str:
+    """Each model's shape once: parameters, those a decode token multiplies by, and its K/V bytes per token."""
+    rows, seen = [], set()
+    for r in runs:
+        shape, kv = r.get("shape"), r.get("kv_bytes_per_token") or {}
+        if shape is None or r["model"] in seen:
+            continue
+        seen.add(r["model"])
+        rows.append([r["model"], shape["layers"], shape["d_model"], f"{shape['heads']} / {shape['kv_heads']}",
+                     f"{shape['params']:,}", f"{shape['matmul_params']:,}",
+                     *(f"{kv[d]:,}" if d in kv else "-" for d in ("float32", "bfloat16"))])
+    return markdown_table(["model", "layers", "d_model", "heads (Q / KV)", "params", "matmul params per token",
+                           "KV bytes per token float32", "KV bytes per token bfloat16"], rows)
+
+
 def summary_tables(runs: Sequence[dict[str, Any]], machine: Any, top: int) -> str:
-    """The README's tables: throughput and latency per model x dtype, then each target met or not."""
-    concs = [lv["concurrency"] for lv in runs[0]["ours"]["levels"]] if runs else []
+    """The README's tables: each model's shape, throughput and latency per model x dtype, then each target met
+    or not (at each run's own highest concurrency; `top` names the latency column)."""
+    concs = sorted({lv["concurrency"] for r in runs for lv in r["ours"]["levels"]})
     head = ["model", "dtype", *[f"ours c={c} tok/s" for c in concs], "naive c=1 tok/s", "HF static tok/s",
             "TTFT med c=1 ms", f"ITL med / p99 c={top} ms", f"decode step c={top} ms (batch)", "roofline ms"]
     rows = []
@@ -134,7 +150,7 @@ def summary_tables(runs: Sequence[dict[str, Any]], machine: Any, top: int) -> st
                      f"{dv['roofline_ms']:.2f} ({dv['bound']})" if dv else "-"])
     checks = []
     for r in runs:
-        for name, value, limit, sense in targets(r, top):
+        for name, value, limit, sense in targets(r, r["ours"]["levels"][-1]["concurrency"]):
             ok = value is not None and (value >= limit if sense == "ge" else value <= limit)
             verdict = "not measured" if value is None else ("met" if ok else "MISSED")
             checks.append([r["model"], r["dtype"], name, "-" if value is None else value,
@@ -144,6 +160,7 @@ def summary_tables(runs: Sequence[dict[str, Any]], machine: Any, top: int) -> st
         f"Machine: {machine.device}, {machine.threads} threads; matmul {peaks}; copy {machine.bandwidth / 1e9:.1f} GB/s."
         + (f"\nCPU: {machine.cpu}; flags: {' '.join(machine.cpu_flags) or 'none of ' + 'AVX2/AVX-512/AMX'}."
            if machine.cpu else ""),
+        models_table(runs),
         markdown_table(head, rows),
         markdown_table(["model", "dtype", "target", "measured", "limit", "verdict"], checks),
     ])

