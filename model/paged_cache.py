@@ -179,17 +179,18 @@ class PagedKVCache:
             qp = q[c.row : c.row + c.num_new].transpose(0, 1)[None]  # (1, h, n, d_k)
             n_keys = c.source_len if kind == "cross" else c.start + c.num_new
             own = kind == "cross" or not c.shared  # cross-attention keys are always the seat's own
-            kp, vp = (share_kv(t[c.seat, :n_keys].transpose(0, 1)[None] if own else self._chunk_keys(t, c, n_keys), h)
-                      for t in (keys, values))  # (1, h, T_k, d_k)
+            kp, vp = (t[c.seat, :n_keys].transpose(0, 1)[None] if own else self._chunk_keys(t, c, n_keys)
+                      for t in (keys, values))  # (1, h_kv, T_k, d_k)
             mask = None if kind == "cross" else causal_mask(c.num_new, n_keys, q.device)
+            gqa = kp.size(1) != h  # SDPA reads each K/V head for its group of query heads, without a copy
             if wants and c.seat in lay.capture_seats:
-                w = attention_weights(qp, kp, mask)  # (1, h, n, T_k)
+                w = attention_weights(qp, share_kv(kp, h), mask)  # (1, h, n, T_k)
                 self._keep(kind, layer, {c.seat: w[0, :, -1]})
-                op = w @ vp
+                op = w @ share_kv(vp, h)
             elif mask is not None and c.start == 0:
-                op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
+                op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=gqa)
             else:
-                op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask)
+                op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=gqa)
             parts.append(op[0].transpose(0, 1))  # (n, h, d_k)
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out[None]  # (1, N, h, d_k)
