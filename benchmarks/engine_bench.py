@@ -60,9 +60,10 @@ def run_one(model: DecoderOnlyLM, tok: Tokenizer, dtype: str, batch: int, input_
         raise SystemExit(f"input + output = {input_len + output_len} exceeds the model's max_len {cfg.max_len}")
     per_request = -(-(input_len + output_len + 1) // BLOCK_SIZE)
     budget = max(2048, batch * input_len)
-    seat_len = -(-cfg.max_len // BLOCK_SIZE) * BLOCK_SIZE
-    runner = ModelRunner(copy.deepcopy(model), batch, seat_len, BLOCK_SIZE, device, DTYPES[dtype], budget)
-    config = EngineConfig(num_blocks=batch * per_request + 4, block_size=BLOCK_SIZE, max_num_seqs=batch,
+    num_blocks = batch * per_request + 4
+    runner = ModelRunner(copy.deepcopy(model), num_blocks, batch, cfg.max_len, BLOCK_SIZE, device, DTYPES[dtype],
+                         budget)
+    config = EngineConfig(num_blocks=num_blocks, block_size=BLOCK_SIZE, max_num_seqs=batch,
                           max_num_batched_tokens=budget,
                           max_model_len=cfg.max_len, queue_timeout=None)
     steps: list[StepStats] = []

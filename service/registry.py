@@ -150,11 +150,8 @@ def build_served_model(
     if max_model_len < cfg.max_len:
         log.info("context capped", extra={"model": model_name(path), "max_model_len": max_model_len,
                                           "model_context": cfg.max_len})
-    seat_len = -(-max_model_len // settings.block_size) * settings.block_size  # a seat holds the longest request
-    # with prefix caching, a seat whose blocks others still share waits empty until they finish: a few spare seats
-    seats = settings.max_num_seqs + (max(1, settings.max_num_seqs // 4) if settings.enable_prefix_caching else 0)
-    runner = ModelRunner(ckpt.model, seats, seat_len, settings.block_size, device, dtype,
-                         max(settings.max_num_batched_tokens, settings.max_num_seqs), settings.enforce_eager)
+    runner = ModelRunner(ckpt.model, num_blocks, settings.max_num_seqs, max_model_len, settings.block_size, device,
+                         dtype, max(settings.max_num_batched_tokens, settings.max_num_seqs), settings.enforce_eager)
     config = EngineConfig(
         num_blocks=num_blocks,
         block_size=settings.block_size,

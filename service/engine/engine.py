@@ -60,8 +60,8 @@ class Engine:
     ) -> None:
         self.name, self.runner, self.config = name, runner, config
         self.decode = decode
-        self.blocks = BlockManager(config.num_blocks, config.block_size, runner.pool.num_seats,
-                                   runner.pool.blocks_per_seat, config.enable_prefix_caching)
+        self.blocks = BlockManager(config.num_blocks, config.block_size, config.max_num_seqs,
+                                   config.enable_prefix_caching)
         self._prefix_seen = (0, 0)  # the prefix cache's (queries, hits) at the last step's stats
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, eos_id,
                                    config.max_model_len)

@@ -1,7 +1,8 @@
 """A step's inputs in persistent buffers: written in place on the host, sent to the device in one copy.
 
 The buffer is allocated once (pinned on the host when the device is CUDA) as raw bytes holding int64 sections
-(token ids, positions, KV slots, rows to sample, context lengths, encoder sources) and a float32 section (each
+(token ids, positions, KV slots, block tables, each row's table and context length, rows to sample, encoder
+sources) and a float32 section (each
 sampled row's parameters). Its device twin has the same layout, so every device view below is the same storage
 from step to step, which is what a captured CUDA graph needs."""
 
@@ -13,11 +14,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.masks import length_mask, span_mask
-from model.paged_cache import BlockPool, PrefillChunk, SharedRun, StepLayout
+from model.masks import length_mask
+from model.paged_cache import BlockPool, PrefillChunk, StepLayout
 from service.engine.request import Request
 from service.engine.sampler import PARAMS, param_values
 from service.engine.scheduler import ScheduledRequest
+
+PLAIN_CHUNK = 256  # prefill chunks of at least this many tokens attend on SDPA over gathered keys
 
 
 class Transfers:
@@ -44,6 +47,7 @@ class Prepared:
     num_rows: int
     sample_index: list[int]  # plan entry -> row of the sampled logits, or -1
     sampled: list[ScheduledRequest]  # the plan entries that sample, in logits order
+    tables: list[int]  # plan entry -> its block table's row (where its captured attention rows are kept)
     encode: list[ScheduledRequest] = field(default_factory=list)
     source_len: int = 0
     scored: list[tuple[str, int, int]] = field(default_factory=list)  # (request id, position, token) per scored row
@@ -62,13 +66,14 @@ def token_at(req: Request, start: int, n: int) -> list[int]:
 class StepInputs:
     """The persistent input buffers of one model runner and the packing of a plan into them."""
 
-    def __init__(self, pool: BlockPool, max_tokens: int, max_seqs: int, max_source: int, device: torch.device) -> None:
-        self.pool, self.device = pool, device
-        rows = max_tokens + pool.num_seats  # prefill tokens plus one (maybe padding) row per seat
-        sizes = {"tokens": rows, "positions": rows, "slots": rows, "score_rows": rows, "score_targets": rows,
-                 "sample_rows": max_seqs,
-                 "decode_lens": pool.num_seats, "decode_starts": pool.num_seats, "cross_lens": pool.num_seats,
-                 "run_rows": pool.num_seats * pool.blocks_per_seat, "sources": max_seqs * max_source,
+    def __init__(self, pool: BlockPool, max_tokens: int, max_seqs: int, max_blocks: int, max_source: int,
+                 device: torch.device, plain_chunk: int = PLAIN_CHUNK) -> None:
+        self.pool, self.device, self.max_blocks = pool, device, max_blocks
+        self.plain_chunk = plain_chunk if pool.kernel is not None else 0
+        rows = max_tokens + max_seqs  # prefill tokens plus one (maybe padding) decode row per request
+        sizes = {"tokens": rows, "positions": rows, "slots": rows, "row_table": rows, "context_lens": rows,
+                 "score_rows": rows, "score_targets": rows, "sample_rows": max_seqs, "cross_slots": max_seqs,
+                 "cross_lens": max_seqs, "tables": 2 * max_seqs * max_blocks, "sources": max_seqs * max_source,
                  "source_lens": max_seqs}
         self.offsets: dict[str, tuple[int, int]] = {}
         at = 0
@@ -88,72 +93,82 @@ class StepInputs:
         self.transfers = Transfers()
         self.copied: torch.cuda.Event | None = None  # CUDA: marks the end of the last non-blocking copy
 
-    def _put(self, name: str, at: int, values: list[int] | range) -> None:
+    def _put(self, name: str, at: int, values: list[int] | range | np.ndarray) -> None:
         a, _ = self.offsets[name]
         self.np_i64[a + at : a + at + len(values)] = values
 
-    def _scatter(self, name: str, at: np.ndarray, values: np.ndarray) -> None:
+    def _fill(self, name: str, at: int, n: int, value: int) -> None:
         a, _ = self.offsets[name]
-        self.np_i64[a + at] = values
+        self.np_i64[a + at : a + at + n] = value
 
-    def _fill(self, name: str, n: int, value: int) -> None:
-        a, _ = self.offsets[name]
-        self.np_i64[a : a + n] = value
+    def table_view(self, rows: int, width: int) -> Tensor:
+        """The device view of `rows` block tables of `width` blocks (the same storage every step)."""
+        return self.d["tables"][: rows * width].view(rows, width)
 
-    def prepare(self, plan: list[ScheduledRequest], capture_ids: set[str], decode_seats: int | None = None,
+    def prepare(self, plan: list[ScheduledRequest], capture_ids: set[str], decode_rows: int | None = None,
                 decode_len: int | None = None) -> Prepared:
-        """Pack the plan: rows [0, S) decode one token each for seat == row, then the prefill chunks.
-        `decode_seats` / `decode_len` pad the decode part to a captured bucket."""
-        pool = self.pool
+        """Pack the plan: rows [0, S) decode one token each (row i over table i), then the prefill chunks, each
+        over its own table. `decode_rows` / `decode_len` pad the decode part to a captured bucket."""
+        pool, bs = self.pool, self.pool.block_size
         if self.copied is not None:  # the last step's copy may still be reading the pinned buffer we rewrite now
             self.copied.synchronize()
         decodes = [s for s in plan if s.num_new == 1]
         prefills = [s for s in plan if s.num_new > 1]
-        s_rows = max((s.request.seat or 0) + 1 for s in decodes) if decodes else 0
-        s_rows = max(s_rows, decode_seats or 0)
-        null = pool.slot(pool.null_seat, 0)
-        self._fill("tokens", s_rows, 0)
-        self._fill("positions", s_rows, 0)
-        self._fill("slots", s_rows, null)
-        self._fill("decode_lens", s_rows, 1)
-        self._fill("cross_lens", s_rows, 1)
-        longest, cross = 1, 1
-        if decodes:  # one scatter per field (row = seat), not one write per request
-            seats = np.fromiter((s.request.seat or 0 for s in decodes), np.int64, len(decodes))
-            starts = np.fromiter((s.start for s in decodes), np.int64, len(decodes))
-            tokens = np.fromiter((token_at(s.request, s.start, 1)[0] for s in decodes), np.int64, len(decodes))
-            self._scatter("tokens", seats, tokens)
-            self._scatter("positions", seats, starts)
-            self._scatter("slots", seats, seats * pool.seat_len + starts)
-            self._scatter("decode_lens", seats, starts + 1)
+        s_real = len(decodes)
+        s_rows = max(s_real, decode_rows or 0)
+        num_tables = s_rows + len(prefills)
+        need = [-(-(s.start + s.num_new) // bs) for s in (*decodes, *prefills)]
+        width = max([*need, -(-(decode_len or 1) // bs)])
+        a, _ = self.offsets["tables"]
+        tables = self.np_i64[a : a + num_tables * width].reshape(num_tables, width)
+        tables[:] = pool.null_block
+        for i, s in enumerate((*decodes, *prefills)):
+            ids = s.request.block_ids[: need[i]]
+            tables[i if i < s_real else i - s_real + s_rows, : len(ids)] = ids
+        longest = 1
+        if s_rows:  # one write per field for all decode rows
+            starts = np.zeros(s_rows, np.int64)
+            starts[:s_real] = [s.start for s in decodes]
+            tokens = np.zeros(s_rows, np.int64)
+            tokens[:s_real] = [token_at(s.request, s.start, 1)[0] for s in decodes]
+            slots = np.full(s_rows, pool.slot(pool.null_block, 0), np.int64)
+            slots[:s_real] = tables[np.arange(s_real), starts[:s_real] // bs] * bs + starts[:s_real] % bs
+            self._put("tokens", 0, tokens)
+            self._put("positions", 0, starts)
+            self._put("slots", 0, slots)
+            self._put("row_table", 0, range(s_rows))
+            self._put("context_lens", 0, starts + 1)
             longest = int(starts.max()) + 1
-            sources = [(s.request.seat or 0, len(s.request.source_ids)) for s in decodes if s.request.source_ids]
-            for seat, n in sources:
-                self._put("cross_lens", seat, [n])
-                cross = max(cross, n)
-        row, chunks = s_rows, []
-        for s in prefills:
-            req, seat = s.request, s.request.seat or 0
+        row, chunks, plain = s_rows, [], set()
+        for j, s in enumerate(prefills):
+            req, t = s.request, s_rows + j
+            positions = np.arange(s.start, s.start + s.num_new, dtype=np.int64)
             self._put("tokens", row, token_at(req, s.start, s.num_new))
-            self._put("positions", row, range(s.start, s.start + s.num_new))
-            self._put("slots", row, range(pool.slot(seat, s.start), pool.slot(seat, s.start + s.num_new)))
-            own_from = req.own_start * pool.block_size
-            chunks.append(PrefillChunk(row, s.num_new, seat, s.start, len(req.source_ids or []), req.shared_runs,
-                                       own_from))
+            self._put("positions", row, positions)
+            self._put("slots", row, tables[t, positions // bs] * bs + positions % bs)
+            self._fill("row_table", row, s.num_new, t)
+            if self.plain_chunk and s.num_new >= self.plain_chunk:  # long chunks: gathered keys, SDPA's GEMMs
+                plain.add(t)
+                self._fill("context_lens", row, s.num_new, 0)
+            else:
+                self._put("context_lens", row, positions + 1)
+            chunks.append(PrefillChunk(row, s.num_new, t, s.start, len(req.source_ids or []), req.slot or 0))
             row += s.num_new
+        table_of = {id(s): i for i, s in enumerate(decodes)} | {id(s): s_rows + j for j, s in enumerate(prefills)}
         sample_index, rows = [-1] * len(plan), []
         sampled: list[ScheduledRequest] = []
         chunk_end = {id(s): c.row + c.num_new - 1 for s, c in zip(prefills, chunks, strict=True)}
+        last_row = chunk_end | {id(s): i for i, s in enumerate(decodes)}
         for i, s in enumerate(plan):
             if s.samples:
                 sample_index[i] = len(sampled)
                 sampled.append(s)
-                rows.append(chunk_end[id(s)] if s.num_new > 1 else (s.request.seat or 0))
+                rows.append(last_row[id(s)])
         self._put("sample_rows", 0, rows)
         for j, s in enumerate(sampled):
             self.np_f32[:, j] = param_values(s.request.params)
-        runs = self._group_runs(decodes, s_rows)
-        scored = self._pack_scores(plan, chunk_end)
+        cross = self._pack_cross(decodes)
+        scored = self._pack_scores(plan, last_row)
         encode = [s for s in plan if s.encode_source]
         source_len = self._pack_sources(encode)
         self.transfers.h2d(self.dev, self.host)  # the step's one host-to-device copy
@@ -162,38 +177,25 @@ class StepInputs:
             self.copied.record()
         if decode_len is not None:  # a captured bucket (decoder-only models)
             longest = max(longest, decode_len)
-        layout = StepLayout(self.d["slots"][:row], s_rows, longest, None, cross, None, chunks,
-                            frozenset((s.request.seat or 0) for s in plan if s.request.request_id in capture_ids))
-        layout.shared = [SharedRun(seat, a, b, self.d["run_rows"][at : at + n]) for seat, a, b, at, n in runs]
-        if layout.shared:
-            layout.decode_mask = span_mask(self.d["decode_starts"][:s_rows], self.d["decode_lens"][:s_rows], longest)
-        elif s_rows:
-            layout.decode_mask = length_mask(self.d["decode_lens"][:s_rows], longest)
-        if s_rows and pool.cross_k is not None:
-            layout.cross_mask = length_mask(self.d["cross_lens"][:s_rows], cross)
-        return Prepared(layout, row, sample_index, sampled, encode, source_len, scored)
+        capture = frozenset(table_of[id(s)] for s in plan if s.request.request_id in capture_ids)
+        layout = StepLayout(self.d["slots"][:row], self.table_view(num_tables, width), self.d["row_table"][:row],
+                            self.d["context_lens"][:row], s_rows, longest, chunks, capture, frozenset(plain))
+        if cross and pool.cross_k is not None:
+            layout.cross_len, layout.cross_slots = cross, self.d["cross_slots"][:s_real]
+            layout.cross_mask = length_mask(self.d["cross_lens"][:s_real], cross)
+        tables_of_plan = [table_of[id(s)] for s in plan]
+        return Prepared(layout, row, sample_index, sampled, tables_of_plan, encode, source_len, scored)
 
-    def _group_runs(self, decodes: list[ScheduledRequest], s_rows: int) -> list[tuple[int, int, int, int, int]]:
-        """Decode rows that share blocks: each row's first own key, and the rows of each shared run (seat, start,
-        end) packed one run after another; (seat, start, end, offset, count) per run."""
-        sharing = [s for s in decodes if s.request.shared_runs]
-        if not sharing:
-            return []
-        self._fill("decode_starts", s_rows, 0)
-        groups: dict[tuple[int, int, int], list[int]] = {}
-        for s in sharing:
-            req = s.request
-            self._put("decode_starts", req.seat or 0, [req.own_start * self.pool.block_size])
-            for run in req.shared_runs:
-                groups.setdefault(run, []).append(req.seat or 0)
-        out, at = [], 0
-        for (seat, a, b), rows in groups.items():
-            self._put("run_rows", at, rows)
-            out.append((seat, a, b, at, len(rows)))
-            at += len(rows)
-        return out
+    def _pack_cross(self, decodes: list[ScheduledRequest]) -> int:
+        """A translator's decode rows: each row's slot and source length; the longest source."""
+        if not decodes or decodes[0].request.source_ids is None:
+            return 0
+        self._put("cross_slots", 0, [s.request.slot or 0 for s in decodes])
+        lens = [len(s.request.source_ids or []) for s in decodes]
+        self._put("cross_lens", 0, lens)
+        return max(lens)
 
-    def _pack_scores(self, plan: list[ScheduledRequest], chunk_end: dict[int, int]) -> list[tuple[str, int, int]]:
+    def _pack_scores(self, plan: list[ScheduledRequest], last_row: dict[int, int]) -> list[tuple[str, int, int]]:
         """Rows whose logits score the next prompt token, for requests that ask for prompt logprobs: the row at
         position p predicts prompt token p + 1."""
         rows, targets, scored = [], [], []
@@ -202,7 +204,7 @@ class StepInputs:
             plen = len(req.prompt_ids)
             if req.params.prompt_logprobs is None or s.start >= plen - 1:
                 continue
-            last = chunk_end[id(s)] if s.num_new > 1 else (req.seat or 0)  # the chunk's last row
+            last = last_row[id(s)]  # the chunk's last row
             for p in range(s.start, min(s.start + s.num_new, plen - 1)):
                 rows.append(last - (s.start + s.num_new - 1 - p))
                 targets.append(req.prompt_ids[p + 1])

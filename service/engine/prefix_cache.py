@@ -7,15 +7,15 @@ model's from nothing. Names are BLAKE2b digests of 128 bits: a collision (two di
 is as unlikely as one in a content-addressed store.
 
 A block is registered once every token in it has been computed; it stays findable after its request leaves,
-until the block manager hands its place to another request (model/paged_cache.py keeps each block at its
-position in some seat, so a block is reused where it lies). A block a running request will compute is
+until the block manager hands the block to another request (a later request names it in its block table and
+reads it where it lies). A block a running request will compute is
 `pending`: a request whose next block is pending waits for it rather than computing it a second time (how `n`
 choices of one prompt, or a burst of requests behind one system prompt, hold the shared part once).
 
 A block that is not full cannot be shared (its owner keeps writing into it), but its computed first tokens can
 be copied: a `Partial` records them, under the name of the block before it, and a request that starts with
 the same tokens there has them copied into its own block (copy on write) and computes only the rest; where
-the place is free, it takes the place instead. That is how `n` choices and beam hypotheses diverge: they share
+the block is free and comes back to it, nothing is copied. That is how `n` choices and beam hypotheses diverge: they share
 every full block and copy the one they diverge in."""
 
 from __future__ import annotations

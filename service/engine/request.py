@@ -79,8 +79,8 @@ class Request:
 
     Decoder tokens are `prompt_ids + output_ids`; `num_computed` of them have K/V in the cache. A translator's
     request also has `source_ids` for the encoder, whose cross-attention K/V count as `num_cross_blocks`. A
-    running request sits in a seat of the KV pool; `block_ids[j]` holds its tokens of block j: from `own_start` on
-    in its own seat, before that wherever another request computed them (service/engine/blocks.py)."""
+    running request holds a slot and a block table: `block_ids[j]` holds its tokens of block j, its own from
+    `own_start` on, shared before that with the requests that computed them (service/engine/blocks.py)."""
 
     request_id: str
     prompt_ids: list[int]
@@ -92,13 +92,12 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     num_cross_blocks: int = 0
-    seat: int | None = None
-    own_start: int = 0  # first block in its own seat; the ones before are shared
-    shared_runs: tuple[tuple[int, int, int], ...] = ()  # (seat, first, end token) of the shared keys
+    slot: int | None = None  # its row among the running requests (a translator's encoder K/V are kept per slot)
+    own_start: int = 0  # its first own block; the ones before are shared
     block_names: list[bytes] = field(default_factory=list)  # prefix-cache names of its full blocks so far
     num_committed: int = 0  # blocks named in the prefix cache
     partial_at: int = -1  # the block it is filling, offered for copying (service/engine/prefix_cache.py)
-    encoded: bool = False  # a translator's encoder K/V are in its seat
+    encoded: bool = False  # a translator's encoder K/V are in its slot
     num_computed: int = 0
     num_preemptions: int = 0
     scheduled_time: float | None = None  # first time it left the waiting queue

@@ -3,7 +3,7 @@
 The only engine files that import the model package are this one and its device-side helpers (inputs,
 sampler, cuda_graphs). A step packs its plan into the persistent input buffers (one host-to-device copy), runs
 the translator's encoder for requests that start, runs one forward over every scheduled token (decode rows and
-prefill chunks together; model/paged_cache.py attends each request over its own seat in place), samples the
+prefill chunks together; model/paged_cache.py attends each row over its block table in place), samples the
 rows that end their known tokens, and brings the packed result back in one device-to-host copy."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from model import paged_kernel
 from model.attention import AttentionCapture, MultiHeadAttention
 from model.paged_cache import BlockPool, PagedKVCache
 from model.transformer import DecoderOnlyLM, Transformer, num_parameters
@@ -24,6 +25,7 @@ from service.engine.sampler import ERROR_NAN, Sampler
 from service.engine.scheduler import ScheduledRequest
 
 SMALL_STEP_FLOPS = 5e7
+PAGED_DTYPES = (torch.float32, torch.bfloat16)  # what the CPU kernel stores
 
 
 class ModelRunner:
@@ -32,8 +34,9 @@ class ModelRunner:
     def __init__(
         self,
         model: Transformer | DecoderOnlyLM,
-        num_seats: int,
-        seat_len: int,
+        num_blocks: int,
+        max_num_seqs: int,
+        max_model_len: int,
         block_size: int = 16,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
@@ -44,15 +47,19 @@ class ModelRunner:
         self.model = model.to(device=self.device, dtype=dtype).eval()
         self.config = model.config
         self.block_size = block_size
-        self.pool = BlockPool(self.config, num_seats, seat_len, block_size, self.device, dtype)
+        kernel = paged_kernel.load() if self.device.type == "cpu" and dtype in PAGED_DTYPES else None
+        self.pool = BlockPool(self.config, num_blocks, block_size, max_num_seqs, self.device, dtype, kernel)
         max_source = self.config.max_len if self.config.is_encoder_decoder else 0
-        self.inputs = StepInputs(self.pool, max_num_batched_tokens, num_seats, max_source, self.device)
+        max_blocks = -(-max_model_len // block_size)
+        self.inputs = StepInputs(self.pool, max_num_batched_tokens, max_num_seqs, max_blocks, max_source,
+                                 self.device)
         self.sampler = Sampler(self.device)
         self.num_threads = torch.get_num_threads()  # the process's intra-op setting when the model was loaded
         self.flops_per_token = 2 * num_parameters(self.model)
         self._threads = self.num_threads
         use_graphs = self.device.type == "cuda" and not enforce_eager and not self.config.is_encoder_decoder
-        self.graphs: DecodeGraphs | None = DecodeGraphs(self, num_seats, seat_len) if use_graphs else None
+        self.graphs: DecodeGraphs | None = (DecodeGraphs(self, max_num_seqs, max_blocks * block_size)
+                                            if use_graphs else None)
 
     @property
     def transfers(self) -> Transfers:
@@ -81,12 +88,12 @@ class ModelRunner:
     # --- the step -----------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(self, plan: list[ScheduledRequest], copies: list[tuple[int, int, int, int]] | None = None
+    def execute(self, plan: list[ScheduledRequest], copies: list[tuple[int, int, int]] | None = None
                 ) -> ModelOutput:
         """Run the plan's tokens through the model; sample each request whose chunk reaches its last token.
-        `copies` first: (from seat, to seat, position, n) K/V of requests that start inside a copied block."""
-        for source, dest, at, n in copies or ():
-            self.pool.copy(source, dest, at, n)
+        `copies` first: (from block, to block, n) K/V of requests that start inside a block computed elsewhere."""
+        for source, dest, n in copies or ():
+            self.pool.copy(source, dest, n)
         capture_ids = {s.request.request_id for s in plan if s.request.attention is not None}
         bucket = self.graphs.bucket(plan) if self.graphs is not None and not capture_ids else None
         prep = self.inputs.prepare(plan, capture_ids, *(bucket or (None, None)))
@@ -171,7 +178,7 @@ class ModelRunner:
             assert isinstance(attn, MultiHeadAttention)
             k, v = attn.project_kv(memory)  # (B, h, S, d_k)
             for b, (s, n) in enumerate(zip(prep.encode, lens, strict=True)):
-                self.pool.write_cross(i, s.request.seat or 0, k[b, :, :n].transpose(0, 1), v[b, :, :n].transpose(0, 1))
+                self.pool.write_cross(i, s.request.slot or 0, k[b, :, :n].transpose(0, 1), v[b, :, :n].transpose(0, 1))
 
     # --- what comes back ------------------------------------------------------------------------------------------
 
@@ -190,7 +197,7 @@ class ModelRunner:
             row = host[j]
             if row[1] > 0:
                 errors[i] = ERROR_NAN
-                self.pool.clear(s.request.seat or 0)  # its K/V may hold NaN
+                self.pool.clear(s.request.block_ids[s.request.own_start :], s.request.slot)  # K/V may hold NaN
                 continue
             ids[i] = int(row[0])
             n_top = s.request.params.logprobs or 0
@@ -198,7 +205,7 @@ class ModelRunner:
                 lps[i] = row[2]
                 tops[i] = tuple(TokenLogprob(int(row[3 + k_all + t]), row[3 + t]) for t in range(n_top))
             if cache is not None and s.request.attention is not None:
-                attention[s.request.request_id] = self._rows(s, cache)
+                attention[s.request.request_id] = self._rows(s, prep.tables[i], cache)
         return ModelOutput(ids, lps if want_lp else None, tops if want_lp else None, errors, attention)
 
     def _capture(self, plan: list[ScheduledRequest]) -> AttentionCapture | None:
@@ -209,17 +216,16 @@ class ModelRunner:
         layers = None if any(a.layers is None for a in specs) else {i for a in specs for i in a.layers or ()}
         return AttentionCapture({k for a in specs for k in a.kinds}, layers)
 
-    def _rows(self, s: ScheduledRequest, cache: PagedKVCache) -> dict[str, Any]:
+    def _rows(self, s: ScheduledRequest, table: int, cache: PagedKVCache) -> dict[str, Any]:
         """The request's row at its last new token (the query that predicts the next token)."""
         spec = s.request.attention
         assert spec is not None
-        seat = s.request.seat or 0
         n_keys = {"decoder_self": s.start + s.num_new, "cross": len(s.request.source_ids or [])}
         heads = list(spec.heads) if spec.heads is not None else list(range(self.config.h))
         layers = spec.layers if spec.layers is not None else range(self.config.n_decoder_layers)
         rows: dict[str, Any] = {"query_position": s.start + s.num_new - 1}
         for kind in spec.kinds:
-            w = torch.stack([cache.rows[(kind, i)][seat][heads, : n_keys[kind]] for i in layers])  # (L, H, T_k)
+            w = torch.stack([cache.rows[(kind, i)][table][heads, : n_keys[kind]] for i in layers])  # (L, H, T_k)
             if spec.aggregation in ("mean", "max"):
                 w = w.mean(1, keepdim=True) if spec.aggregation == "mean" else w.amax(1, keepdim=True)
             rows[kind] = w.double().round(decimals=6).tolist()

@@ -2,7 +2,7 @@
 
 Every step, `schedule()` returns one list of (request, start, num_new): no prefill or decode phase. Running
 requests come first (those with one token to feed before those still prefilling); waiting ones are admitted
-while there are seats (`max_num_seqs`), KV blocks and token budget. A prompt longer than the budget left is
+while there are slots (`max_num_seqs`), KV blocks and token budget. A prompt longer than the budget left is
 prefilled in chunks over several steps (chunked prefill), so it never stalls the streams already running. When
 a running request needs a block and none is free, the most recently arrived running request is preempted: its
 blocks are freed and it is requeued to be recomputed later. `update()` takes the runner's `ModelOutput` and
@@ -37,7 +37,7 @@ class ScheduledRequest:
 
     @property
     def encode_source(self) -> bool:
-        """A translator request whose encoder must run (first time in its seat, or after preemption)."""
+        """A translator request whose encoder must run (first time in its slot, or after preemption)."""
         return self.request.is_encoder_decoder and not self.request.encoded
 
 
@@ -45,7 +45,7 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
-    copies: list[tuple[int, int, int, int]] = field(default_factory=list)  # K/V to copy first: (from, to, at, n)
+    copies: list[tuple[int, int, int]] = field(default_factory=list)  # K/V to copy first: (from block, to block, n)
 
     @property
     def is_empty(self) -> bool:
@@ -73,13 +73,13 @@ class Sampled:
 
 
 class Scheduler:
-    """Waiting and running queues; admission by KV blocks, seats and a per-step token budget; preemption."""
+    """Waiting and running queues; admission by KV blocks, slots and a per-step token budget; preemption."""
 
     def __init__(self, blocks: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  eos_id: int | None = None, max_model_len: int | None = None, min_prefill_chunk: int = 32) -> None:
         self.blocks = blocks
-        self.max_num_seqs = min(max_num_seqs, blocks.num_seats)
-        self.max_num_batched_tokens = max(max_num_batched_tokens, self.max_num_seqs)  # every seat can decode
+        self.max_num_seqs = min(max_num_seqs, blocks.num_slots)
+        self.max_num_batched_tokens = max(max_num_batched_tokens, self.max_num_seqs)  # every slot can decode
         self.eos_id, self.max_model_len = eos_id, max_model_len
         self.min_prefill_chunk = min_prefill_chunk
         self.waiting: deque[Request] = deque()
@@ -160,7 +160,7 @@ class Scheduler:
             if reserved:
                 out.scheduled.append(ScheduledRequest(req, req.num_computed, n))
                 used += n
-        # 2. Admit waiting requests first come, first served, while seats, blocks and budget last. A request
+        # 2. Admit waiting requests first come, first served, while slots, blocks and budget last. A request
         # starts after the blocks of its prefix already in the pool; one whose next block a running request is
         # computing waits a step for it (the others behind it do not wait).
         budget = limit - out.num_tokens
@@ -173,12 +173,11 @@ class Scheduler:
             cached = len(match.blocks) * self.blocks.block_size + (match.partial[1] if match.partial else 0)
             n = min(req.num_tokens - cached, budget)
             cross = self._cross_blocks(req)
-            seat = self.blocks.seat_for(req, match, cached + n, cross)
-            if seat is None:
+            if not self.blocks.can_admit(match, cached + n, cross):
                 break
             self.waiting.remove(req)
-            copy = self.blocks.admit(req, match, seat, cached + n)
-            if copy is not None:  # it starts inside a block computed in another seat: copy on write
+            copy = self.blocks.admit(req, match, cached + n)
+            if copy is not None:  # it starts inside a block computed elsewhere: copy on write
                 out.copies.append(copy)
             self.blocks.allocate_cross(req, cross)
             req.status = RequestStatus.RUNNING
@@ -202,8 +201,8 @@ class Scheduler:
             error = output.errors[i] if output.errors is not None else None
             token = output.token_ids[i]
             if error is not None or token < 0:
-                if req.seat is not None:  # its K/V may be unusable: nothing in its seat is reused
-                    self.blocks.forget_seat(req.seat)
+                if req.slot is not None:  # its K/V may be unusable: none of its own blocks is reused
+                    self.blocks.forget(req)
                 self.finish(req, RequestStatus.FINISHED_ERROR)
                 results.append(Sampled(req, None, RequestStatus.FINISHED_ERROR, error or "no token was sampled"))
                 continue

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import ModuleType
 
 import pytest
 import torch
 
+from model import paged_kernel
 from model.config import preset
 from model.kv_cache import ContiguousKVCache
 from model.layers import DecoderLayer
@@ -92,40 +94,50 @@ def test_contiguous_cache_refuses_overflow(gpt: DecoderOnlyLM) -> None:
 
 # --- PagedKVCache over a BlockPool ---------------------------------------------------------------------------
 
-# Each step feeds some sequences a chunk of tokens: 1 token goes through the batched decode path (row = seat),
-# more through the prefill path; seat 1 is a hole (a padding row that writes only to the null seat).
-SEATS = [0, 2, 3]
+# Each step feeds some sequences a chunk of tokens: 1 token goes through the decode rows, more through a prefill
+# chunk. Each sequence's blocks are scattered over the pool (its block table); block 12 belongs to nobody.
+TABLES = [[7, 2, 9, 4], [0, 5, 11, 3], [8, 1, 10, 6]]
+NUM_BLOCKS = 13
+SLOTS = [0, 2, 3]  # a translator's encoder K/V rows
 SCHEDULE = [{0: 5, 1: 3}, {0: 1, 1: 4, 2: 6}, {0: 1, 1: 1, 2: 1}, {0: 2, 1: 1, 2: 1}, {0: 1, 2: 3}]
+
+
+@pytest.fixture(params=["kernel", "plain"])
+def kernel(request: pytest.FixtureRequest) -> ModuleType | None:
+    """The CPU paged-attention kernel, or none (the plain torch path)."""
+    if request.param == "plain":
+        return None
+    module = paged_kernel.load()
+    if module is None:
+        pytest.skip(f"no paged-attention kernel here: {paged_kernel.why_not()}")
+    return module
 
 
 def _step(pool: BlockPool, fed: list[int], chunk: dict[int, int], seqs: list[list[int]],
           src_lens: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, PagedKVCache, dict[int, list[int]]]:
     """Tokens (1, N), positions (1, N) and the step's cache; which rows hold each sequence's new tokens."""
-    decodes = {i: n for i, n in chunk.items() if n == 1}
-    s_rows = max((SEATS[i] + 1 for i in decodes), default=0)
-    null = pool.slot(pool.null_seat, 0)
-    tokens, positions, slots = [0] * s_rows, [0] * s_rows, [null] * s_rows
-    lens, cross = [1] * s_rows, [1] * s_rows
+    decodes = [i for i, n in chunk.items() if n == 1]
+    prefills = [(i, n) for i, n in chunk.items() if n > 1]
+    tables = [TABLES[i] for i in decodes] + [TABLES[i] for i, _ in prefills]
+    tokens, positions, slots, row_table, lens = [], [], [], [], []  # type: list[int], list[int], list[int], list[int], list[int]
     rows: dict[int, list[int]] = {}
-    for i in decodes:
-        seat, p = SEATS[i], fed[i]
-        tokens[seat], positions[seat], slots[seat], lens[seat] = seqs[i][p], p, pool.slot(seat, p), p + 1
-        cross[seat] = src_lens[i] if src_lens else 1
-        rows[i] = [seat]
     chunks = []
-    for i, n in chunk.items():
-        if n == 1:
-            continue
-        seat, p = SEATS[i], fed[i]
+    for t, (i, n) in enumerate([(i, 1) for i in decodes] + prefills):
+        p = fed[i]
         rows[i] = list(range(len(tokens), len(tokens) + n))
-        chunks.append(PrefillChunk(len(tokens), n, seat, p, src_lens[i] if src_lens else 0))
+        if n > 1:
+            chunks.append(PrefillChunk(len(tokens), n, t, p, src_lens[i] if src_lens else 0, SLOTS[i]))
         tokens += seqs[i][p : p + n]
         positions += list(range(p, p + n))
-        slots += [pool.slot(seat, q) for q in range(p, p + n)]
-    longest = max(lens, default=1)
-    layout = StepLayout(torch.tensor(slots), s_rows, longest, None, max(cross, default=1), None, chunks)
-    if s_rows:
-        layout.decode_mask = length_mask(torch.tensor(lens), longest)
+        slots += [pool.slot(TABLES[i][q // BLOCK], q % BLOCK) for q in range(p, p + n)]
+        row_table += [t] * n
+        lens += list(range(p + 1, p + n + 1))
+    longest = max(lens[: len(decodes)], default=1)
+    layout = StepLayout(torch.tensor(slots), torch.tensor(tables), torch.tensor(row_table), torch.tensor(lens),
+                        len(decodes), longest, chunks)
+    if src_lens and decodes:
+        cross = [src_lens[i] for i in decodes]
+        layout.cross_len, layout.cross_slots = max(cross), torch.tensor([SLOTS[i] for i in decodes])
         layout.cross_mask = length_mask(torch.tensor(cross), max(cross))
     for i, n in chunk.items():
         fed[i] += n
@@ -145,7 +157,7 @@ def _paged_run(decode: Callable[[torch.Tensor, torch.Tensor, PagedKVCache], torc
 
 def _sequences(vocab: int) -> list[list[int]]:
     torch.manual_seed(4)
-    lengths = [sum(c.get(i, 0) for c in SCHEDULE) for i in range(len(SEATS))]
+    lengths = [sum(c.get(i, 0) for c in SCHEDULE) for i in range(len(TABLES))]
     return [torch.randint(0, vocab, (n,)).tolist() for n in lengths]
 
 
@@ -158,9 +170,9 @@ def lm(request: pytest.FixtureRequest) -> DecoderOnlyLM:
     return DecoderOnlyLM(cfg).eval()
 
 
-def test_paged_cache_decoder_only(lm: DecoderOnlyLM) -> None:
+def test_paged_cache_decoder_only(lm: DecoderOnlyLM, kernel: ModuleType | None) -> None:
     gpt = lm
-    pool = BlockPool(gpt.config, num_seats=4, seat_len=16, block_size=BLOCK)
+    pool = BlockPool(gpt.config, NUM_BLOCKS, BLOCK, kernel=kernel)
     seqs = _sequences(gpt.config.vocab_size)
     with torch.no_grad():
         got = _paged_run(lambda tok, pos, cache: gpt(tok, pos, cache=cache), pool, seqs)
@@ -168,16 +180,16 @@ def test_paged_cache_decoder_only(lm: DecoderOnlyLM) -> None:
             expected = gpt(torch.tensor([seq]))[0]
             diff = max_diff(got[i], expected)
             assert diff <= TOL, f"paged decoding of sequence {i} differs from its full forward: {diff:.3g}"
-    assert pool.k[:, 1].abs().sum() == 0, "the cache wrote into the seat nobody holds (padding must go to null)"
+    assert pool.k[:, 12].abs().sum() == 0, "the cache wrote into a block nobody holds"
 
 
-def test_paged_cache_encoder_decoder(seq2seq: Transformer) -> None:
+def test_paged_cache_encoder_decoder(seq2seq: Transformer, kernel: ModuleType | None) -> None:
     torch.manual_seed(3)
     cfg = seq2seq.config
     src_lens = [6, 3, 5]
     src = torch.randint(0, cfg.src_vocab_size or cfg.vocab_size, (3, max(src_lens)))
     src_valid = torch.arange(src.size(1))[None, :] < torch.tensor(src_lens)[:, None]
-    pool = BlockPool(cfg, num_seats=4, seat_len=16, block_size=BLOCK)
+    pool = BlockPool(cfg, NUM_BLOCKS, BLOCK, num_slots=4, kernel=kernel)
     seqs = _sequences(cfg.vocab_size)
     with torch.no_grad():
         memory = seq2seq.encode(src, src_valid)
@@ -185,7 +197,7 @@ def test_paged_cache_encoder_decoder(seq2seq: Transformer) -> None:
             assert isinstance(layer, DecoderLayer) and layer.cross_attn is not None
             k, v = layer.cross_attn.project_kv(memory)  # (B, h, S, d_k)
             for i, n in enumerate(src_lens):
-                pool.write_cross(layer.cross_attn.layer_idx, SEATS[i], k[i, :, :n].transpose(0, 1),
+                pool.write_cross(layer.cross_attn.layer_idx, SLOTS[i], k[i, :, :n].transpose(0, 1),
                                  v[i, :, :n].transpose(0, 1))
 
         def decode(tok: torch.Tensor, pos: torch.Tensor, cache: PagedKVCache) -> torch.Tensor:
@@ -199,16 +211,17 @@ def test_paged_cache_encoder_decoder(seq2seq: Transformer) -> None:
 
 
 def test_paged_cache_without_cross_pool_is_refused(gpt: DecoderOnlyLM, seq2seq: Transformer) -> None:
-    pool = BlockPool(gpt.config, num_seats=2, seat_len=8, block_size=BLOCK)  # a decoder-only pool
-    cache = PagedKVCache(pool, StepLayout(torch.tensor([0]), 1, 1, length_mask(torch.tensor([1]), 1)))
+    pool = BlockPool(gpt.config, 2, BLOCK)  # a decoder-only pool
+    one = torch.tensor([1])
+    cache = PagedKVCache(pool, StepLayout(torch.tensor([0]), torch.tensor([[0]]), torch.tensor([0]), one, 1, 1))
     with torch.no_grad(), pytest.raises(RuntimeError, match="cross-attention"):
         seq2seq.decode(torch.tensor([[1]]), torch.tensor([[0]]), cache=cache)
 
 
-def test_block_pool_seats_are_contiguous_runs_of_blocks(lm: DecoderOnlyLM) -> None:
+def test_block_pool_holds_what_its_blocks_need(lm: DecoderOnlyLM) -> None:
     cfg = lm.config
-    pool = BlockPool(cfg, num_seats=3, seat_len=2 * BLOCK, block_size=BLOCK)
+    pool = BlockPool(cfg, 6, BLOCK)
     per_block = BlockPool.bytes_per_block(cfg, BLOCK, torch.float32)
     actual = (pool.k.numel() + pool.v.numel()) * pool.k.element_size()
-    assert per_block * pool.blocks_per_seat * (pool.num_seats + 1) == actual  # + the null seat
-    assert pool.slot(2, 3) == 2 * pool.seat_len + 3 and pool.blocks_per_seat == 2
+    assert per_block * (6 + 1) == actual  # + the null block
+    assert pool.slot(2, 3) == 2 * BLOCK + 3 and pool.null_block == 6

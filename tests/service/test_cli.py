@@ -65,7 +65,7 @@ def test_a_port_in_use_stops_the_start_before_the_models_load(checkpoints_dir: P
 
 
 def test_ctrl_c_says_how_to_stop_at_once_and_a_second_one_does(checkpoints_dir: Path, tmp_path: Path) -> None:
-    """40 long requests through one seat drain for seconds; the second SIGINT ends the process within a moment,
+    """40 long requests through one slot drain for seconds; the second SIGINT ends the process within a moment,
     dead of SIGINT (exit status 130 in a shell), and stderr stays JSON lines: no KeyboardInterrupt traceback."""
     p = ServiceProcess(checkpoints_dir, tmp_path / "server.log", "--max-num-seqs", "1", "--drain-timeout", "60")
     body = {"prompt": "ROMEO:", "max_tokens": 120, "ignore_eos": True, "temperature": 0}

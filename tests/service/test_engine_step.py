@@ -94,10 +94,10 @@ def test_padded_decode_buckets_give_the_plain_tokens(build: Any) -> None:
     plain = run(build(), PROMPTS)
     served = build(start=False)
     runner = served.engine.runner
-    runner.graphs = DecodeGraphs(runner, runner.pool.num_seats, runner.pool.seat_len, graphs=False)
+    runner.graphs = DecodeGraphs(runner, served.engine.config.max_num_seqs, 64, graphs=False)
     served.engine.start()
     assert run(served, PROMPTS) == plain
-    assert runner.pool.k[:, runner.pool.null_seat].abs().sum() > 0, "padding rows were meant to write to null"
+    assert runner.pool.k[:, runner.pool.null_block].abs().sum() > 0, "padding rows were meant to write to null"
 
 
 def test_a_seeded_request_draws_the_same_tokens_alone_and_in_a_batch_of_32(build: Any) -> None:
@@ -138,13 +138,13 @@ def test_preemption_under_chunked_prefill_keeps_the_reference_tokens(build: Any,
     got = run(served, PROMPTS, params)
     assert served.engine.scheduler.num_preemptions > 0
     assert served.engine.blocks.num_free == served.engine.blocks.num_blocks
-    assert served.engine.blocks.num_free_seats == served.engine.blocks.num_seats
+    assert served.engine.blocks.num_free_slots == served.engine.blocks.num_slots
     ref = load_checkpoint(checkpoints_dir / "tiny-gpt")
     for prompt, tokens in zip(PROMPTS, got, strict=True):
         assert tokens == generate(ref.model.eval(), ref.tokenizer.encode(prompt), GenerationConfig(max_new_tokens=20))
 
 
-def test_leaving_during_a_chunked_prefill_frees_the_seat(build: Any) -> None:
+def test_leaving_during_a_chunked_prefill_frees_its_blocks_and_slot(build: Any) -> None:
     served = build(max_num_seqs=2, max_num_batched_tokens=2)
     engine = served.engine
 
@@ -154,7 +154,7 @@ def test_leaving_during_a_chunked_prefill_frees_the_seat(build: Any) -> None:
             while req.num_computed == 0:  # leave once its first chunk is in, long before its prompt is
                 await asyncio.sleep(0.0005)
             assert req.num_computed < len(req.prompt_ids)
-        while engine.blocks.num_free_seats != engine.blocks.num_seats:
+        while engine.blocks.num_free_slots != engine.blocks.num_slots:
             await asyncio.sleep(0.001)
 
     asyncio.run(asyncio.wait_for(main(), 10))

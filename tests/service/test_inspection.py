@@ -23,8 +23,8 @@ from service.inspection.selection import SelectionError, fit, model_kinds, resol
 
 def capture(model: Transformer | DecoderOnlyLM, enc: list[int], dec: list[int], layers: Any) -> dict[Any, Tensor]:
     """The engine's capture pass (what /v1/attention runs on the engine thread), on a runner of its own."""
-    seat = -(-model.config.max_len // 16) * 16
-    return ModelRunner(model, num_seats=1, seat_len=seat, max_num_batched_tokens=16).capture(enc, dec, layers)
+    return ModelRunner(model, num_blocks=4, max_num_seqs=1, max_model_len=model.config.max_len,
+                       max_num_batched_tokens=16).capture(enc, dec, layers)
 
 
 def _tiny(arch: str) -> Transformer | DecoderOnlyLM:

@@ -113,7 +113,7 @@ async def drive_load(url: str, encode: Callable[[str], list[int]]) -> tuple[list
         await post(GEN, body("ROMEO:", 5000), 400)  # over max_tokens_limit, after the model was chosen
         await post(GEN, body("ROMEO:", 5, model="nope"), 404, model="")
 
-        # One seat: A1 runs, A2 and B wait (the queue is full: C is refused), B's client leaves before B starts.
+        # One slot: A1 runs, A2 and B wait (the queue is full: C is refused), B's client leaves before B starts.
         async with client.stream("POST", GEN, json=body("ROMEO:", 120, stream=True)) as a1:
             lines = a1.aiter_lines()
             while not (await anext(lines)).startswith("data:"):

@@ -4,7 +4,7 @@ A fake runner writes every scheduled token into a simulated pool at the place th
 (block_ids[p // block_size], offset p % block_size), as the real runner writes K/V. Before every step each
 running request's computed positions must still hold its own tokens: a shared block that was overwritten, a
 cached block reused for other tokens, or a block evicted while in use shows up as a wrong token. After
-everything ends, reference counts, the budget and the seats are back to their start."""
+everything ends, reference counts, the budget and the slots are back to their start."""
 
 from __future__ import annotations
 
@@ -28,9 +28,6 @@ class FakePool:
                 assert self.slots.get((req.block_ids[p // bs], p % bs)) == ids[p], (
                     f"{req.request_id}: position {p} of block {req.block_ids[p // bs]} lost its token")
             assert all(sched.blocks.references(b) > 0 for b in req.block_ids)
-            own = req.block_ids[req.own_start :]
-            assert all(b // sched.blocks.blocks_per_seat == req.seat for b in own), "an own block outside its seat"
-            assert all(b % sched.blocks.blocks_per_seat == j for j, b in enumerate(req.block_ids)), "misplaced"
 
 
 def step(sched: Scheduler, pool: FakePool, token: int | None = None, rng: random.Random | None = None) -> None:
@@ -41,17 +38,17 @@ def step(sched: Scheduler, pool: FakePool, token: int | None = None, rng: random
 def run(sched: Scheduler, pool: FakePool, plan: SchedulerOutput, token: int | None = None,
         rng: random.Random | None = None) -> None:
     """What the runner does with a plan: copy, write each scheduled token where its block lies, sample, update."""
-    bs, per_seat = sched.blocks.block_size, sched.blocks.blocks_per_seat
+    bs = sched.blocks.block_size
     pool.copies += len(plan.copies)
-    for source, dest, at, n in plan.copies:
-        for p in range(at, at + n):
-            pool.slots[(dest * per_seat + p // bs, p % bs)] = pool.slots[(source * per_seat + p // bs, p % bs)]
+    for source, dest, n in plan.copies:
+        for p in range(n):
+            pool.slots[(dest, p)] = pool.slots[(source, p)]
     for s in plan.scheduled:
         req = s.request
         ids = req.all_ids
         for p in range(s.start, s.start + s.num_new):
             block = req.block_ids[p // bs]
-            if block % sched.blocks.blocks_per_seat != p // bs or block // sched.blocks.blocks_per_seat != req.seat:
+            if p // bs < req.own_start or sched.blocks.references(block) != 1:
                 raise AssertionError(f"{req.request_id} writes position {p} into a block it shares")
             pool.slots[(block, p % bs)] = ids[p]
     tokens = [(token if token is not None else (rng or random).randrange(50, 60)) if s.samples else -1
@@ -65,16 +62,18 @@ def request(rid: str, prompt: list[int], max_tokens: int = 4) -> Request:
 
 def assert_clean(blocks: BlockManager) -> None:
     assert blocks.num_free == blocks.num_blocks and blocks.num_shared == 0
-    assert all(blocks.references(b) == 0 for b in range(blocks.num_seats * blocks.blocks_per_seat))
-    assert blocks.num_free_seats == blocks.num_seats
+    assert all(blocks.references(b) == 0 for b in range(blocks.num_blocks))
+    assert blocks.num_free_slots == blocks.num_slots
 
 
 def test_a_later_request_reuses_the_computed_prefix_and_the_hit_counter_counts_it() -> None:
-    blocks = BlockManager(64, 4, num_seats=4, blocks_per_seat=16, prefix_caching=True)
+    blocks = BlockManager(64, 4, num_slots=4, prefix_caching=True)
     sched, pool = Scheduler(blocks), FakePool()
     a = request("a", list(range(1, 19)))  # 18 tokens: 4 full blocks
     sched.add(a)
     while sched.has_work():
+        if a.block_ids:
+            a_blocks = list(a.block_ids)
         step(sched, pool, 7)
     assert blocks.cache is not None and blocks.cache.hits == 0 and blocks.cache.queries == 18
     b = request("b", [*range(1, 15), 99, 98])  # shares the first 3 full blocks (12 tokens) and 2 more
@@ -82,7 +81,7 @@ def test_a_later_request_reuses_the_computed_prefix_and_the_hit_counter_counts_i
     plan = sched.schedule()
     assert [(s.start, s.num_new) for s in plan.scheduled] == [(14, 2)], "only the new tokens are computed"
     assert blocks.cache.hits == 14 and blocks.cache.queries == 18 + 16
-    assert (b.seat, b.own_start) == (0, 0), "the whole cached prefix lies at the start of a free seat: taken"
+    assert b.own_start == 3 and b.block_ids[:3] == a_blocks[:3], "the cached blocks are b's first three"
     run(sched, pool, plan, 7)
     while sched.has_work():
         step(sched, pool, 7)
@@ -90,7 +89,7 @@ def test_a_later_request_reuses_the_computed_prefix_and_the_hit_counter_counts_i
 
 
 def test_n_choices_hold_the_prompt_once() -> None:
-    blocks = BlockManager(64, 4, num_seats=8, blocks_per_seat=16, prefix_caching=True)
+    blocks = BlockManager(64, 4, num_slots=8, prefix_caching=True)
     sched, pool = Scheduler(blocks), FakePool()
     prompt = list(range(1, 11))  # 10 tokens: 2 full blocks + 2 tokens
     choices = [request(f"c{i}", prompt, max_tokens=3) for i in range(4)]
@@ -112,7 +111,7 @@ def test_n_choices_hold_the_prompt_once() -> None:
 def test_eviction_under_pressure_never_touches_a_block_in_use_and_everything_returns() -> None:
     """Random prompts over a few shared prefixes, a small pool: preemption, eviction and aborts happen."""
     rng = random.Random(0)
-    blocks = BlockManager(24, 4, num_seats=6, blocks_per_seat=12, prefix_caching=True)
+    blocks = BlockManager(24, 4, num_slots=6, prefix_caching=True)
     sched, pool = Scheduler(blocks, max_num_seqs=5, max_num_batched_tokens=24), FakePool()
     prefixes = [[rng.randrange(1, 40) for _ in range(rng.choice((4, 9, 16)))] for _ in range(3)]
     live: list[Request] = []
@@ -132,12 +131,12 @@ def test_eviction_under_pressure_never_touches_a_block_in_use_and_everything_ret
         step(sched, pool, rng=rng)
     assert sched.num_preemptions > 0, "the pool was never under pressure"
     assert blocks.cache is not None and blocks.cache.hits > 0
-    assert pool.copies > 0, "no request started inside a block computed in another seat"
+    assert pool.copies > 0, "no request started inside a block computed by another"
     assert_clean(blocks)
 
 
 def test_without_prefix_caching_nothing_is_shared() -> None:
-    blocks = BlockManager(64, 4, num_seats=4, blocks_per_seat=16)
+    blocks = BlockManager(64, 4, num_slots=4)
     sched, pool = Scheduler(blocks), FakePool()
     for i in range(3):
         sched.add(request(f"r{i}", list(range(1, 14))))

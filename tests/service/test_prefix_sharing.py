@@ -47,14 +47,14 @@ def run(served: ServedModel, prompts: list[str], together: bool, params: Samplin
 
 
 def settle(served: ServedModel) -> None:
-    """Wait for the engine to take the last aborts, then check that every block and seat came back."""
+    """Wait for the engine to take the last aborts, then check that every block and slot came back."""
     blocks = served.engine.blocks
     end = time.monotonic() + 5
     while (blocks.num_free != blocks.num_blocks or served.engine.scheduler.has_work()) and time.monotonic() < end:
         time.sleep(0.01)
     assert blocks.num_free == blocks.num_blocks and blocks.num_shared == 0
-    assert blocks.num_free_seats == blocks.num_seats
-    assert all(blocks.references(b) == 0 for b in range(blocks.num_seats * blocks.blocks_per_seat))
+    assert blocks.num_free_slots == blocks.num_slots
+    assert all(blocks.references(b) == 0 for b in range(blocks.num_blocks))
 
 
 def reference(checkpoints_dir: Path, name: str, prompts: list[str], n: int = 10) -> list[list[int]]:

@@ -1,9 +1,9 @@
-"""The scheduler on the CPU, no model: admission, chunked prefill, preemption, seats and block accounting, and
+"""The scheduler on the CPU, no model: admission, chunked prefill, preemption, slots and block accounting, and
 the token-level stops of `update()`.
 
 A fake runner returns a `ModelOutput` with one token for every request whose chunk reaches its last token, as
-the real runner does. After every step the running requests' blocks must be disjoint, each the first blocks of
-its own seat, and held + free must account for the whole budget."""
+the real runner does. After every step the running requests' blocks and slots must be disjoint, and held + free
+must account for the whole budget."""
 
 from __future__ import annotations
 
@@ -25,22 +25,20 @@ def make_request(rid: str, prompt_len: int, max_tokens: int = 8, arrival: float 
 
 
 def check_blocks(sched: Scheduler) -> None:
-    """Running requests own disjoint runs at the start of their own seats; held + free = the budget."""
+    """Running requests hold disjoint blocks and slots; held + free = the budget."""
     blocks = sched.blocks
     held: list[int] = []
-    seats = [r.seat for r in sched.running]
-    assert None not in seats and len(set(seats)) == len(seats), f"seats {seats}"
+    slots = [r.slot for r in sched.running]
+    assert None not in slots and len(set(slots)) == len(slots), f"slots {slots}"
     for req in sched.running:
-        assert req.seat is not None
-        base = req.seat * blocks.blocks_per_seat
-        assert req.block_ids == list(range(base, base + len(req.block_ids))), "blocks are not the seat's first"
+        assert all(0 <= b < blocks.num_blocks for b in req.block_ids)
         held += req.block_ids
     for req in sched.waiting:
-        assert not req.block_ids and not req.num_cross_blocks and req.seat is None, f"{req.request_id} waits holding"
+        assert not req.block_ids and not req.num_cross_blocks and req.slot is None, f"{req.request_id} waits holding"
     assert len(held) == len(set(held)), f"two requests share a block: {sorted(held)}"
     cross = sum(r.num_cross_blocks for r in sched.running)
     assert len(held) + cross + blocks.num_free == blocks.num_blocks
-    assert blocks.num_free_seats + len(sched.running) == blocks.num_seats
+    assert blocks.num_free_slots + len(sched.running) == blocks.num_slots
 
 
 def fake_execute(sched: Scheduler, plan: SchedulerOutput, token: int = 7) -> list[Request]:
@@ -82,23 +80,23 @@ def test_admission_stops_when_blocks_run_out() -> None:
     assert ids(plan) == ["r0", "r1", "r2"] and all(s.start == 0 and s.num_new == 10 for s in plan.scheduled)
     assert [r.request_id for r in sched.waiting] == ["r3"] and sched.blocks.num_free == 1
     assert all(r.status == RequestStatus.RUNNING for r in reqs[:3]) and reqs[3].status == RequestStatus.WAITING
-    assert [r.seat for r in reqs[:3]] == [0, 1, 2]
+    assert [r.slot for r in reqs[:3]] == [0, 1, 2]
     check_blocks(sched)
 
 
-def test_admission_respects_max_num_seqs_and_seats() -> None:
-    sched = Scheduler(BlockManager(100, 4, num_seats=3, blocks_per_seat=10), max_num_seqs=8)
-    assert sched.max_num_seqs == 3  # no more requests than seats
+def test_admission_respects_max_num_seqs_and_slots() -> None:
+    sched = Scheduler(BlockManager(100, 4, num_slots=3), max_num_seqs=8)
+    assert sched.max_num_seqs == 3  # no more requests than slots
     add_all(sched, [make_request(f"r{i}", 3, arrival=i) for i in range(5)])
     plan = sched.schedule()
     assert len(plan.scheduled) == 3 and len(sched.running) == 3 and len(sched.waiting) == 2
     fake_execute(sched, plan)
     plan = sched.schedule()
-    assert all(s.is_decode for s in plan.scheduled) and len(plan.scheduled) == 3  # seats full: nobody joins
+    assert all(s.is_decode for s in plan.scheduled) and len(plan.scheduled) == 3  # slots full: nobody joins
 
 
-def test_the_lowest_free_seat_is_taken_first() -> None:
-    sched = Scheduler(BlockManager(100, 4, num_seats=4, blocks_per_seat=8))
+def test_the_lowest_free_slot_is_taken_first() -> None:
+    sched = Scheduler(BlockManager(100, 4, num_slots=4))
     a, b, c = (make_request(n, 3, arrival=i) for i, n in enumerate("abc"))
     add_all(sched, [a, b, c])
     fake_execute(sched, sched.schedule())
@@ -106,7 +104,7 @@ def test_the_lowest_free_seat_is_taken_first() -> None:
     d = make_request("d", 3, arrival=5)
     sched.add(d)
     sched.schedule()
-    assert (d.seat, b.seat, c.seat) == (0, 1, 2)
+    assert (d.slot, b.slot, c.slot) == (0, 1, 2)
     check_blocks(sched)
 
 
@@ -142,7 +140,7 @@ def test_preempts_the_most_recent_request_when_blocks_run_out() -> None:
     plan = sched.schedule()  # position 8 needs a third block each; only the older keeps running
     assert plan.preempted == [new] and [s.request for s in plan.scheduled] == [old]
     assert new.status == RequestStatus.PREEMPTED and new.num_computed == 0 and not new.block_ids
-    assert new.num_preemptions == 1 and sched.num_preemptions == 1 and new.seat is None
+    assert new.num_preemptions == 1 and sched.num_preemptions == 1 and new.slot is None
     assert list(sched.waiting) == [new] and len(old.block_ids) == 3
     check_blocks(sched)
     fake_execute(sched, plan)
@@ -213,7 +211,7 @@ def test_blocks_come_back_after_finish_and_abort() -> None:
 def test_random_load_never_shares_blocks_and_returns_them_all() -> None:
     """Arrivals, aborts, preemptions and chunked prompts at random; the invariants hold after every step."""
     rng = random.Random(0)
-    sched = Scheduler(BlockManager(24, 4, num_seats=6, blocks_per_seat=24), max_num_seqs=6, max_num_batched_tokens=12)
+    sched = Scheduler(BlockManager(24, 4, num_slots=6), max_num_seqs=6, max_num_batched_tokens=12)
     arrived: list[Request] = []
     step = 0
     while step < 2000 and (step < 200 or sched.has_work()):
@@ -236,10 +234,10 @@ def test_random_load_never_shares_blocks_and_returns_them_all() -> None:
         check_blocks(sched)
         step += 1
     assert not sched.has_work(), "requests were left behind"
-    assert sched.blocks.num_free == 24 and sched.blocks.num_free_seats == 6
+    assert sched.blocks.num_free == 24 and sched.blocks.num_free_slots == 6
     assert sched.num_preemptions > 0, "the load was meant to cause preemptions"
     for req in arrived:
-        assert req.status.is_finished and not req.block_ids and not req.num_cross_blocks and req.seat is None
+        assert req.status.is_finished and not req.block_ids and not req.num_cross_blocks and req.slot is None
         if req.status == RequestStatus.FINISHED_LENGTH:
             assert len(req.output_ids) == req.params.max_tokens
 

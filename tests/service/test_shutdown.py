@@ -60,7 +60,7 @@ async def _sigterm_during_streams(p: ServiceProcess, n: int, max_tokens: int) ->
 
 
 def test_sigterm_lets_in_flight_streams_finish_and_exits_0(checkpoints_dir: Path, tmp_path: Path) -> None:
-    # two seats, so the 12 streams run in turns and are still in flight well after the signal
+    # two slots, so the 12 streams run in turns and are still in flight well after the signal
     p = ServiceProcess(checkpoints_dir, tmp_path / "server.log", "--max-num-seqs", "2", "--drain-timeout", "60")
     try:
         results, after = asyncio.run(_sigterm_during_streams(p, 12, 100))
@@ -87,7 +87,7 @@ def test_streams_past_the_drain_timeout_end_with_abort(checkpoints_dir: Path, tm
 
 
 def test_a_second_signal_stops_at_once(checkpoints_dir: Path, tmp_path: Path) -> None:
-    """Draining 40 long streams through one seat would take many seconds; the second SIGTERM cuts them and the
+    """Draining 40 long streams through one slot would take many seconds; the second SIGTERM cuts them and the
     process dies of the signal (exit status 143 in a shell) within a moment."""
     p = ServiceProcess(checkpoints_dir, tmp_path / "server.log", "--max-num-seqs", "1", "--drain-timeout", "60")
     body = {"prompt": "ROMEO:", "max_tokens": 120, "ignore_eos": True, "temperature": 0}

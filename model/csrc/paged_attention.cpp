@@ -1,0 +1,128 @@
+// Paged attention on the CPU: every query row attends over the keys its block table names, read in place.
+//
+// A row n of q (N, h, d) belongs to the sequence whose block table is tables[row_table[n]] and sees that
+// sequence's first context_lens[n] keys (a decode row: all of them; a prefill row at position p: p + 1 of them,
+// which makes the chunk causal). Key t of a sequence lies in block tables[r][t / bs] at offset t % bs of the
+// pool k_cache (blocks, bs, h_kv, d). Blocks shared by several sequences (a cached prefix) are read where they
+// lie, like any other. Grouped-query attention: the g = h / h_kv query heads of one K/V head are computed
+// together, so each key is read once per group. Softmax is online over blocks (running max, rescaled sums, as
+// flash attention does); float32 or bfloat16 storage, float32 arithmetic. One work item per (row, K/V head),
+// spread over torch's intra-op threads.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+template <typename T>
+inline float as_float(T x) { return static_cast<float>(x); }
+
+template <typename T>
+void attend_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                 const at::Tensor& tables, const at::Tensor& row_table, const at::Tensor& context_lens,
+                 double scale, at::Tensor& out) {
+  const int64_t N = q.size(0), h = q.size(1), d = q.size(2);
+  const int64_t bs = k_cache.size(1), h_kv = k_cache.size(2), W = tables.size(1);
+  const int64_t g = h / h_kv;
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k_cache.data_ptr<T>();
+  const T* vp = v_cache.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* rp = row_table.data_ptr<int64_t>();
+  const int64_t* lp = context_lens.data_ptr<int64_t>();
+  const int64_t k_block = bs * h_kv * d, k_token = h_kv * d;  // strides of the pool (contiguous)
+  const float fscale = static_cast<float>(scale);
+
+  at::parallel_for(0, N * h_kv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(g * d), acc(g * d), m(g), l(g), s(g * bs), vf(d);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / h_kv, kvh = item % h_kv;
+      const int64_t len = std::min(lp[n], W * bs);  // never past the table
+      const int64_t* table = tp + rp[n] * W;
+      for (int64_t i = 0; i < g; ++i) {  // the group's queries, scaled once
+        const T* src = qp + (n * h + kvh * g + i) * d;
+        for (int64_t c = 0; c < d; ++c) qf[i * d + c] = as_float(src[c]) * fscale;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.end(), 0.f);
+      for (int64_t b = 0; b * bs < len; ++b) {
+        const int64_t nt = std::min(bs, len - b * bs);
+        const T* kb = kp + table[b] * k_block + kvh * d;
+        const T* vb = vp + table[b] * k_block + kvh * d;
+        for (int64_t i = 0; i < g; ++i) {  // scores of this block, and the new running maximum
+          const float* qi = qf.data() + i * d;
+          float best = m[i];
+          for (int64_t t = 0; t < nt; ++t) {
+            const T* kt = kb + t * k_token;
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t c = 0; c < d; ++c) dot += qi[c] * as_float(kt[c]);
+            s[i * bs + t] = dot;
+            best = std::max(best, dot);
+          }
+          const float rescale = std::exp(m[i] - best);  // exp(-inf) = 0 on the first block
+          float* ai = acc.data() + i * d;
+          for (int64_t c = 0; c < d; ++c) ai[c] *= rescale;
+          float sum = l[i] * rescale;
+          for (int64_t t = 0; t < nt; ++t) {
+            const float p = std::exp(s[i * bs + t] - best);
+            s[i * bs + t] = p;
+            sum += p;
+          }
+          m[i] = best;
+          l[i] = sum;
+        }
+        for (int64_t t = 0; t < nt; ++t) {  // each value read once for the whole group
+          const T* vt = vb + t * k_token;
+          for (int64_t c = 0; c < d; ++c) vf[c] = as_float(vt[c]);
+          for (int64_t i = 0; i < g; ++i) {
+            const float p = s[i * bs + t];
+            float* ai = acc.data() + i * d;
+#pragma omp simd
+            for (int64_t c = 0; c < d; ++c) ai[c] += p * vf[c];
+          }
+        }
+      }
+      for (int64_t i = 0; i < g; ++i) {  // a row with no key (never in practice) gives zeros
+        T* dst = op + (n * h + kvh * g + i) * d;
+        const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+        for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<T>(acc[i * d + c] * inv);
+      }
+    }
+  });
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& tables, const at::Tensor& row_table, const at::Tensor& context_lens,
+                           double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "inputs must be contiguous");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(), "one dtype");
+  TORCH_CHECK(q.size(2) == k_cache.size(3) && q.size(1) % k_cache.size(2) == 0, "heads must group evenly");
+  TORCH_CHECK(tables.scalar_type() == at::kLong && row_table.scalar_type() == at::kLong &&
+              context_lens.scalar_type() == at::kLong, "tables, row_table and context_lens are int64");
+  TORCH_CHECK(tables.dim() == 2 && tables.is_contiguous() && row_table.size(0) == q.size(0) &&
+              context_lens.size(0) == q.size(0), "one table row and one length per query row");
+  auto out = at::empty_like(q);
+  if (q.scalar_type() == at::kFloat) {
+    attend_rows<float>(q, k_cache, v_cache, tables, row_table.contiguous(), context_lens.contiguous(), scale, out);
+  } else if (q.scalar_type() == at::kBFloat16) {
+    attend_rows<at::BFloat16>(q, k_cache, v_cache, tables, row_table.contiguous(), context_lens.contiguous(),
+                              scale, out);
+  } else {
+    TORCH_CHECK(false, "paged_attention: float32 or bfloat16 only");
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_attention", &paged_attention, "attention of each query row over its block table (CPU)");
+}
