@@ -50,6 +50,15 @@ COPY service /app/service
 COPY model /app/model
 RUN chmod -R a+rX,go-w /app && python -m compileall -q /app/service /app/model
 
+# The CPU paged-attention kernel (model/csrc), built here for this CPU where a compiler can be had (slim bases
+# ship none); the server loads it from /opt/kernels, or attends on its plain torch path and says so.
+RUN mkdir -p /opt/kernels; \
+    { command -v c++ >/dev/null \
+      || { timeout 300 apt-get update -qq && timeout 300 apt-get install -y -qq --no-install-recommends g++ >/dev/null; }; } \
+    && cd /app && ATTNSERVE_KERNEL_DIR=/opt/kernels python -m model.paged_kernel \
+    || echo "no paged-attention kernel in this image: the plain path serves"; \
+    chmod -R a+rX /opt/kernels
+
 # --- runtime -----------------------------------------------------------------------------------------------------
 FROM ${BASE_IMAGE}
 ARG APP_UID=10001
@@ -60,6 +69,7 @@ RUN groupadd --system --gid "${APP_UID}" attnserve \
 
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /app /app
+COPY --from=builder /opt/kernels /opt/kernels
 WORKDIR /app
 
 ENV PATH=/opt/venv/bin:$PATH \
@@ -70,6 +80,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     ATTNSERVE_PORT=8000 \
     ATTNSERVE_MODELS_DIR=/app/model/checkpoints \
     ATTNSERVE_DEVICE=auto \
+    ATTNSERVE_KERNEL_DIR=/opt/kernels \
     ATTNSERVE_DRAIN_TIMEOUT=30 \
     ATTNSERVE_LOG_JSON=true
 

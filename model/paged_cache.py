@@ -48,6 +48,7 @@ class BlockPool:
         shape = (cfg.n_decoder_layers, num_blocks + 1, block_size, cfg.kv_heads, cfg.d_k)
         self.k, self.v = lazy_zeros(shape, dtype, device), lazy_zeros(shape, dtype, device)
         self.kernel = kernel
+        self.num_copies = 0  # blocks copied (copy on write at admission; attention never copies a block)
         self.cross_k: Tensor | None = None
         self.cross_v: Tensor | None = None
         if cfg.is_encoder_decoder:
@@ -76,6 +77,7 @@ class BlockPool:
 
     def copy(self, source: int, dest: int, n: int) -> None:
         """The first n tokens of every layer's K/V from block `source` to block `dest` (copy on write)."""
+        self.num_copies += 1
         for t in (self.k, self.v):
             t[:, dest, :n] = t[:, source, :n]
 

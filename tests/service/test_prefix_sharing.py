@@ -95,6 +95,8 @@ def test_decode_rows_share_blocks_while_they_run(build: Any, checkpoints_dir: Pa
     prompts = [HEAD + t for t in TAILS]
     assert run(served, prompts, together=True) == reference(checkpoints_dir, "tiny-gpt", prompts)
     assert max(shared) >= len(HEAD) // 4 - 1, f"the head's blocks were never shared: {shared}"
+    copies = served.engine.runner.pool.num_copies
+    assert copies == served.engine.blocks.num_copied <= len(prompts), f"{copies} block copies for {len(prompts)} admissions"
     settle(served)
 
 
