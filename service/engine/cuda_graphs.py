@@ -10,16 +10,19 @@ on a CPU."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from model.paged_cache import StepLayout
+from service.engine.inputs import StepInputs
 
 if TYPE_CHECKING:
-    from service.engine.runner import ModelRunner
     from service.engine.scheduler import ScheduledRequest
+
+Forward = Callable[[int, StepLayout], Tensor]  # (rows, layout) -> hidden states of the rows
 
 
 def buckets(limit: int, first: int) -> list[int]:
@@ -34,11 +37,11 @@ def buckets(limit: int, first: int) -> list[int]:
 class DecodeGraphs:
     """Captured decode forwards keyed by (rows, context) bucket, captured on first use or by `capture_all`."""
 
-    def __init__(self, runner: ModelRunner, max_rows: int, max_len: int, graphs: bool = True) -> None:
-        self.runner = runner
+    def __init__(self, forward: Forward, inputs: StepInputs, max_rows: int, max_len: int, graphs: bool = True) -> None:
+        self.forward, self.inputs, self.pool = forward, inputs, inputs.pool
         self.row_buckets = buckets(max_rows, 1)
         self.len_buckets = buckets(max_len, min(64, max_len))
-        self.use_graphs = graphs and runner.device.type == "cuda"
+        self.use_graphs = graphs and inputs.device.type == "cuda"
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.pool_handle = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
@@ -52,15 +55,15 @@ class DecodeGraphs:
 
     def _layout(self, key: tuple[int, int]) -> StepLayout:
         rows, length = key
-        inputs = self.runner.inputs
-        d, width = inputs.d, -(-length // self.runner.block_size)
+        inputs = self.inputs
+        d, width = inputs.d, -(-length // self.pool.block_size)
         return StepLayout(d["slots"][:rows], inputs.table_view(rows, width), d["row_table"][:rows],
                           d["context_lens"][:rows], rows, length)
 
     def run(self, key: tuple[int, int]) -> Tensor:
         """Hidden states (rows, d_model) of the padded decode rows."""
         if not self.use_graphs:
-            return self.runner.forward_decode(key[0], self._layout(key))
+            return self.forward(key[0], self._layout(key))
         if key not in self.graphs:
             self._capture(key)
         graph, out = self.graphs[key]
@@ -69,21 +72,21 @@ class DecodeGraphs:
 
     def _capture(self, key: tuple[int, int]) -> None:
         rows, length = key
-        inputs, pool = self.runner.inputs, self.runner.pool
+        inputs, pool = self.inputs, self.pool
         d = inputs.d
         d["slots"][:rows].fill_(pool.slot(pool.null_block, 0))  # capture runs write to the null block only
         d["context_lens"][:rows].fill_(1)
         d["row_table"][:rows].copy_(torch.arange(rows, device=d["row_table"].device))
-        inputs.table_view(rows, -(-length // self.runner.block_size)).fill_(pool.null_block)
+        inputs.table_view(rows, -(-length // pool.block_size)).fill_(pool.null_block)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up kernels and allocator outside the capture, as PyTorch advises
             for _ in range(2):
-                self.runner.forward_decode(rows, self._layout(key))
+                self.forward(rows, self._layout(key))
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool_handle):
-            out = self.runner.forward_decode(rows, self._layout(key))
+            out = self.forward(rows, self._layout(key))
         self.graphs[key] = (graph, out)
 
     def capture_all(self) -> int:

@@ -141,10 +141,6 @@ class Engine:
         return EngineSnapshot(alive, len(self.scheduler.running), len(self.scheduler.waiting), self.blocks.num_blocks,
                               self.blocks.num_free, self.blocks.num_shared)
 
-    @property
-    def num_pending(self) -> int:
-        return self._pending
-
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
     def start(self) -> None:

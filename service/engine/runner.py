@@ -58,8 +58,8 @@ class ModelRunner:
         self.flops_per_token = 2 * num_parameters(self.model)
         self._threads = self.num_threads
         use_graphs = self.device.type == "cuda" and not enforce_eager and not self.config.is_encoder_decoder
-        self.graphs: DecodeGraphs | None = (DecodeGraphs(self, max_num_seqs, max_blocks * block_size)
-                                            if use_graphs else None)
+        self.graphs: DecodeGraphs | None = (DecodeGraphs(self.forward_decode, self.inputs, max_num_seqs,
+                                                         max_blocks * block_size) if use_graphs else None)
 
     @property
     def transfers(self) -> Transfers:

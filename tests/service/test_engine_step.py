@@ -94,7 +94,7 @@ def test_padded_decode_buckets_give_the_plain_tokens(build: Any) -> None:
     plain = run(build(), PROMPTS)
     served = build(start=False)
     runner = served.engine.runner
-    runner.graphs = DecodeGraphs(runner, served.engine.config.max_num_seqs, 64, graphs=False)
+    runner.graphs = DecodeGraphs(runner.forward_decode, runner.inputs, served.engine.config.max_num_seqs, 64, graphs=False)
     served.engine.start()
     assert run(served, PROMPTS) == plain
     assert runner.pool.k[:, runner.pool.null_block].abs().sum() > 0, "padding rows were meant to write to null"
