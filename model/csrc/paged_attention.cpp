@@ -12,6 +12,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <bit>
+#include <cstdint>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -20,6 +22,22 @@ namespace {
 
 template <typename T>
 inline float as_float(T x) { return static_cast<float>(x); }
+
+// e^x for the softmax's x <= 0, in a form the compiler vectorizes: 2^(x log2 e) split into 2^n (exponent bits)
+// and 2^f, f in [-1/2, 1/2], by Cephes' exp2f polynomial (relative error ~2e-7). Below -87 it underflows to ~0.
+inline float exp_nonpositive(float x) {
+  const float y = std::max(x, -87.f) * 1.44269504088896341f;
+  const float n = std::floor(y + 0.5f);
+  const float f = y - n;
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.f;
+  return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+}
 
 template <typename T>
 void attend_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -39,7 +57,7 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
   const float fscale = static_cast<float>(scale);
 
   at::parallel_for(0, N * h_kv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(g * d), acc(g * d), m(g), l(g), s(g * bs), vf(d);
+    std::vector<float> qf(g * d), acc(g * d), m(g), l(g), s(g * bs), kf(d), vf(d);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / h_kv, kvh = item % h_kv;
       const int64_t len = std::min(lp[n], W * bs);  // never past the table
@@ -55,28 +73,33 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
         const int64_t nt = std::min(bs, len - b * bs);
         const T* kb = kp + table[b] * k_block + kvh * d;
         const T* vb = vp + table[b] * k_block + kvh * d;
-        for (int64_t i = 0; i < g; ++i) {  // scores of this block, and the new running maximum
-          const float* qi = qf.data() + i * d;
-          float best = m[i];
-          for (int64_t t = 0; t < nt; ++t) {
-            const T* kt = kb + t * k_token;
+        for (int64_t t = 0; t < nt; ++t) {  // scores of this block: each key read once for the group
+          const T* kt = kb + t * k_token;
+          for (int64_t c = 0; c < d; ++c) kf[c] = as_float(kt[c]);
+          for (int64_t i = 0; i < g; ++i) {
+            const float* qi = qf.data() + i * d;
             float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-            for (int64_t c = 0; c < d; ++c) dot += qi[c] * as_float(kt[c]);
+            for (int64_t c = 0; c < d; ++c) dot += qi[c] * kf[c];
             s[i * bs + t] = dot;
-            best = std::max(best, dot);
           }
-          const float rescale = std::exp(m[i] - best);  // exp(-inf) = 0 on the first block
-          float* ai = acc.data() + i * d;
-          for (int64_t c = 0; c < d; ++c) ai[c] *= rescale;
-          float sum = l[i] * rescale;
+        }
+        for (int64_t i = 0; i < g; ++i) {  // the new running maximum, the block's weights, rescaled sums
+          float* si = s.data() + i * bs;
+          float best = m[i];
+          for (int64_t t = 0; t < nt; ++t) best = std::max(best, si[t]);
+          float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
           for (int64_t t = 0; t < nt; ++t) {
-            const float p = std::exp(s[i * bs + t] - best);
-            s[i * bs + t] = p;
-            sum += p;
+            si[t] = exp_nonpositive(si[t] - best);
+            sum += si[t];
           }
+          const float rescale = exp_nonpositive(m[i] - best);  // ~0 on the first block (m = -inf)
+          float* ai = acc.data() + i * d;
+#pragma omp simd
+          for (int64_t c = 0; c < d; ++c) ai[c] *= rescale;
           m[i] = best;
-          l[i] = sum;
+          l[i] = l[i] * rescale + sum;
         }
         for (int64_t t = 0; t < nt; ++t) {  // each value read once for the whole group
           const T* vt = vb + t * k_token;
