@@ -1,6 +1,6 @@
 """Shared-prefix serving: what automatic prefix caching saves when every request starts with the same text.
 
-    python -m benchmarks.prefix_bench                             # both models, float32, CPU, ~5 minutes
+    python -m benchmarks.prefix_bench                             # shakespeare-gpt and SmolLM2, float32, CPU
     python -m benchmarks.prefix_bench --models shakespeare-gpt    # the small model only, about a minute
 
 The scenario: --requests requests (default 128), at most --streams (32) in flight, each prompt one common
@@ -134,7 +134,7 @@ async def load(url: str, model: str, sc: Scenario, prompts: Prompts | None,
 
 def run_model(sc: Scenario, checkpoint: Path, dtype: str, out: Path, flag: bool, progress: bool) -> dict[str, Any]:
     """The scenario on our server with prefix caching, then without, one server at a time."""
-    name = checkpoint.name
+    name = checkpoint.stem if checkpoint.is_file() else checkpoint.name  # a GGUF file is served by its stem
     plan = Plan(models=(name,), dtypes=(dtype,), device=sc.device, input_len=sc.prefix_len + sc.own_len,
                 output_len=sc.output_len, concurrency=(sc.streams,), threads=sc.threads)
     res: dict[str, Any] = {"model": name, "dtype": dtype, "scenario": asdict(sc), "prefix_caching_flag": flag}
@@ -201,8 +201,8 @@ def checkpoint_for(model: str, work_dir: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.prefix_bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="shakespeare-gpt,gpt2-small",
-                   help="benchmark model names (shakespeare-gpt, gpt2-small) or checkpoint folders")
+    p.add_argument("--models", default="shakespeare-gpt,smollm2-135m",
+                   help="benchmark model names (shakespeare-gpt, gpt2-small, smollm2-135m) or checkpoint folders")
     p.add_argument("--dtypes", default="float32")
     p.add_argument("--streams", type=int, default=32)
     p.add_argument("--prefix-len", type=int, default=200)
