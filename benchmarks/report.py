@@ -131,6 +131,36 @@ def models_table(runs: Sequence[dict[str, Any]]) -> str:
                            "KV bytes per token float32", "KV bytes per token bfloat16"], rows)
 
 
+PEER = "llama_cpp"  # results.json's key of llama.cpp's llama-server on the row's weights (benchmarks.llama_peer)
+
+
+def peer_table(runs: Sequence[dict[str, Any]], top: int) -> str | None:
+    """llama.cpp's server per model x precision: its output tokens/s per level and ours / its at 1 and at each
+    row's highest concurrency (`top` names the column); None when no row has it."""
+    rows, concs = [], sorted({lv["concurrency"] for r in runs for lv in (r.get(PEER) or {}).get("levels", [])})
+    for r in runs:
+        peer = r.get(PEER)
+        if peer is None:
+            continue
+        if "levels" not in peer:
+            rows.append([r["model"], r["dtype"], "-", *("-" for _ in concs), "-", "-", f"not measured: {peer['skipped']}"])
+            continue
+        hi = r["ours"]["levels"][-1]["concurrency"]
+        ratio = [_ratio(_value(r, "ours", c, "output_throughput"), _value(r, PEER, c, "output_throughput"))
+                 for c in (1, hi)]
+        rows.append([r["model"], r["dtype"], f"{peer['precision']} (KV {peer['kv_cache']})",
+                     *((_level(r, PEER, c) or {}).get("output_throughput", "-") for c in concs),
+                     *(f"{x:.2f}x" if x is not None else "-" for x in ratio), peer["gguf"]])
+    if not rows:
+        return None
+    head = ["model", "ours", "llama.cpp", *[f"llama.cpp c={c} tok/s" for c in concs], "ours / llama.cpp c=1",
+            f"ours / llama.cpp c={top}", "GGUF"]
+    notes = sorted({f"{r['model']}: {r[PEER]['note']}." for r in runs if (r.get(PEER) or {}).get("note")})
+    return ("llama.cpp's llama-server on the same weights (converted by its convert_hf_to_gguf.py), the same "
+            "token-id prompts, streaming over the OpenAI API; output tokens/s, and ours / llama.cpp:\n\n"
+            + markdown_table(head, rows) + "".join(f"\n\n{n}" for n in notes))
+
+
 def summary_tables(runs: Sequence[dict[str, Any]], machine: Any, top: int) -> str:
     """The README's tables: each model's shape, throughput and latency per model x dtype, then each target met
     or not (at each run's own highest concurrency; `top` names the latency column)."""
@@ -162,6 +192,7 @@ def summary_tables(runs: Sequence[dict[str, Any]], machine: Any, top: int) -> st
            if machine.cpu else ""),
         models_table(runs),
         markdown_table(head, rows),
+        *filter(None, [peer_table(runs, top)]),
         markdown_table(["model", "dtype", "target", "measured", "limit", "verdict"], checks),
     ])
 
@@ -177,6 +208,9 @@ def plot_summary(runs: Sequence[dict[str, Any]], path: Path) -> None:
         "naive server (c=1)": [(_level(r, "naive", 1) or {}).get("output_throughput", 0.0) for r in runs],
         "HF static batch": [r.get("hf_static", {}).get("output_throughput", 0.0) for r in runs],
     }
+    if any("levels" in (r.get(PEER) or {}) for r in runs):
+        systems["llama.cpp server (same c)"] = [
+            (_level(r, PEER, r["ours"]["levels"][-1]["concurrency"]) or {}).get("output_throughput", 0.0) for r in runs]
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(runs)), 4.5))
     width = 0.8 / len(systems)
     for i, (name, values) in enumerate(systems.items()):
@@ -195,15 +229,20 @@ def write_pair(res: dict[str, Any], out: Path) -> None:
     if "levels" in res["naive"]:
         parts += ["\n### naive server (transformers generate, one request at a time)\n",
                   levels_table(res["naive"]["levels"])]
+    peer = res.get(PEER) or {}
+    if "levels" in peer:
+        parts += [f"\n### llama.cpp server ({peer['precision']}, {peer['gguf']})\n", levels_table(peer["levels"])]
     (out / f"{stem}.md").write_text("\n".join(parts) + "\n")
     series = {"ours": res["ours"]["levels"]}
     if "levels" in res["naive"]:
         series["naive server"] = res["naive"]["levels"]
+    if "levels" in peer:
+        series[f"llama.cpp {peer['precision']}"] = peer["levels"]
     lines = {}
     if "output_throughput" in res["hf_static"]:
         lines[f"HF static batch {res['hf_static']['batch']}"] = res["hf_static"]["output_throughput"]
     top_c = res["ours"]["levels"][-1]["concurrency"]
-    top = next((r for r in res["roofline"] if r["batch"] == top_c), None)
+    top = next((r for r in res.get("roofline", []) if r["batch"] == top_c), None)
     if top is not None:
         lines[f"roofline at batch {top['batch']}"] = top["roofline_tokens_per_s"]
     plot_levels(series, out / f"{stem}.png", f"{res['model']} {res['dtype']} ({res['ours']['spec']['input_len']} in / "

@@ -20,7 +20,6 @@ import datetime
 import importlib.util
 import json
 import logging
-import statistics
 import subprocess
 import sys
 import time
@@ -30,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import torch
 
+from benchmarks.budget import over_budget
 from benchmarks.checkpoints import export_hf, is_gguf, make_model, model_config, served_name
+from benchmarks.llama_peer import peer_setup, run_peer
 from benchmarks.plan import (
     Plan,
     arguments,
@@ -50,8 +50,7 @@ from benchmarks.roofline import (
     roofline_table,
     step_roofline,
 )
-from benchmarks.serve_bench import LoadSpec, run_sweep
-from model.checkpoint import DTYPES, load_checkpoint
+from benchmarks.serve_bench import LoadSpec, prompts_from, run_sweep
 from model.fetch import FetchError
 
 log = logging.getLogger("benchmarks")
@@ -71,9 +70,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running(cmd: list[str], port: int, logfile: Path, timeout: float = 600.0) -> Iterator[str]:
-    """Start a server process, wait until GET /ready answers 200, yield its URL; SIGTERM (then kill) at the end."""
+def running(cmd: list[str], port: int, logfile: Path, timeout: float = 600.0, ready: str = "/ready") -> Iterator[str]:
+    """Start a server process, wait until GET `ready` answers 200, yield its URL; SIGTERM (then kill) at the end."""
     logfile.parent.mkdir(parents=True, exist_ok=True)
+    what = cmd[2] if cmd[1:2] == ["-m"] else Path(cmd[0]).name
     with logfile.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
@@ -81,12 +81,12 @@ def running(cmd: list[str], port: int, logfile: Path, timeout: float = 600.0) ->
             deadline = time.monotonic() + timeout
             while True:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{cmd[2]} exited with {proc.returncode}; see {logfile}")
+                    raise RuntimeError(f"{what} exited with {proc.returncode}; see {logfile}")
                 with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    if httpx.get(f"{url}{ready}", timeout=2).status_code == 200:
                         break
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{cmd[2]} not ready after {timeout:.0f} s; see {logfile}")
+                    raise RuntimeError(f"{what} not ready after {timeout:.0f} s; see {logfile}")
                 time.sleep(0.25)
             yield url
         finally:
@@ -122,9 +122,9 @@ def run_static(plan: Plan, hf_folder: Path, dtype: str, out: Path) -> dict[str, 
 
 
 def run_pair(plan: Plan, name: str, checkpoint: Path, hf_folder: Path | str, dtype: str, machine: Machine,
-             out: Path) -> dict[str, Any]:
-    """Ours, the naive server, the static batch and the roofline for one model in one dtype; `hf_folder` is
-    the baselines' Hugging Face folder, or why they are not measured."""
+             out: Path, work_dir: Path) -> dict[str, Any]:
+    """Ours, the naive server, the static batch, llama.cpp's server and the roofline for one model in one dtype;
+    `hf_folder` is the baselines' Hugging Face folder, or why they are not measured."""
     cfg, served = model_config(checkpoint), served_name(checkpoint)
     params = matmul_params(cfg)
     res: dict[str, Any] = {"model": name, "dtype": dtype, "checkpoint": checkpoint.name,
@@ -134,12 +134,17 @@ def run_pair(plan: Plan, name: str, checkpoint: Path, hf_folder: Path | str, dty
                            "kv_bytes_per_token": {d: kv_bytes_per_token(cfg, d) for d in ("float32", "bfloat16")}}
     port = free_port()
     t = time.monotonic()
+    peer_prompts = []  # the prompts ours got, for llama.cpp (its tokenizer is ours, converted)
     with running(our_server(plan, checkpoint, dtype, port), port, out / "logs" / f"ours-{name}-{dtype}.log") as url:
         res["ours"] = _sweep(plan, url, served, plan.concurrency, plan.prompts(name, plan.concurrency),
                              plan.long_prompt if plan.long_prompt[0] < cfg.max_len else None)
+        if plan.llama_cpp:
+            spec = LoadSpec(url, served, "native", plan.input_len, plan.output_len)
+            peer_prompts = asyncio.run(prompts_from(spec, 1 + sum(plan.prompts(name, plan.concurrency))))
     log.info("%s %s ours: %.0f s", name, dtype, time.monotonic() - t)
-    if isinstance(hf_folder, str):
-        res["naive"] = res["hf_static"] = {"skipped": hf_folder}
+    if isinstance(hf_folder, str) or dtype == "int8":
+        res["naive"] = res["hf_static"] = {"skipped": "transformers has no int8 baseline here"
+                                           if dtype == "int8" else hf_folder}
     else:
         t, port = time.monotonic(), free_port()
         cmd = naive_server(plan, hf_folder, served, dtype, port)
@@ -150,6 +155,14 @@ def run_pair(plan: Plan, name: str, checkpoint: Path, hf_folder: Path | str, dty
         t = time.monotonic()
         res["hf_static"] = run_static(plan, hf_folder, dtype, out)
         log.info("%s %s HF static batch: %.0f s", name, dtype, time.monotonic() - t)
+    if plan.llama_cpp:
+        t = time.monotonic()
+        res["llama_cpp"] = ({"skipped": f"no Hugging Face folder to convert ({hf_folder})"} if isinstance(hf_folder, str)
+                            else run_peer(plan, name, hf_folder, served, dtype, peer_prompts, work_dir, out / "logs"))
+        log.info("%s %s llama.cpp server: %.0f s%s", name, dtype, time.monotonic() - t,
+                 f" (skipped: {res['llama_cpp']['skipped']})" if "skipped" in res["llama_cpp"] else "")
+    if dtype not in machine.flops:  # int8: no roofline of its own
+        return res
     res["roofline"] = roofline_table(cfg, dtype, sorted({1, 8, plan.static_batch, *plan.concurrency}),
                                      plan.mean_context, machine)
     top = res["ours"]["levels"][-1].get("server") or {}
@@ -160,50 +173,6 @@ def run_pair(plan: Plan, name: str, checkpoint: Path, hf_folder: Path | str, dty
                                      "measured_ms": top["decode_step_mean_ms"], "roofline_ms": at["roofline_ms"],
                                      "bound": at["bound"], "ratio": top["decode_step_mean_ms"] / at["roofline_ms"]}
     return res
-
-
-def probe_step(model: torch.nn.Module, dtype: str, device: str, batch: int = 8) -> float:
-    """Seconds of one forward of `batch` single tokens in `dtype` (the shape of a decode step, no cache): the
-    median of 5, on one thread, which other processes on the machine disturb least. Casts `model` in place."""
-    model = model.to(device=device, dtype=DTYPES[dtype]).eval()
-    x = torch.zeros(batch, 1, dtype=torch.long, device=device)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    times = []
-    try:
-        with torch.inference_mode():
-            for _ in range(6):
-                t = time.perf_counter()
-                model(x)
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t)
-    finally:
-        torch.set_num_threads(threads)
-    return statistics.median(times[1:])
-
-
-def over_budget(plan: Plan, checkpoint: Path, name: str, dtype: str, took: dict[tuple[str, str], float],
-                left_s: float) -> str | None:
-    """Why a run should be skipped (None: run it). A run is predicted from the same model's run in another
-    dtype, scaled by how much slower a decode-shaped forward is in this dtype: on a CPU without native bf16
-    kernels (AVX2 only) bf16 runs several times slower than float32, and GPT-2 small would not fit the budget."""
-    if left_s <= 0:
-        return "the time budget is spent"
-    done = [(d, s) for (n, d), s in took.items() if n == name]
-    if not done:
-        return None
-    other, seconds = done[0]
-    model = load_checkpoint(checkpoint).model
-    slower = probe_step(model, dtype, plan.device) / probe_step(model, other, plan.device)
-    del model
-    predicted = seconds * max(1.0, slower)
-    log.info("%s %s predicted %.0f s (%s took %.0f s; a %s forward takes %.2fx the time)", name, dtype, predicted,
-             other, seconds, dtype, slower)
-    if predicted > left_s:
-        return (f"predicted to take {predicted:.0f} s ({other} took {seconds:.0f} s; a decode-shaped forward takes "
-                f"{slower:.2f}x the time in {dtype} on this machine); {left_s:.0f} s of the time budget were left")
-    return None
 
 
 def baselines(checkpoint: Path, work_dir: Path, have_hf: bool) -> Path | str:
@@ -241,11 +210,13 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     have_hf = importlib.util.find_spec("transformers") is not None
-    machine = measure_machine(plan.dtypes, plan.device, seconds=1.0, n=2048 if plan.device == "cpu" else 8192)
+    skipped: list[str] = []
+    plan = peer_setup(plan, a.dtypes is not None, skipped)  # llama.cpp built once (or why not); the int8 row
+    machine = measure_machine(tuple(d for d in plan.dtypes if d != "int8"), plan.device, seconds=1.0,
+                              n=2048 if plan.device == "cpu" else 8192)
     log.info("machine: %s GFLOP/s, copy %.1f GB/s",
              {k: round(v / 1e9) for k, v in machine.flops.items()}, machine.bandwidth / 1e9)
     runs: list[dict[str, Any]] = []
-    skipped: list[str] = []
     models = load_models(plan, a.work_dir, skipped)
     exports = {name: baselines(c, a.work_dir, have_hf) for name, c in models.items()}
     took: dict[tuple[str, str], float] = {}
@@ -260,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
                 skipped.append(f"{name} {dtype}: {reason}")
                 continue
             t = time.monotonic()
-            res = run_pair(mp, name, checkpoint, exports[name], dtype, machine, out)
+            res = run_pair(mp, name, checkpoint, exports[name], dtype, machine, out, a.work_dir)
             took[name, dtype] = time.monotonic() - t
             res["seconds"] = took[name, dtype]
             write_pair(res, out)
@@ -276,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     plot_summary(runs, out / "summary.png")
     sys.stdout.write(summary + "\n")
     log.info("wrote %s in %.0f s", out, time.monotonic() - start)
+
 
 if __name__ == "__main__":
     main()

@@ -43,7 +43,7 @@ from benchmarks.serve_client import (
     send_openai,
 )
 
-__all__ = ["Api", "LoadSpec", "Prompt", "RequestResult", "run_sweep", "summarize"]
+__all__ = ["Api", "LoadSpec", "Prompt", "RequestResult", "prompts_from", "run_sweep", "summarize"]
 
 
 def step_stats(before: dict[str, float], after: dict[str, float], summary: dict[str, Any]) -> dict[str, float]:
@@ -167,15 +167,22 @@ async def run_with_long_prompts(client: aiohttp.ClientSession, spec: LoadSpec, p
 
 async def run_sweep(spec: LoadSpec, concurrencies: list[int], num_prompts: list[int],
                     request_rate: float = math.inf, warmup: int = 1, progress: bool = True,
-                    long_prompts: tuple[int, float] | None = None) -> dict[str, Any]:
-    """One level per concurrency (num_prompts[i] requests each), on one connection pool, after a warm-up."""
+                    long_prompts: tuple[int, float] | None = None,
+                    prompts: list[Prompt] | None = None) -> dict[str, Any]:
+    """One level per concurrency (num_prompts[i] requests each), on one connection pool, after a warm-up; with
+    `prompts`, those (another server's, whose tokenizer this one shares) instead of prompts made here."""
     headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, headers=headers,
                                      timeout=aiohttp.ClientTimeout(total=spec.timeout)) as client:
         # every request its own prompt (warm-up and levels too): none is served from a server's prefix cache
         extra_level = num_prompts[-1] if long_prompts is not None else 0
-        prompts = await make_prompts(client, spec, warmup + sum(num_prompts) + extra_level)
+        wanted = warmup + sum(num_prompts) + extra_level
+        if prompts is None:
+            prompts = await make_prompts(client, spec, wanted)
+        elif len(prompts) < wanted:
+            raise ValueError(f"{len(prompts)} prompts given, {wanted} needed")
+        prompts = prompts[:wanted]
         for i in range(warmup):
             await _guarded(send_native if spec.api == "native" else send_openai, client,
                            replace(spec, output_len=min(8, spec.output_len)), prompts[i], i)
@@ -193,6 +200,13 @@ async def run_sweep(spec: LoadSpec, concurrencies: list[int], num_prompts: list[
                                                                      progress=progress)
     return {"spec": {k: v for k, v in asdict(spec).items() if k != "api_key"},
             "mean_prompt_tokens": sum(len(p.ids) for p in prompts) / len(prompts), "levels": levels, **extra}
+
+
+async def prompts_from(spec: LoadSpec, n: int) -> list[Prompt]:
+    """The first n prompts a sweep with this spec sends (the warm-up's first), made by spec.url's tokenizer."""
+    headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
+    async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=spec.timeout)) as client:
+        return await make_prompts(client, spec, n)
 
 
 def _ints(text: str) -> list[int]:

@@ -133,11 +133,15 @@ async def send_openai(client: aiohttp.ClientSession, spec: LoadSpec, prompt: Pro
             chunk = json.loads(data)
             if "error" in chunk:
                 r.error = str(chunk["error"])[:200]
-            elif chunk.get("choices"):
-                last = _tick(r, start, last)  # per chunk, as vLLM counts it
+                continue
+            choice = (chunk.get("choices") or [{}])[0]
+            if choice and (choice.get("text") or not choice.get("finish_reason")):
+                last = _tick(r, start, last)  # per chunk, as vLLM counts it; not a chunk that only ends the stream
                 chunks += 1
-            elif chunk.get("usage"):
+            if chunk.get("usage"):  # vLLM and ours: a chunk of its own; llama.cpp: in the one that ends the stream
                 r.prompt_tokens, r.output_tokens = chunk["usage"]["prompt_tokens"], chunk["usage"]["completion_tokens"]
+            elif "predicted_n" in (chunk.get("timings") or {}):  # llama.cpp without usage: its own count
+                r.output_tokens = int(chunk["timings"]["predicted_n"])
     r.latency = time.perf_counter() - start
     r.output_tokens = r.output_tokens or chunks
     if not r.ok and not r.error:

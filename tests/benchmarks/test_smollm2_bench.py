@@ -118,6 +118,7 @@ def test_smollm2_dry_run(smollm2_gguf: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     main(["--models", SMOLLM2, "--dtypes", "float32", "--concurrency", "1,2", "--input-len", "8", "--output-len",
           "4", "--static-batch", "2", "--budget-s", "0", "--threads", "1", "--work-dir", str(tmp_path / "work"),
+          "--no-llama-cpp",  # the peer has its own test (tests/benchmarks/test_llama_cpp.py)
           "--out", str(out)])
     res = json.loads((out / "results.json").read_text())
     assert res["skipped"] == []
