@@ -99,6 +99,8 @@ docker-run:
 # roofline: shakespeare-gpt, gpt2-small and SmolLM2-135M (downloaded once), float32 and bfloat16, ~8 minutes on
 # 2 CPU cores (SmolLM2 ~3 of them; BENCH_ARGS="--models smollm2-135m" for it alone); then the shared-prefix
 # scenario with prefix caching on and off (the two GPT models, ~4 minutes); writes benchmarks/results/<date>-cpu/.
+# Each row also runs llama.cpp's llama-server on the same weights (built once into ~/.cache/attnserve, ~11 minutes
+# on 2 cores; skipped with the reason where it cannot be): BENCH_ARGS=--no-llama-cpp leaves it out.
 BENCH_ARGS ?=
 
 bench: setup
