@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.fusion import fuse_linears
+
 if TYPE_CHECKING:
     from model.config import TransformerConfig
     from model.kv_cache import KVCache
@@ -95,12 +97,27 @@ class MultiHeadAttention(nn.Module):
         self.w_v = nn.Linear(d_model, self.h_kv * self.d_k, bias=in_bias)
         self.w_o = nn.Linear(d_model, d_model, bias=bias)
         self.dropout = dropout
+        self.w_qkv: nn.Module | None = None  # [W_Q; W_K; W_V] as one matmul, once `fuse()` has run (serving)
 
     @classmethod
     def of(cls, cfg: TransformerConfig, kind: str, layer_idx: int) -> MultiHeadAttention:
         """The attention sub-layer the config describes (cross-attention never shares K/V heads)."""
         kv = cfg.n_kv_heads if kind != "cross" else None
         return cls(cfg.d_model, cfg.h, kind, layer_idx, cfg.attn_dropout, cfg.bias, kv, cfg.qkv_bias)
+
+    def fuse(self) -> None:
+        """Serving: self-attention's Q, K and V projections as one matmul over the stacked weights
+        [W_Q; W_K; W_V] ((h + 2 h_kv) d_k rows), split after (model/fusion.py). The same outputs; w_q, w_k and
+        w_v then read rows of the stacked weight. Cross-attention projects K/V from other input: not fused."""
+        if self.kind != "cross" and self.w_qkv is None:
+            self.w_qkv = fuse_linears(self.w_q, self.w_k, self.w_v)
+
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x W_Q, x W_K, x W_V for x (B, T, d_model): (B, T, h d_k), (B, T, h_kv d_k), (B, T, h_kv d_k)."""
+        if self.w_qkv is None:
+            return self.w_q(x), self.w_k(x), self.w_v(x)
+        q, k, v = self.w_qkv(x).split([self.h * self.d_k, self.h_kv * self.d_k, self.h_kv * self.d_k], dim=-1)
+        return q, k, v
 
     def heads(self, x: Tensor, n: int | None = None) -> Tensor:
         b, t, _ = x.shape
@@ -123,14 +140,15 @@ class MultiHeadAttention(nn.Module):
         positions when positions are rotary (applied to q and k before the cache stores k). With a cache, the
         cache stores this step's keys/values and attends over everything it holds (its own masks and layout)."""
         b, t, _ = x.shape
-        q = self.heads(self.w_q(x))  # (B, T_q, h, d_k)
         if self.kind == "cross":
+            q = self.heads(self.w_q(x))  # (B, T_q, h, d_k)
             if cache is not None:
                 out = cache.attend_cross(self.layer_idx, q, lambda: self.project_kv(_need(memory)), capture)
                 return self.w_o(out.reshape(b, t, self.h * self.d_k))  # (B, T_q, d_model)
             k, v = self.project_kv(_need(memory))  # (B, h_kv, T_k, d_k)
         else:
-            k, v = self.heads(self.w_k(x), self.h_kv), self.heads(self.w_v(x), self.h_kv)  # (B, T, h_kv, d_k)
+            q, k, v = self.project_qkv(x)
+            q, k, v = self.heads(q), self.heads(k, self.h_kv), self.heads(v, self.h_kv)  # (B, T, h or h_kv, d_k)
             if rotary is not None:
                 q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
             if cache is not None:

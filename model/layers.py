@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from model.attention import AttentionCapture, MultiHeadAttention
 from model.config import TransformerConfig
+from model.fusion import fuse_linears
 
 if TYPE_CHECKING:
     from model.kv_cache import KVCache
@@ -123,8 +124,18 @@ class FeedForward(nn.Module):
         self.w_2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.act = ACTIVATIONS[cfg.activation]
         self.dropout = nn.Dropout(cfg.dropout)
+        self.w_13: nn.Module | None = None  # [W_1; W_3] as one matmul, once `fuse()` has run (serving)
+
+    def fuse(self) -> None:
+        """Serving: the gated FFN's x W_1 and x W_3 as one matmul over [W_1; W_3], split after (model/fusion.py);
+        the same outputs. An ungated FFN has nothing to fuse."""
+        if self.w_3 is not None and self.w_13 is None:
+            self.w_13 = fuse_linears(self.w_1, self.w_3)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.w_13 is not None:
+            gate, up = self.w_13(x).chunk(2, dim=-1)  # x W_1, x W_3
+            return self.w_2(self.dropout(self.act(gate) * up))
         hidden = self.act(self.w_1(x))  # (B, T, d_ff)
         if self.w_3 is not None:
             hidden = hidden * self.w_3(x)

@@ -1,0 +1,128 @@
+"""Weight-only int8 for serving: each output channel (row) of a linear's weight as int8 times one scale.
+
+W[n, :] ~= q[n, :] * s[n], s[n] = max|W[n, :]| / 127, q = round(W / s) in [-127, 127] (symmetric, no zero point).
+Activations stay in the model's precision; a matvec reads a quarter of float32's bytes, which is what bounds a
+CPU decode step at few streams. The scale is rounded to a bfloat16 value before q is computed, so the kernel
+that takes bfloat16 scales (below) multiplies by exactly the scale q was made with.
+
+The matmul (`int8_matmul`), chosen by benchmarks/matvec.py's measurements:
+- few rows on a CPU: `torch.ops.aten._weight_int8pack_mm`, whose AVX-512/AVX2 kernel converts each int8 weight
+  to float in registers (bfloat16 activations in, bfloat16 out; its float32 path is a scalar loop, far slower);
+- more rows, or another device: the weight dequantized to the activations' dtype, then `F.linear` (the kernel
+  above re-reads the weight for every 4 rows, so past a few rows the one-off dequantization wins).
+
+Per-output-channel rows stack: quantizing a fused W_QKV equals stacking the quantized W_Q, W_K, W_V, so
+quantization and fusion (model/fusion.py) commute."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+PACK_MAX_ROWS = 4  # up to this many rows the int8 kernel beats dequantize + F.linear (benchmarks/matvec.py)
+QMAX = 127
+
+
+def quantize_weight(w: Tensor) -> tuple[Tensor, Tensor]:
+    """(q int8 (N, K), scale float32 (N,)) with w ~= q * scale[:, None]; the scales are bfloat16-exact."""
+    w = w.detach().float()
+    amax = w.abs().amax(dim=1).clamp(min=1e-12)
+    scale = (amax / QMAX).bfloat16().float()  # bf16-exact; a scale rounded down may clip |q| by < 0.5%
+    q = torch.round(w / scale[:, None]).clamp(-QMAX, QMAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    return q.to(dtype) * scale[:, None].to(dtype)
+
+
+CPU_INT8_KERNEL = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+KERNELS = ("auto", "packed", "dequantize")
+_kernel = ["auto"]
+
+
+@contextmanager
+def int8_kernel(name: str) -> Iterator[None]:
+    """Force one int8 matmul path inside the block ("packed" or "dequantize"; "auto" picks by rows): to measure
+    each path's accuracy on whole sequences (benchmarks/precision.py, tests)."""
+    if name not in KERNELS:
+        raise ValueError(f"int8 kernel {name!r} is not one of {KERNELS}")
+    before, _kernel[0] = _kernel[0], name
+    try:
+        yield
+    finally:
+        _kernel[0] = before
+
+
+def _packed_kernel(x: Tensor) -> bool:
+    """Whether to use `_weight_int8pack_mm`: few rows on a CPU that has its vectorized kernel."""
+    if _kernel[0] != "auto":
+        return _kernel[0] == "packed"
+    return x.device.type == "cpu" and x.size(0) <= PACK_MAX_ROWS and CPU_INT8_KERNEL
+
+
+def int8_matmul(x: Tensor, q: Tensor, scale: Tensor, scale_bf16: Tensor | None = None) -> Tensor:
+    """x (..., K) @ (q * scale)^T -> (..., N) in x's dtype."""
+    x2 = x.reshape(-1, x.size(-1))
+    if _packed_kernel(x2):
+        s = scale_bf16 if scale_bf16 is not None else scale.bfloat16()
+        y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), q, s).to(x.dtype)
+    else:
+        y = F.linear(x2, dequantize(q, scale, x.dtype))
+    return y.reshape(*x.shape[:-1], q.size(0))
+
+
+class Int8Linear(nn.Module):
+    """A linear layer with a weight-only int8 weight (per output channel) and its bias in the model's dtype."""
+
+    qweight: Tensor
+    scale: Tensor
+    scale_bf16: Tensor
+
+    def __init__(self, q: Tensor, scale: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.qweight = nn.Parameter(q.contiguous(), requires_grad=False)  # a parameter: counted as the weight
+        self.register_buffer("scale", scale.float())
+        self.register_buffer("scale_bf16", scale.bfloat16())
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def of(cls, linear: nn.Linear) -> Int8Linear:
+        """The int8 form of an nn.Linear."""
+        q, scale = quantize_weight(linear.weight)
+        return cls(q, scale, linear.bias)
+
+    @property
+    def weight(self) -> Tensor:
+        """The dequantized weight (float32), for readers that want W itself (inspection, tests)."""
+        return dequantize(self.qweight, self.scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = int8_matmul(x, self.qweight, self.scale, self.scale_bf16)
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+def quantize_int8(model: nn.Module, include_head: bool = False) -> int:
+    """Replace every nn.Linear of the encoder/decoder stacks (and the LM head if `include_head`) by its int8 form,
+    in place; returns how many were replaced. Run after the model is on its device and in its dtype."""
+    stacks = [m for name in ("encoder", "decoder") if isinstance(m := getattr(model, name, None), nn.Module)]
+    count = 0
+    for stack in stacks:
+        for parent in list(stack.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, Int8Linear.of(child).to(child.weight.device))
+                    count += 1
+    head = getattr(model, "generator", None)
+    if include_head and isinstance(head, nn.Linear):
+        model.generator = Int8Linear.of(head).to(head.weight.device)
+        count += 1
+    return count
