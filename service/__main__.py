@@ -129,7 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "the first model by name); an unknown name stops the start")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto: cuda when torch sees a GPU")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights and KV cache (auto: float32 on CPU, bfloat16 on CUDA)")
+                   help="weights and KV cache (auto: bfloat16 on CUDA; on a CPU bfloat16 only where it has native "
+                   "bf16 instructions and the model's matvec and matmul measure faster in it, else float32; the "
+                   "start-up log says why)")
+    p.add_argument("--quantization", choices=["none", "int8"], help="int8: the linear layers' weights as int8 "
+                   "with one scale per output channel, a quarter of float32's bytes to read per token; activations, "
+                   "embeddings and the KV cache stay in --dtype (default none)")
     p.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--kv-cache-blocks", type=int, metavar="N", help="KV cache blocks per model (default: "
                    f"{d['kv_cache_bytes'].default // 2**20} MiB worth)")

@@ -33,6 +33,7 @@ class ServedModel:
     engine: Engine
     device: str
     dtype: torch.dtype
+    quantization: str = "none"
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -96,6 +97,7 @@ class ServedModel:
             "vocab_size": cfg.vocab_size,
             "context_length": self.context_length,
             "dtype": str(self.dtype).removeprefix("torch."),
+            "quantization": self.quantization,
             "device": self.device,
             "kv_blocks": self.engine.blocks.num_blocks,
             "block_size": self.engine.blocks.block_size,
@@ -151,7 +153,8 @@ def build_served_model(
         log.info("context capped", extra={"model": model_name(path), "max_model_len": max_model_len,
                                           "model_context": cfg.max_len})
     runner = ModelRunner(ckpt.model, num_blocks, settings.max_num_seqs, max_model_len, settings.block_size, device,
-                         dtype, max(settings.max_num_batched_tokens, settings.max_num_seqs), settings.enforce_eager)
+                         dtype, max(settings.max_num_batched_tokens, settings.max_num_seqs), settings.enforce_eager,
+                         quantization=settings.quantization)
     config = EngineConfig(
         num_blocks=num_blocks,
         block_size=settings.block_size,
@@ -166,7 +169,7 @@ def build_served_model(
     tok = ckpt.tokenizer
     name = model_name(path)
     engine = Engine(name, runner, config, tok.decode, tok.eos_id, on_step, on_finish)
-    return ServedModel(name, ckpt, engine, device, dtype)
+    return ServedModel(name, ckpt, engine, device, dtype, settings.quantization)
 
 
 def load_models(

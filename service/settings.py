@@ -29,6 +29,8 @@ class Settings(BaseSettings):
                                       "none served, the first model by name); an unknown name stops the start")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantization: Literal["none", "int8"] = Field(default="none", description="int8: weight-only int8 linears "
+                                                  "(one scale per output channel); activations in the dtype")
     threads: int | None = Field(default=None, description="torch intra-op threads (default: torch's choice)")
 
     # engine

@@ -23,8 +23,9 @@ def imports(path: Path) -> set[str]:
     return names | {n.split(".")[0] for n in names}
 
 
-# The engine's device side: the runner and what it drives (input buffers, sampler, CUDA graphs, dtype choice).
-DEVICE_SIDE = {"runner.py", "inputs.py", "sampler.py", "cuda_graphs.py", "device.py"}
+# The engine's device side: the runner and what it drives (input buffers, sampler, CUDA graphs, dtype choice,
+# the served form of the weights).
+DEVICE_SIDE = {"runner.py", "inputs.py", "sampler.py", "cuda_graphs.py", "device.py", "weights.py"}
 
 
 def test_the_host_side_of_the_engine_imports_no_torch() -> None:

@@ -23,6 +23,7 @@ from service.engine.inputs import Prepared, StepInputs, Transfers
 from service.engine.request import ModelOutput, PromptLogprob, TokenLogprob
 from service.engine.sampler import ERROR_NAN, Sampler
 from service.engine.scheduler import ScheduledRequest
+from service.engine.weights import prepare as prepare_weights
 
 SMALL_STEP_FLOPS = 5e7
 PAGED_DTYPES = (torch.float32, torch.bfloat16)  # what the CPU kernel stores
@@ -42,9 +43,11 @@ class ModelRunner:
         dtype: torch.dtype = torch.float32,
         max_num_batched_tokens: int = 2048,
         enforce_eager: bool = False,
+        quantization: str | None = None,
     ) -> None:
         self.device, self.dtype = torch.device(device), dtype
         self.model = model.to(device=self.device, dtype=dtype).eval()
+        prepare_weights(self.model, quantization)  # int8 if asked, then fused projections (engine/weights.py)
         self.config = model.config
         self.block_size = block_size
         kernel = paged_kernel.load() if self.device.type == "cpu" and dtype in PAGED_DTYPES else None

@@ -1,0 +1,41 @@
+"""The served form of a model's weights, made once when the engine loads it: `--quantization` and fusion.
+
+- `--quantization int8`: every linear of the encoder/decoder stacks becomes weight-only int8 with one scale per
+  output channel (model/quantize.py). The LM head stays in the serving dtype (`INT8_HEAD`): in int8 it adds
+  ~0.3% perplexity on SmolLM2, which takes the total past 1% (benchmarks/precision.py). Activations, norms,
+  embeddings and the KV cache stay in the serving dtype too.
+- Then the projections that read the same input become one matmul each (model/fusion.py): self-attention's
+  Q/K/V and a gated FFN's gate/up. Outputs are unchanged; at one stream a step makes fewer, larger calls."""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from model.attention import MultiHeadAttention
+from model.layers import FeedForward
+from model.quantize import quantize_int8
+
+log = logging.getLogger("attnserve.weights")
+
+QUANTIZATIONS = ("none", "int8")
+INT8_HEAD = False  # the LM head (vocab x d_model, SmolLM2's largest matrix) in int8 too: benchmarks/precision.py
+
+
+def prepare(model: nn.Module, quantization: str | None = None, int8_head: bool = INT8_HEAD) -> dict[str, int]:
+    """Quantize (if asked) and fuse `model` in place, after it is on its device and in its dtype. Returns
+    counts for the log: linears quantized and projections fused."""
+    quantization = quantization or "none"
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
+    quantized = quantize_int8(model, include_head=int8_head) if quantization == "int8" else 0
+    fused = 0
+    for module in model.modules():
+        if isinstance(module, MultiHeadAttention | FeedForward):
+            before = (getattr(module, "w_qkv", None), getattr(module, "w_13", None))
+            module.fuse()
+            fused += before != (getattr(module, "w_qkv", None), getattr(module, "w_13", None))
+    counts = {"quantized_linears": quantized, "fused_projections": fused}
+    log.info("weights prepared", extra={"quantization": quantization, **counts})
+    return counts

@@ -1,0 +1,87 @@
+"""`--quantization int8` through the real engine: the served model's linears are int8 and fused, the engine's
+greedy tokens equal the same int8 model decoding alone, and the flag reaches the settings and /v1/models' info.
+(Fusion alone is always on: the engine tests' greedy tokens equal the unfused reference decoder.)"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from support import CORPUS, settings_for
+
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.config import preset
+from model.generate import GenerationConfig, generate
+from model.quantize import Int8Linear
+from model.tokenizer import Tokenizer
+from model.transformer import build_model, num_parameters
+from service.__main__ import parse_args
+from service.engine.request import SamplingParams
+from service.engine.weights import prepare
+from service.registry import ServedModel, build_served_model
+from service.settings import Settings
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = ["ROMEO: What light", "O", "JULIET: O Romeo, Romeo"]
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("int8")
+    torch.manual_seed(0)
+    char = Tokenizer.train_char(CORPUS)
+    save_checkpoint(build_model(preset("tiny-llama", vocab_size=char.vocab_size, max_len=128)), char, root / "llama")
+    return root
+
+
+async def _greedy(served: ServedModel, prompts: list[str]) -> list[list[int]]:
+    async def one(i: int, prompt: str) -> list[int]:
+        async with served.engine.open(served.make_request(f"r{i}", prompt, GREEDY)) as stream:
+            return [o.token_id async for o in stream if o.token_id is not None]
+
+    return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+
+
+def test_int8_engine_tokens_equal_the_int8_model_alone(models_dir: Path) -> None:
+    served = build_served_model(models_dir / "llama", settings_for(models_dir, quantization="int8"))
+    served.engine.start()
+    try:
+        got = asyncio.run(_greedy(served, PROMPTS))
+    finally:
+        served.engine.stop()
+    layer = served.model.decoder.layers[0]
+    assert isinstance(layer.self_attn.w_qkv, Int8Linear) and isinstance(layer.ffn.w_13, Int8Linear)
+    assert isinstance(layer.ffn.w_2, Int8Linear) and not isinstance(served.model.generator, Int8Linear)
+    assert served.describe()["quantization"] == "int8"
+    ref = load_checkpoint(models_dir / "llama")
+    prepare(ref.model.eval(), "int8")
+    want = [generate(ref.model, ref.tokenizer.encode(p), GenerationConfig(max_new_tokens=10)) for p in PROMPTS]
+    assert got == want
+
+
+def test_unquantized_serving_fuses_but_keeps_float_weights(models_dir: Path) -> None:
+    served = build_served_model(models_dir / "llama", settings_for(models_dir))
+    ref = load_checkpoint(models_dir / "llama").model
+    layer = served.model.decoder.layers[0]
+    assert isinstance(layer.self_attn.w_qkv, torch.nn.Linear) and isinstance(layer.ffn.w_13, torch.nn.Linear)
+    assert served.describe()["quantization"] == "none"
+    assert num_parameters(served.model) == num_parameters(ref)
+
+
+def test_prepare_refuses_an_unknown_quantization() -> None:
+    model = build_model(preset("tiny-llama"))
+    with pytest.raises(ValueError, match="int4"):
+        prepare(copy.deepcopy(model), "int4")
+
+
+def test_the_flags_reach_the_settings() -> None:
+    assert parse_args(["--quantization", "int8", "--dtype", "auto"]) == {"quantization": "int8", "dtype": "auto"}
+    assert Settings(**parse_args(["--quantization", "int8"])).quantization == "int8"
+    assert Settings().quantization == "none"
+    with pytest.raises(SystemExit):
+        parse_args(["--quantization", "int3"])
