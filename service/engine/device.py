@@ -1,8 +1,8 @@
 """Where a model runs and in what precision: `--device auto` and `--dtype auto`.
 
 On CUDA, bfloat16. On a CPU, bfloat16 only where the CPU has native bf16 instructions (AVX-512 BF16 or AMX) and
-a model-shaped matmul measures faster there; on CPUs without them (AVX2 only) torch emulates bf16 and it runs
-several times slower than float32."""
+a model-shaped matmul measures faster there and its one-row matvec (one stream's step is made of them) is not
+slower; on CPUs without them (AVX2 only) torch emulates bf16 and it runs several times slower than float32."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ log = logging.getLogger("attnserve.device")
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 BIG_MATMUL_S = 5e-4  # a decode-shaped float32 matmul slower than this makes a step compute-bound
 BF16_MIN_SPEEDUP = 1.3  # less gain than this on the matmul is lost to the conversions around it
+BF16_MATVEC_SLACK = 1.1  # a one-row matvec this much slower in bf16 loses one stream more than batches gain
+MATVEC_BYTES = 64 * 2**20  # the matvec cycles through this many bytes of weight copies: from memory, not cache
 
 
 def pick_device(setting: str) -> str:
@@ -52,7 +54,24 @@ def _matmul_seconds(dtype: torch.dtype, d_model: int, rows: int = 32, reps: int 
     return best
 
 
-def cpu_dtype_choice(fp32_s: float, bf16_s: float) -> tuple[torch.dtype, str]:
+def _matvec_seconds(dtype: torch.dtype, d_model: int, reps: int = 3) -> float:
+    """Mean time of one decode matvec, a row of x @ (d_model x 4 d_model)^T in `dtype`, with the weight read from
+    memory (copies cycled through past the cache), as each layer's weights are at one stream."""
+    x = torch.randn(1, d_model, dtype=dtype)
+    w = torch.randn(4 * d_model, d_model, dtype=dtype)
+    copies = [w.clone() for _ in range(max(2, MATVEC_BYTES // (w.numel() * w.element_size())))]
+    best = float("inf")
+    for r in range(reps + 1):  # the first pass pays for kernel selection
+        t = time.perf_counter()
+        for c in copies:
+            torch.nn.functional.linear(x, c)
+        if r:
+            best = min(best, (time.perf_counter() - t) / len(copies))
+    return best
+
+
+def cpu_dtype_choice(fp32_s: float, bf16_s: float, fp32_vec_s: float | None = None,
+                     bf16_vec_s: float | None = None) -> tuple[torch.dtype, str]:
     """float32 or bfloat16 for a CPU with native bf16 instructions, from one decode-shaped matmul's time in each,
     and the reason in words (for the start-up log line).
 
@@ -65,7 +84,11 @@ def cpu_dtype_choice(fp32_s: float, bf16_s: float) -> tuple[torch.dtype, str]:
     if fp32_s <= BIG_MATMUL_S:
         return torch.float32, (f"bfloat16 is {speedup:.2f}x faster on the matmul, but the matmul is too small "
                                f"(<= {BIG_MATMUL_S * 1e6:.0f} us) for that to outweigh per-op overhead")
-    return torch.bfloat16, f"bfloat16 is {speedup:.2f}x faster on a matmul big enough to matter"
+    if fp32_vec_s is not None and bf16_vec_s is not None and bf16_vec_s > fp32_vec_s * BF16_MATVEC_SLACK:
+        return torch.float32, (f"bfloat16 is {speedup:.2f}x faster on the matmul, but {bf16_vec_s / fp32_vec_s:.2f}x "
+                               "slower on the one-stream matvec, where a decode step is bound by reading weights")
+    vec = f", {fp32_vec_s / bf16_vec_s:.2f}x on the one-stream matvec" if fp32_vec_s and bf16_vec_s else ""
+    return torch.bfloat16, f"bfloat16 is {speedup:.2f}x faster on a matmul big enough to matter{vec}"
 
 
 def pick_dtype(setting: str, device: str, d_model: int = 768) -> torch.dtype:
@@ -81,9 +104,12 @@ def pick_dtype(setting: str, device: str, d_model: int = 768) -> torch.dtype:
     torch.set_num_threads(1)  # one core's kernels: a busy neighbour core cannot skew the comparison
     try:
         fp32, bf16 = _matmul_seconds(torch.float32, d_model), _matmul_seconds(torch.bfloat16, d_model)
+        fp32_vec, bf16_vec = _matvec_seconds(torch.float32, d_model), _matvec_seconds(torch.bfloat16, d_model)
     finally:
         torch.set_num_threads(threads)
-    choice, reason = cpu_dtype_choice(fp32, bf16)
-    log.info("dtype auto: %s: %s (a decode-shaped matmul took %.0f us in float32, %.0f us in bfloat16)",
-             str(choice).removeprefix("torch."), reason, fp32 * 1e6, bf16 * 1e6)
+    choice, reason = cpu_dtype_choice(fp32, bf16, fp32_vec, bf16_vec)
+    log.info("dtype auto: %s: %s (a decode-shaped matmul took %.0f us in float32, %.0f us in bfloat16; a one-row "
+             "matvec from memory %.0f us (%.1f GB/s) in float32, %.0f us (%.1f GB/s) in bfloat16)",
+             str(choice).removeprefix("torch."), reason, fp32 * 1e6, bf16 * 1e6,
+             fp32_vec * 1e6, 16 * d_model**2 / fp32_vec / 1e9, bf16_vec * 1e6, 8 * d_model**2 / bf16_vec / 1e9)
     return choice

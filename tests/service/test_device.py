@@ -20,6 +20,7 @@ def test_auto_follows_the_measurement_where_bf16_is_native(monkeypatch: pytest.M
     monkeypatch.setattr(device, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
     times = {torch.float32: 1e-3, torch.bfloat16: 0.5e-3}
     monkeypatch.setattr(device, "_matmul_seconds", lambda dtype, d_model: times[dtype])
+    monkeypatch.setattr(device, "_matvec_seconds", lambda dtype, d_model: 1e-4)
     assert device.pick_dtype("auto", "cpu") == torch.bfloat16
     times[torch.bfloat16] = 0.9e-3  # not 1.3x faster: keep float32
     assert device.pick_dtype("auto", "cpu") == torch.float32
@@ -46,6 +47,7 @@ def test_the_start_up_line_gives_the_reason(monkeypatch: pytest.MonkeyPatch, cap
     monkeypatch.setattr(device, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
     times = {torch.float32: 196e-6, torch.bfloat16: 106e-6}
     monkeypatch.setattr(device, "_matmul_seconds", lambda dtype, d_model: times[dtype])
+    monkeypatch.setattr(device, "_matvec_seconds", lambda dtype, d_model: 1e-4)
     with caplog.at_level("INFO", logger="attnserve.device"):
         assert device.pick_dtype("auto", "cpu") == torch.float32
     line = caplog.records[-1].getMessage()
@@ -55,3 +57,19 @@ def test_the_start_up_line_gives_the_reason(monkeypatch: pytest.MonkeyPatch, cap
     with caplog.at_level("INFO", logger="attnserve.device"):
         assert device.pick_dtype("auto", "cpu") == torch.float32
     assert "no native bfloat16 instructions" in caplog.records[-1].getMessage()
+
+
+def test_a_slower_matvec_keeps_float32(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """bf16 twice as fast on the 32-row matmul but 1.5x slower on the one-row matvec: one stream would lose."""
+    monkeypatch.setattr(device, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    monkeypatch.setattr(device, "_matmul_seconds", lambda dtype, d_model: {torch.float32: 2e-3}.get(dtype, 1e-3))
+    monkeypatch.setattr(device, "_matvec_seconds", lambda dtype, d_model: {torch.float32: 2e-4}.get(dtype, 3e-4))
+    with caplog.at_level("INFO", logger="attnserve.device"):
+        assert device.pick_dtype("auto", "cpu") == torch.float32
+    line = caplog.records[-1].getMessage()
+    assert "1.50x slower on the one-stream matvec" in line and "200 us" in line and "300 us" in line, line
+
+
+def test_the_matvec_is_timed_from_memory() -> None:
+    """The real timing runs and gives a plausible time (a 64 x 256 float32 matvec, cycled past the cache)."""
+    assert 0 < device._matvec_seconds(torch.float32, 64, reps=1) < 0.1
