@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 # CUDA build: make setup TORCH_INDEX_URL=   (PyPI's default) or TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup serve fetch-smollm2 test lint bench train-shakespeare train-multi30k docker-build docker-run clean
+.PHONY: setup serve fetch-smollm2 test test-fast lint bench train-shakespeare train-multi30k docker-build docker-run clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +36,13 @@ serve: setup
 fetch-smollm2: setup
 	$(BIN)/python -m model.fetch smollm2
 
+# `make test` runs every tier (CI's command); `make test-fast` the first tier only: units and the engine
+# in-process, no server, about a minute. The tiers (tests/conftest.py): fast, live, clients, slow, cuda.
 test: setup
 	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m fast
 
 lint: setup
 	$(BIN)/ruff check model service tests benchmarks

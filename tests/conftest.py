@@ -85,3 +85,43 @@ def smollm2_gguf() -> Path:
             pytest.skip("ATTNSERVE_OFFLINE=1 and SmolLM2's GGUF is not in the cache")
         return cached
     return fetch("smollm2", progress=False)
+
+
+# --- tiers ----------------------------------------------------------------------------------------------------
+# Every test gets one tier marker, so `pytest -m fast` (make test-fast) runs the first tier alone and `make test`
+# still runs them all: fast (units, and the engine in-process without HTTP), live (a real uvicorn server or
+# another process on loopback), clients (the real client libraries against a live server), slow (marked slow,
+# and deploy: Docker, compose, Prometheus, manifests) and cuda (needs a CUDA device).
+TIERS = {"fast": "units and the engine in-process, no server", "live": "a live server or process on loopback",
+         "clients": "real client libraries against a live server", "slow": "reliability, soak and deploy tests",
+         "cuda": "needs a CUDA device"}
+LIVE_FIXTURES = {"server", "make_server", "smollm2_server"}
+LIVE_SIGNS = ("LiveServer", "ServiceProcess", "make_server", "Popen(", "subprocess.run(", "smollm2_gguf",
+              "benchmarks.prefix_bench", "benchmarks.run_cpu")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, doc in TIERS.items():
+        config.addinivalue_line("markers", f"{name}: tier - {doc}")
+
+
+def _tier(item: pytest.Item, sources: dict[Path, str]) -> str:
+    path = Path(str(item.fspath))
+    if item.get_closest_marker("cuda"):
+        return "cuda"
+    if item.get_closest_marker("slow") or "deploy" in path.parts:
+        return "slow"
+    if "clients" in path.parts:
+        return "clients"
+    if path not in sources:
+        sources[path] = path.read_text(errors="replace")
+    names = set(getattr(item, "fixturenames", ()))
+    if names & LIVE_FIXTURES or any(sign in sources[path] for sign in LIVE_SIGNS):
+        return "live"
+    return "fast"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    sources: dict[Path, str] = {}
+    for item in items:
+        item.add_marker(getattr(pytest.mark, _tier(item, sources)))
