@@ -1,11 +1,15 @@
-"""The served form of a model's weights, made once when the engine loads it: `--quantization` and fusion.
+"""The served form of a model's weights, made once when the engine loads it: `--quantization`, fusion, packing.
 
 - `--quantization int8`: every linear of the encoder/decoder stacks becomes weight-only int8 with one scale per
   output channel (model/quantize.py). The LM head stays in the serving dtype (`INT8_HEAD`): in int8 it adds
   ~0.3% perplexity on SmolLM2, which takes the total past 1% (benchmarks/precision.py). Activations, norms,
   embeddings and the KV cache stay in the serving dtype too.
 - Then the projections that read the same input become one matmul each (model/fusion.py): self-attention's
-  Q/K/V and a gated FFN's gate/up. Outputs are unchanged; at one stream a step makes fewer, larger calls."""
+  Q/K/V and a gated FFN's gate/up. Outputs are unchanged; at one stream a step makes fewer, larger calls.
+- On a CPU, every float linear that runs (the fused ones, W_O, W_2, the LM head; not the parts a fused layer
+  replaced) gets its weight prepacked by oneDNN (model/prepack.py), which streams it about twice as fast as
+  F.linear at decode's few rows. The plain weights stay too (inspection reads them): float weights are held
+  twice on a CPU."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from torch import nn
 
 from model.attention import MultiHeadAttention
 from model.layers import FeedForward
+from model.prepack import PrepackedLinear, can_prepack
 from model.quantize import quantize_int8
 
 log = logging.getLogger("attnserve.weights")
@@ -23,9 +28,10 @@ QUANTIZATIONS = ("none", "int8")
 INT8_HEAD = False  # the LM head (vocab x d_model, SmolLM2's largest matrix) in int8 too: benchmarks/precision.py
 
 
-def prepare(model: nn.Module, quantization: str | None = None, int8_head: bool = INT8_HEAD) -> dict[str, int]:
-    """Quantize (if asked) and fuse `model` in place, after it is on its device and in its dtype. Returns
-    counts for the log: linears quantized and projections fused."""
+def prepare(model: nn.Module, quantization: str | None = None, int8_head: bool = INT8_HEAD,
+            prepack: bool = True) -> dict[str, int]:
+    """Quantize (if asked), fuse and prepack `model` in place, after it is on its device and in its dtype.
+    Returns counts for the log: linears quantized, projections fused, linears prepacked."""
     quantization = quantization or "none"
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
@@ -36,6 +42,27 @@ def prepare(model: nn.Module, quantization: str | None = None, int8_head: bool =
             before = (getattr(module, "w_qkv", None), getattr(module, "w_13", None))
             module.fuse()
             fused += before != (getattr(module, "w_qkv", None), getattr(module, "w_13", None))
-    counts = {"quantized_linears": quantized, "fused_projections": fused}
+    packed = _prepack(model) if prepack else 0
+    counts = {"quantized_linears": quantized, "fused_projections": fused, "prepacked_linears": packed}
     log.info("weights prepared", extra={"quantization": quantization, **counts})
     return counts
+
+
+def _replaced(parent: nn.Module) -> set[str]:
+    """The parts of `parent` that a fused layer computes instead (never called: nothing to pack)."""
+    if isinstance(parent, MultiHeadAttention) and parent.w_qkv is not None:
+        return {"w_q", "w_k", "w_v"}
+    if isinstance(parent, FeedForward) and parent.w_13 is not None:
+        return {"w_1", "w_3"}
+    return set()
+
+
+def _prepack(model: nn.Module) -> int:
+    count = 0
+    for parent in list(model.modules()):
+        skip = _replaced(parent)
+        for name, child in list(parent.named_children()):
+            if name not in skip and isinstance(child, nn.Linear) and can_prepack(child):
+                setattr(parent, name, PrepackedLinear(child))
+                count += 1
+    return count

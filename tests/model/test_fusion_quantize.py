@@ -18,6 +18,7 @@ from model.config import preset
 from model.data import encode_chars, eval_windows
 from model.fusion import fuse_linears
 from model.layers import FeedForward
+from model.prepack import PrepackedLinear, can_prepack
 from model.quantize import Int8Linear, dequantize, int8_kernel, int8_matmul, quantize_int8, quantize_weight
 from model.transformer import DecoderOnlyLM, Transformer, build_model, num_parameters
 
@@ -88,6 +89,25 @@ def test_training_path_is_unfused() -> None:
 def test_fusing_mismatched_linears_is_refused() -> None:
     with pytest.raises(ValueError, match="share their input size"):
         fuse_linears(nn.Linear(4, 3), nn.Linear(5, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_prepacked_linear_equals_f_linear(dtype: torch.dtype, bias: bool) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 80, bias=bias).to(dtype)
+    assert can_prepack(linear) == torch.backends.mkldnn.is_available()
+    if not can_prepack(linear):
+        pytest.skip("this torch has no oneDNN")
+    packed = PrepackedLinear(linear)
+    for rows in (1, 5, 40):
+        x = torch.randn(2, rows, 48, dtype=dtype)
+        with torch.inference_mode():
+            y, ref = packed(x), linear(x)
+        assert y.shape == ref.shape and y.dtype == dtype
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(y.float(), ref.float(), rtol=tol, atol=tol)
+    assert sum(p.numel() for p in packed.parameters()) == sum(p.numel() for p in linear.parameters())
 
 
 def test_quantized_weight_is_within_half_a_step() -> None:

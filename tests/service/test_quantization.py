@@ -15,6 +15,7 @@ from support import CORPUS, settings_for
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import preset
 from model.generate import GenerationConfig, generate
+from model.prepack import PrepackedLinear
 from model.quantize import Int8Linear
 from model.tokenizer import Tokenizer
 from model.transformer import build_model, num_parameters
@@ -64,11 +65,13 @@ def test_int8_engine_tokens_equal_the_int8_model_alone(models_dir: Path) -> None
     assert got == want
 
 
-def test_unquantized_serving_fuses_but_keeps_float_weights(models_dir: Path) -> None:
+def test_unquantized_serving_fuses_and_prepacks_float_weights(models_dir: Path) -> None:
     served = build_served_model(models_dir / "llama", settings_for(models_dir))
     ref = load_checkpoint(models_dir / "llama").model
     layer = served.model.decoder.layers[0]
-    assert isinstance(layer.self_attn.w_qkv, torch.nn.Linear) and isinstance(layer.ffn.w_13, torch.nn.Linear)
+    assert isinstance(layer.self_attn.w_qkv, PrepackedLinear) and isinstance(layer.ffn.w_13, PrepackedLinear)
+    assert isinstance(layer.ffn.w_2, PrepackedLinear) and isinstance(served.model.generator, PrepackedLinear)
+    assert type(layer.self_attn.w_q) is torch.nn.Linear  # a part the fused layer replaced: not packed again
     assert served.describe()["quantization"] == "none"
     assert num_parameters(served.model) == num_parameters(ref)
 
