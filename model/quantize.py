@@ -8,8 +8,10 @@ that takes bfloat16 scales (below) multiplies by exactly the scale q was made wi
 The matmul (`int8_matmul`), chosen by benchmarks/matvec.py's measurements:
 - few rows on a CPU: `torch.ops.aten._weight_int8pack_mm`, whose AVX-512/AVX2 kernel converts each int8 weight
   to float in registers (bfloat16 activations in, bfloat16 out; its float32 path is a scalar loop, far slower);
-- more rows, or another device: the weight dequantized to the activations' dtype, then `F.linear` (the kernel
-  above re-reads the weight for every 4 rows, so past a few rows the one-off dequantization wins).
+- more rows (prefill chunks), or another device: the weight dequantized to the activations' dtype, then
+  `F.linear`. The kernel above re-reads the weight for every 4 rows and slows with rows (measured on SmolLM2's
+  shapes: 2-3x a float32 oneDNN matmul's time at 8-32 rows), but up to 32 rows it still beat dequantizing.
+  So int8 pays at one to a few streams; at many streams float is faster (benchmarks/matvec.py).
 
 Per-output-channel rows stack: quantizing a fused W_QKV equals stacking the quantized W_Q, W_K, W_V, so
 quantization and fusion (model/fusion.py) commute."""
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-PACK_MAX_ROWS = 4  # up to this many rows the int8 kernel beats dequantize + F.linear (benchmarks/matvec.py)
+PACK_MAX_ROWS = 32  # up to this many rows the int8 kernel beat dequantize + F.linear (benchmarks/matvec.py)
 QMAX = 127
 
 
