@@ -6,6 +6,7 @@ slower; on CPUs without them (AVX2 only) torch emulates bf16 and it runs several
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from model.checkpoint import DTYPES
+from model.prepack import PrepackedLinear, can_prepack
 
 log = logging.getLogger("attnserve.device")
 
@@ -56,15 +58,17 @@ def _matmul_seconds(dtype: torch.dtype, d_model: int, rows: int = 32, reps: int 
 
 def _matvec_seconds(dtype: torch.dtype, d_model: int, reps: int = 3) -> float:
     """Mean time of one decode matvec, a row of x @ (d_model x 4 d_model)^T in `dtype`, with the weight read from
-    memory (copies cycled through past the cache), as each layer's weights are at one stream."""
+    memory (copies cycled through past the cache), as each layer's weights are at one stream; through the kernel
+    serving uses (oneDNN prepacked where it packs, model/prepack.py)."""
     x = torch.randn(1, d_model, dtype=dtype)
-    w = torch.randn(4 * d_model, d_model, dtype=dtype)
-    copies = [w.clone() for _ in range(max(2, MATVEC_BYTES // (w.numel() * w.element_size())))]
+    linear = torch.nn.Linear(d_model, 4 * d_model, bias=False, dtype=dtype)
+    n = max(2, MATVEC_BYTES // (linear.weight.numel() * linear.weight.element_size()))
+    copies = [PrepackedLinear(linear) if can_prepack(linear) else copy.deepcopy(linear) for _ in range(n)]
     best = float("inf")
     for r in range(reps + 1):  # the first pass pays for kernel selection
         t = time.perf_counter()
         for c in copies:
-            torch.nn.functional.linear(x, c)
+            c(x)
         if r:
             best = min(best, (time.perf_counter() - t) / len(copies))
     return best
