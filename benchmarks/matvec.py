@@ -1,0 +1,129 @@
+"""How fast each way of multiplying by a weight matrix reads the weights, at decode's row counts.
+
+    python -m benchmarks.matvec [--rows 1,8,32] [--threads N] [--out matvec.md]
+
+At one stream a CPU decode step is bound by memory bandwidth: every weight is read once per token. This times
+y = x W^T for SmolLM2-135M's shapes (d_model 576, 3 K/V heads of 64, d_ff 1536, vocabulary 49152) with M rows of
+x, for each candidate kernel, and reports the weight bytes read per second (GB/s) and the time of one call.
+
+Each timed call reads a different copy of the weight, cycling through copies that together exceed the last-level
+cache, so the weights come from memory as they do in a real step (a decoder's 30 layers do not fit the cache);
+the best of several rounds counts. Candidates:
+
+- float32 / bfloat16 `F.linear` (oneDNN or MKL, chosen by torch);
+- oneDNN prepacked (`torch.ops.mkldnn._linear_pointwise` on a weight reordered once by `_reorder_linear_weight`,
+  the form torch.compile's CPU backend uses), float32 and bfloat16;
+- int8 weight-only `torch.ops.aten._weight_int8pack_mm` (per-output-channel scales; its AVX-512 kernel takes
+  bfloat16 activations, float32 ones fall to a scalar loop), and int8 dequantized to bfloat16 then `F.linear`.
+
+What serving keeps, the fastest per precision here: oneDNN prepacked for float32 and bfloat16 (model/prepack.py;
+about twice F.linear's rate at one row), `_weight_int8pack_mm` with bfloat16 activations for int8 up to 32 rows
+(model/quantize.py; the last row, `int8_matmul`, is that choice). On a shared machine every number is low and
+noisy: compare rows of one run, not runs; a run takes a few minutes (`--rows 1 --shapes 3,5,6` is quicker)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from model.quantize import int8_matmul, quantize_weight
+
+SHAPES = {  # (in, out) of SmolLM2-135M's linears
+    "q / o (576 -> 576)": (576, 576),
+    "k / v (576 -> 192)": (576, 192),
+    "qkv fused (576 -> 960)": (576, 960),
+    "gate / up (576 -> 1536)": (576, 1536),
+    "gate+up fused (576 -> 3072)": (576, 3072),
+    "down (1536 -> 576)": (1536, 576),
+    "LM head (576 -> 49152)": (576, 49152),
+}
+WORKING_SET = 256 * 2**20  # bytes of weight copies cycled through: well past a 32 MiB L3
+
+
+def _weights(make: Callable[[], Tensor | tuple[Tensor, ...]], nbytes: int) -> list[Tensor | tuple[Tensor, ...]]:
+    copies = max(2, WORKING_SET // max(1, nbytes))
+    return [make() for _ in range(copies)]
+
+
+def _time(call: Callable[[Tensor | tuple[Tensor, ...]], Tensor], weights: list[Tensor | tuple[Tensor, ...]],
+          rounds: int = 3) -> float:
+    """Best mean seconds per call over `rounds` passes through every copy (after one warm-up pass)."""
+    best = float("inf")
+    for r in range(rounds + 1):
+        start = time.perf_counter()
+        for w in weights:
+            call(w)
+        if r:
+            best = min(best, (time.perf_counter() - start) / len(weights))
+    return best
+
+
+def candidates(k: int, n: int, m: int) -> dict[str, tuple[int, float]]:
+    """{name: (weight bytes, seconds per call)} for one shape and row count."""
+    x32, w32 = torch.randn(m, k), torch.randn(n, k) / k**0.5
+    x16 = x32.bfloat16()
+    out: dict[str, tuple[int, float]] = {}
+
+    def run(name: str, nbytes: int, make: Callable[[], Tensor | tuple[Tensor, ...]],
+            call: Callable[[Tensor | tuple[Tensor, ...]], Tensor]) -> None:
+        out[name] = (nbytes, _time(call, _weights(make, nbytes)))
+
+    run("float32 F.linear", 4 * n * k, lambda: w32.clone(), lambda w: F.linear(x32, w))  # type: ignore[arg-type]
+    run("bfloat16 F.linear", 2 * n * k, lambda: w32.bfloat16(), lambda w: F.linear(x16, w))  # type: ignore[arg-type]
+    if torch.backends.mkldnn.is_available():
+        linear = torch.ops.mkldnn._linear_pointwise
+        run("float32 oneDNN prepacked", 4 * n * k, lambda: torch.ops.mkldnn._reorder_linear_weight(w32.clone(), m),
+            lambda w: linear(x32, w, None, "none", [], ""))
+        run("bfloat16 oneDNN prepacked", 2 * n * k,
+            lambda: torch.ops.mkldnn._reorder_linear_weight(w32.bfloat16(), m),
+            lambda w: linear(x16, w, None, "none", [], ""))
+    q, scale = quantize_weight(w32)
+    run("int8 _weight_int8pack_mm (bf16 x)", n * k, lambda: (q.clone(), scale.bfloat16()),
+        lambda w: torch.ops.aten._weight_int8pack_mm(x16, *w))
+    if m == 1:  # the float32 kernel is a scalar loop: one row is enough to show it
+        run("int8 _weight_int8pack_mm (f32 x)", n * k, lambda: (q.clone(), scale.clone()),
+            lambda w: torch.ops.aten._weight_int8pack_mm(x32, *w))
+    run("int8 dequantized to bf16 + F.linear", n * k, lambda: (q.clone(), scale.bfloat16()),
+        lambda w: F.linear(x16, w[0].to(torch.bfloat16) * w[1][:, None]))
+    run("int8 model.quantize.int8_matmul", n * k, lambda: (q.clone(), scale.clone()),
+        lambda w: int8_matmul(x32, *w))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="1,8,32", help="row counts M (decode streams), comma-separated")
+    ap.add_argument("--shapes", default=",".join(str(i) for i in range(len(SHAPES))),
+                    help="indices into the shape list, comma-separated (default: all)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows = [int(r) for r in args.rows.split(",")]
+    names = list(SHAPES)
+    lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+             f"{torch.backends.cpu.get_cpu_capability()}; GB/s = weight bytes / time of one call; "
+             f"weights cycled through {WORKING_SET // 2**20} MiB of copies (from memory, not cache)", "",
+             "| shape | M | kernel | GB/s | us / call |", "|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    for i in (int(s) for s in args.shapes.split(",")):
+        k, n = SHAPES[names[i]]
+        for m in rows:
+            for kernel, (nbytes, secs) in candidates(k, n, m).items():
+                line = f"| {names[i]} | {m} | {kernel} | {nbytes / secs / 1e9:.1f} | {secs * 1e6:.0f} |"
+                print(line, flush=True)
+                lines.append(line)
+    if args.out is not None:
+        args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
