@@ -20,7 +20,7 @@ from service.engine.request import Request
 from service.engine.sampler import PARAMS, param_values
 from service.engine.scheduler import ScheduledRequest
 
-PLAIN_CHUNK = 256  # prefill chunks of at least this many tokens attend on SDPA over gathered keys
+PLAIN_CHUNK = 32  # prefill chunks this long attend on SDPA over gathered keys (faster from ~32 tokens: NOTES.md)
 
 
 class Transfers:
