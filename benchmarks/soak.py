@@ -7,7 +7,8 @@ Requests of random lengths (prompt 16-400 tokens, output 16-256, greedy, ignore_
 for --minutes. Every --every seconds: the server's resident memory (RSS, from /proc) and, from /metrics, the KV
 blocks in use and the requests running. KV memory in use should follow the tokens held (it rises and falls with
 the load; the pool is allocated lazily) and RSS should stay flat once the server has served its first few
-requests: the report gives RSS at the end of the first minute, at the end, and the largest, and a plot.
+requests: the report gives RSS after a 2-minute warm-up, at the end, and the largest, and a plot. Failed requests
+are counted by their error.
 Writes soak-<model>-<dtype>.{json,md,png} to benchmarks/results/<date>-<device>/ (or --out)."""
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from benchmarks.plan import Plan, our_server
 from benchmarks.run_cpu import RESULTS, free_port, running
 from benchmarks.serve_client import LoadSpec, Prompt, send_openai
 
+WARM_S = 120  # the pool's pages are touched as KV use first reaches its peak: RSS is judged after this
 GAUGES = ("attnserve_kv_blocks", "attnserve_kv_blocks_free", "attnserve_requests_running")
 
 
@@ -50,18 +52,23 @@ async def soak(spec: LoadSpec, pid: int, streams: int, minutes: float, every: fl
     rng = random.Random(seed)
     samples: list[dict[str, float]] = []
     done = failed = 0
+    errors: dict[str, int] = {}
     stop = time.monotonic() + 60 * minutes
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=spec.timeout)) as client:
         async with client.get(f"{spec.url}/v1/models/{spec.model}") as resp:
-            vocab = int((await resp.json())["details"]["vocab_size"])
+            details = (await resp.json())["details"]
+        vocab, context = int(details["vocab_size"]), int(details["context_length"])
 
         async def worker(i: int) -> None:
             nonlocal done, failed
             while time.monotonic() < stop:
-                ids = [rng.randrange(100, vocab) for _ in range(rng.randint(16, 400))]
-                one = LoadSpec(spec.url, spec.model, "openai", len(ids), rng.randint(16, 256))
+                n = rng.randint(16, min(400, context // 2))  # prompt + output always fit the context
+                ids = [rng.randrange(min(100, vocab // 2), vocab) for _ in range(n)]  # past the special ids
+                one = LoadSpec(spec.url, spec.model, "openai", n, rng.randint(16, min(256, context - n)))
                 r = await send_openai(client, one, Prompt("", ids), seed + i)
                 done, failed = done + r.ok, failed + (not r.ok)
+                if not r.ok:
+                    errors[r.error[:80]] = errors.get(r.error[:80], 0) + 1
 
         t0 = time.monotonic()
         tasks = [asyncio.create_task(worker(i)) for i in range(streams)]
@@ -72,14 +79,14 @@ async def soak(spec: LoadSpec, pid: int, streams: int, minutes: float, every: fl
                 bar.update(int(every))
         await asyncio.gather(*tasks)
         samples.append(await sample(client, spec, pid, t0))
-    return {"samples": samples, "requests": done, "failed": failed}
+    return {"samples": samples, "requests": done, "failed": failed, "errors": errors}
 
 
 def summary(res: dict[str, Any]) -> dict[str, float]:
     s = res["samples"]
-    after_first = [x["rss_mib"] for x in s if x["t"] >= 60] or [s[-1]["rss_mib"]]
-    return {"rss_after_1_min_mib": after_first[0], "rss_end_mib": s[-1]["rss_mib"],
-            "rss_max_mib": max(x["rss_mib"] for x in s), "growth_after_1_min_mib": s[-1]["rss_mib"] - after_first[0],
+    warm = [x["rss_mib"] for x in s if x["t"] >= WARM_S] or [s[-1]["rss_mib"]]
+    return {"rss_after_warm_up_mib": warm[0], "rss_end_mib": s[-1]["rss_mib"],
+            "rss_max_mib": max(x["rss_mib"] for x in s), "growth_after_warm_up_mib": s[-1]["rss_mib"] - warm[0],
             "kv_blocks_used_max": max(x["kv_blocks_used"] for x in s), "requests": res["requests"],
             "failed": res["failed"]}
 
@@ -130,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     stem = out / f"soak-{a.model}-{a.dtype}"
     stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     rows = "\n".join(f"| {k} | {v:.1f} |" for k, v in res["summary"].items())
-    stem.with_suffix(".md").write_text(f"| soak {a.model} {a.dtype} | |\n|---|---|\n{rows}\n")
+    errors = "".join(f"\n- {n} x {e}" for e, n in res["errors"].items())
+    stem.with_suffix(".md").write_text(f"| soak {a.model} {a.dtype} | |\n|---|---|\n{rows}\n{errors}\n")
     plot(res, stem.with_suffix(".png"))
     print(stem.with_suffix(".md").read_text())
 
