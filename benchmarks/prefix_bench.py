@@ -45,12 +45,11 @@ from benchmarks.serve_client import STEP_SERIES, LoadSpec, Prompt, send_openai
 log = logging.getLogger("benchmarks")
 FLAG = "--no-enable-prefix-caching"
 QUERIES, HITS = "attnserve_prefix_cache_queries_total", "attnserve_prefix_cache_hits_total"
-DECODE, PREFILL = STEP_SERIES[0], STEP_SERIES[1]
+PREFILL = STEP_SERIES[1]
 SIDES = ("with_caching", "without_caching")
 ROWS = (("TTFT median ms", "median_ttft_ms"), ("TTFT p90 ms", "p90_ttft_ms"),
         ("output tok/s", "output_throughput"), ("requests/s", "request_throughput"),
         ("mean E2E ms", "mean_e2el_ms"), ("server prefill s", "prefill_s"),
-        ("decode-only step ms", "decode_step_ms"), ("decode-only step ms per row", "decode_row_ms"),
         ("prefix-cache queries (tokens)", "prefix_cache_queries"), ("prefix-cache hits (tokens)", "prefix_cache_hits"),
         ("prefix-cache hit rate", "prefix_cache_hit_rate"), ("completed", "completed"), ("failed", "failed"))
 
@@ -99,7 +98,7 @@ async def make_prompts(client: aiohttp.ClientSession, url: str, model: str, sc: 
 
 async def counters(client: aiohttp.ClientSession, url: str, model: str) -> dict[str, float]:
     """The prefix-cache counters and the prefill step-time sum and count for this model from /metrics."""
-    wanted = {QUERIES, HITS, f"{PREFILL}_sum", f"{PREFILL}_count", f"{DECODE}_sum", f"{DECODE}_count"}
+    wanted = {QUERIES, HITS, f"{PREFILL}_sum", f"{PREFILL}_count"}
     async with client.get(f"{url}/metrics") as resp:
         if resp.status != 200:
             return {}
@@ -108,18 +107,10 @@ async def counters(client: aiohttp.ClientSession, url: str, model: str) -> dict[
             if s.name in wanted and s.labels.get("model") == model}
 
 
-def server_stats(before: dict[str, float], after: dict[str, float], summary: dict[str, Any]) -> dict[str, Any]:
-    """Prefill time, decode-only steps (their mean time, and per decode row: a step's rows are the output tokens
-    less each request's first, over the steps) and the prefix-cache counters over the level."""
+def server_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
     delta = lambda name: after.get(name, 0.0) - before.get(name, 0.0)  # noqa: E731
     out: dict[str, Any] = {"prefill_s": delta(f"{PREFILL}_sum") if f"{PREFILL}_sum" in after else None,
-                           "decode_step_ms": None, "decode_row_ms": None,
                            "prefix_cache_queries": None, "prefix_cache_hits": None, "prefix_cache_hit_rate": None}
-    steps = delta(f"{DECODE}_count")
-    if steps > 0:
-        out["decode_step_ms"] = 1000 * delta(f"{DECODE}_sum") / steps
-        rows = (summary["total_output_tokens"] - summary["completed"]) / steps
-        out["decode_row_ms"] = out["decode_step_ms"] / rows if rows else None
     if QUERIES in after and HITS in after:
         queries, hits = delta(QUERIES), delta(HITS)
         out.update(prefix_cache_queries=queries, prefix_cache_hits=hits,
@@ -138,7 +129,7 @@ async def load(url: str, model: str, sc: Scenario, prompts: Prompts | None,
         before = await counters(client, url, model)
         summary = await run_level(client, spec, prompts.requests, sc.streams, progress=progress)
         after = await counters(client, url, model)
-    return {**summary, **server_stats(before, after, summary)}, prompts
+    return {**summary, **server_stats(before, after)}, prompts
 
 
 def run_model(sc: Scenario, checkpoint: Path, dtype: str, out: Path, flag: bool, progress: bool) -> dict[str, Any]:
@@ -157,7 +148,7 @@ def run_model(sc: Scenario, checkpoint: Path, dtype: str, out: Path, flag: bool,
     assert prompts is not None
     res["prefix_len"] = prompts.prefix_len
     with_, without = res["with_caching"], res["without_caching"]
-    res["ratio"] = {key: with_[key] / without[key] for _, key in ROWS[:8]
+    res["ratio"] = {key: with_[key] / without[key] for _, key in ROWS[:6]
                     if with_.get(key) is not None and without.get(key)}
     return res
 
