@@ -9,6 +9,7 @@ The same products (float tolerance); float32 and bfloat16 only."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 PACKABLE = (torch.float32, torch.bfloat16)
@@ -24,19 +25,36 @@ class PrepackedLinear(nn.Module):
     """y = x W^T + b through oneDNN with W prepacked. `weight` keeps the plain weight (what readers of W and the
     parameter count see; the packed copy is a buffer beside it)."""
 
-    packed: Tensor
+    packed: Tensor | None
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        with torch.no_grad():
-            self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1),
-                                 persistent=False)
+        self._pack()
+
+    def _pack(self) -> None:
+        """(Re)make the packed copy from `weight`; none where oneDNN cannot pack it (then forward is F.linear)."""
+        packed = None
+        w = self.weight
+        if w.device.type == "cpu" and w.dtype in PACKABLE and torch.backends.mkldnn.is_available():
+            with torch.no_grad():
+                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+        self.register_buffer("packed", packed, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """`.to()` and friends move the plain weight; the packed copy (oneDNN's own tensor, which cannot be moved
+        or cast) is remade from it."""
+        self._buffers.pop("packed", None)
+        super()._apply(fn, recurse)
+        self._pack()
+        return self
 
     def forward(self, x: Tensor) -> Tensor:
         bias = self.bias.detach() if self.bias is not None else None
+        if self.packed is None:
+            return F.linear(x, self.weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
 
     def extra_repr(self) -> str:

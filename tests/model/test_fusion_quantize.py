@@ -170,3 +170,18 @@ def test_int8_perplexity_of_the_shipped_model_is_within_one_percent() -> None:
         with int8_kernel(kernel):
             assert abs(ppl(int8) / base - 1) < 0.01, kernel
     assert abs(ppl(copy.deepcopy(model).to(torch.bfloat16)) / base - 1) < 0.01
+
+
+def test_a_prepared_model_can_be_moved_again() -> None:
+    """`.to()` on a model whose linears are prepacked (a second engine over the same model, say) recasts the
+    plain weights and packs them anew; the packed layer then still equals F.linear in the new dtype."""
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 80)
+    if not can_prepack(linear):
+        pytest.skip("this torch has no oneDNN")
+    packed = PrepackedLinear(linear).to(torch.bfloat16)
+    assert packed.weight.dtype == torch.bfloat16 and packed.packed is not None
+    x = torch.randn(3, 48, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x).float(), F.linear(x, packed.weight, packed.bias).float(),
+                                   rtol=2e-2, atol=2e-2)
