@@ -109,7 +109,7 @@ def run_peer(plan: Plan, name: str, hf_folder: Path, served: str, dtype: str, pr
             else {})
     return {"system": SYSTEM, "precision": LABEL[outtype], **note, "kv_cache": KV_TYPE[outtype], "gguf": gguf.name,
             "gguf_bytes": gguf.stat().st_size, "version": f"llama-cpp-python {llama_cpp.VERSION}'s llama.cpp",
-            "command": [Path(cmd[0]).name, *cmd[1:]], **res}
+            "command": [Path(cmd[0]).name, cmd[1], gguf.name, *cmd[3:]], **res}  # no path of this machine
 
 
 def main(argv: list[str] | None = None) -> None:
