@@ -7,8 +7,8 @@ Masks are boolean (model/masks.py); True means "may attend"."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +18,23 @@ from model.fusion import fuse_linears
 
 if TYPE_CHECKING:
     from model.config import TransformerConfig
-    from model.kv_cache import KVCache
 
 KINDS = ("encoder_self", "decoder_self", "cross")
+
+KVProjector = Callable[[], tuple[Tensor, Tensor]]
+
+
+class KVCache(Protocol):
+    """What an attention layer needs from whatever keeps its keys and values."""
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, capture: AttentionCapture | None) -> Tensor:
+        """Store this step's k, v and attend q over the cached sequence. q, result: (B, T_new, h, d_k); k, v:
+        (B, T_new, h_kv, d_k), h_kv dividing h (grouped-query attention)."""
+        ...
+
+    def attend_cross(self, layer: int, q: Tensor, project: KVProjector, capture: AttentionCapture | None) -> Tensor:
+        """Attend q (B, T_new, h, d_k) over the encoder memory's K/V (computed by `project` once per sequence)."""
+        ...
 
 
 def share_kv(k: Tensor, h: int) -> Tensor:

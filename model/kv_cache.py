@@ -1,4 +1,4 @@
-"""The KV cache contract and the contiguous cache of the reference decoder.
+"""The contiguous KV cache of the reference decoder (the contract, `KVCache`, is model/attention.py's).
 
 An attention layer hands the cache this step's queries, keys and values; the cache stores the keys and values
 and returns the attention output over everything it holds, with its own masks and memory layout. Two
@@ -7,30 +7,12 @@ search) and `PagedKVCache` in model/paged_cache.py (one serving step over many r
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
-
 import torch
 from torch import Tensor
 
-from model.attention import AttentionCapture, attend
+from model.attention import AttentionCapture, KVProjector, attend
 from model.config import TransformerConfig
 from model.masks import causal_mask
-
-KVProjector = Callable[[], tuple[Tensor, Tensor]]
-
-
-class KVCache(Protocol):
-    """What an attention layer needs from whatever keeps its keys and values."""
-
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, capture: AttentionCapture | None) -> Tensor:
-        """Store this step's k, v and attend q over the cached sequence. q, result: (B, T_new, h, d_k); k, v:
-        (B, T_new, h_kv, d_k), h_kv dividing h (grouped-query attention)."""
-        ...
-
-    def attend_cross(self, layer: int, q: Tensor, project: KVProjector, capture: AttentionCapture | None) -> Tensor:
-        """Attend q (B, T_new, h, d_k) over the encoder memory's K/V (computed by `project` once per sequence)."""
-        ...
 
 
 class ContiguousKVCache:

@@ -19,7 +19,7 @@ from model.config import TransformerConfig
 from model.fusion import fuse_linears
 
 if TYPE_CHECKING:
-    from model.kv_cache import KVCache
+    from model.attention import KVCache
 
 
 def sinusoid_table(max_len: int, d_model: int) -> Tensor:

@@ -22,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.attention import AttentionCapture, attention_weights, share_kv
+from model.attention import AttentionCapture, KVProjector, attention_weights, share_kv
 from model.config import TransformerConfig
-from model.kv_cache import KVProjector
 from model.masks import causal_mask, length_mask
 
 

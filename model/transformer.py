@@ -22,7 +22,7 @@ from model.layers import (
 from model.masks import causal_mask, combine_masks, padding_mask
 
 if TYPE_CHECKING:
-    from model.kv_cache import KVCache
+    from model.attention import KVCache
 
 
 class Embedding(nn.Module):
