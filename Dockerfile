@@ -38,10 +38,14 @@ RUN set -eu; \
     fi
 
 # The runtime dependencies named in pyproject.toml (not the dev or train extras); the source is not needed yet.
+# xgrammar without its dependencies' triton (1 GB, its GPU kernels; never imported on a CPU): the rest it needs
+# (torch, transformers, numpy, pydantic) are ours too, and apache-tvm-ffi is added by name.
 COPY pyproject.toml /tmp/pyproject.toml
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt
+    && grep -v '^xgrammar' /tmp/requirements.txt > /tmp/requirements-no-xgrammar.txt \
+    && pip install -r /tmp/requirements-no-xgrammar.txt \
+    && pip install --no-deps "$(grep '^xgrammar' /tmp/requirements.txt | sed 's/ *#.*//')" apache-tvm-ffi
 
 # The application and the shipped models, readable by any user whatever modes they had in the build context
 # (a checkpoint written 0600 would otherwise be unreadable to the non-root user), with bytecode compiled now:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from model.transformer import DecoderOnlyLM, Transformer, num_parameters
 from service.caller import CALLER
 from service.engine.device import pick_device, pick_dtype
 from service.engine.engine import Engine, EngineConfig, RequestStats, RequestStream, StepStats
-from service.engine.request import Request, SamplingParams
+from service.engine.request import Constraint, Request, SamplingParams
 from service.engine.runner import ModelRunner
 from service.settings import Settings
 
@@ -34,6 +35,22 @@ class ServedModel:
     device: str
     dtype: torch.dtype
     quantization: str = "none"
+    _grammars: asyncio.Future[Any] | None = field(default=None, repr=False)
+
+    async def grammar(self, constraint: Constraint | None) -> Any:
+        """The compiled grammar of a constraint (None for none), compiled off the event loop and cached
+        (service/engine/structured.py); ConstraintError when it does not compile or cannot be satisfied."""
+        if constraint is None:
+            return None
+        if self._grammars is None:  # the first constrained request reads the vocabulary into xgrammar
+            self._grammars = asyncio.ensure_future(asyncio.to_thread(self._new_grammars))
+        grammars = await asyncio.shield(self._grammars)
+        return await grammars.compile(constraint)
+
+    def _new_grammars(self) -> Any:
+        from service.engine.structured import Grammars  # xgrammar loads with the first constrained request
+
+        return Grammars(self.tokenizer, self.checkpoint.config.vocab_size)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -71,8 +88,19 @@ class ServedModel:
         return stream
 
     def make_request(self, request_id: str, text: str | None, params: SamplingParams,
-                     prompt_ids: list[int] | None = None) -> Request:
-        """A translator gets the text as its source and starts decoding from BOS; an LM continues the text."""
+                     prompt_ids: list[int] | None = None, grammar: Any = None) -> Request:
+        """A translator gets the text as its source and starts decoding from BOS; an LM continues the text.
+        `grammar` (from `grammar()`) holds the output to params.constraint: the request gets its own matcher."""
+        req = self._request(request_id, text, params, prompt_ids)
+        if grammar is not None:
+            import xgrammar
+
+            # without an EOS a grammar ends the output as soon as it may (nothing else could end it)
+            req.matcher = xgrammar.GrammarMatcher(grammar, terminate_without_stop_token=self.tokenizer.eos_id is None)
+        return req
+
+    def _request(self, request_id: str, text: str | None, params: SamplingParams,
+                 prompt_ids: list[int] | None) -> Request:
         tok = self.tokenizer
         ids = prompt_ids if prompt_ids is not None else tok.encode(text or "", add_bos=self.checkpoint.add_bos)
         if self.is_encoder_decoder:

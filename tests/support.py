@@ -47,6 +47,22 @@ def make_checkpoints(root: Path) -> Path:
     return root
 
 
+def random_gpt2(folder: Path) -> Path:
+    """A random GPT-2 saved by transformers, with a byte-level BPE tokenizer.json whose last id is GPT-2's
+    <|endoftext|> (its EOS)."""
+    import transformers
+
+    torch.manual_seed(0)
+    tok = Tokenizer.train_bpe([CORPUS] * 8, vocab_size=511)
+    tok.tok.add_special_tokens(["<|endoftext|>"])
+    eos = tok.tok.token_to_id("<|endoftext|>")
+    cfg = transformers.GPT2Config(vocab_size=512, n_positions=512, n_embd=64, n_layer=2, n_head=4,
+                                  initializer_range=0.2, bos_token_id=eos, eos_token_id=eos)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(folder)
+    tok.save(folder / "tokenizer.json")
+    return folder
+
+
 class LiveServer:
     """A real uvicorn server on a free loopback port, in a background thread."""
 

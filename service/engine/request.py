@@ -34,6 +34,17 @@ class RequestStatus(enum.IntEnum):
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """What the output must match (structured output): a JSON schema, any JSON object, a regex, one of some
+    strings, or an EBNF (GBNF) grammar. `spec` is the schema's JSON text, the regex, the grammar, or the choices
+    as a JSON list; compiled per model and held by a request as a matcher (service/engine/structured.py)."""
+
+    kind: str  # "json" | "json_object" | "regex" | "choice" | "grammar"
+    spec: str = ""
+    any_whitespace: bool = False  # JSON: free whitespace between tokens (off: compact JSON, which small models end)
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How to choose tokens and when to stop. temperature 0 is greedy."""
 
@@ -53,6 +64,7 @@ class SamplingParams:
     min_tokens: int = 0  # EOS and stop_token_ids are not sampled before this many output tokens
     prompt_logprobs: int | None = None  # score the prompt: each token's log-prob (+ top-N); None = not computed
     include_stop_str_in_output: bool = False
+    constraint: Constraint | None = None  # the output is held to it; it ends the output (min_tokens gives way)
 
     @property
     def greedy(self) -> bool:
@@ -107,6 +119,7 @@ class Request:
     error: str | None = None
     attention: AttentionSpec | None = None  # stream attention rows with each token (the explicit path)
     prompt_logprobs: list[PromptLogprob | None] | None = None  # filled during prefill when params ask
+    matcher: Any = None  # params.constraint's state over the output so far (xgrammar's GrammarMatcher)
 
     def keep_prompt_logprobs(self, scores: dict[int, PromptLogprob]) -> None:
         """Prompt positions scored in one step (a long prompt is scored chunk by chunk, a recompute again)."""

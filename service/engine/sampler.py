@@ -6,6 +6,8 @@ generator, so the same seed gives the same tokens alone or anywhere in a batch o
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -70,13 +72,18 @@ class Sampler:
                 logits[j, stops] = float("-inf")
         return logits
 
-    def __call__(self, logits: Tensor, params: Tensor, reqs: list[Request]) -> Tensor:
+    def __call__(self, logits: Tensor, params: Tensor, reqs: list[Request],
+                 mask: Callable[[Tensor], None] | None = None) -> Tensor:
         """logits (R, V) float32 and params (len(PARAMS), >= R) on the device -> packed (R, 2 + [1 + 2K]):
-        token id, bad-row flag, then the chosen token's logprob and the top-K (values, ids) if any row asks."""
+        token id, bad-row flag, then the chosen token's logprob and the top-K (values, ids) if any row asks.
+        `mask` sets the tokens that constrained rows' grammars forbid to -inf, first; log-probs stay the model's."""
         n = len(reqs)
         temperature, top_k, top_p, min_p = params[0, :n], params[1, :n], params[2, :n], params[3, :n]
         x = self.penalize(logits, reqs) if any(r.params.penalized for r in reqs) else logits
-        early = [j for j, r in enumerate(reqs) if len(r.output_ids) < r.params.min_tokens]
+        if mask is not None:
+            x = x.clone() if x is logits else x
+            mask(x)
+        early = [j for j, r in enumerate(reqs) if len(r.output_ids) < r.params.min_tokens and r.matcher is None]
         if early:
             x = self.hold_stops(x, [reqs[j] for j in early], early)
         best, ids = x.max(-1)  # one pass: the greedy choice, and NaN or inf (max propagates NaN) marks a bad row

@@ -216,7 +216,14 @@ class Scheduler:
                 continue
             req.output_ids.append(token)
             status = None
-            if len(req.output_ids) >= p.max_tokens or (
+            if req.matcher is not None and not req.matcher.accept_token(token):  # never with the mask applied
+                self.finish(req, RequestStatus.FINISHED_ERROR)
+                results.append(Sampled(req, None, RequestStatus.FINISHED_ERROR, "a token broke the constraint"))
+                continue
+            if req.matcher is not None and req.matcher.is_terminated():  # the grammar is complete
+                status = RequestStatus.FINISHED_STOPPED
+                self.finish(req, status)
+            elif len(req.output_ids) >= p.max_tokens or (
                     self.max_model_len is not None and req.num_tokens >= self.max_model_len):
                 status = RequestStatus.FINISHED_LENGTH
                 self.finish(req, status)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -17,6 +18,8 @@ from service.engine.request import SamplingParams, StepOutput
 from service.errors import APIError
 from service.registry import ServedModel
 from service.routes.chat_prompt import chat_prompt, check_supported
+from service.routes.chat_tools import CallDeltas, ToolPlan, plan_tools, tool_calls
+from service.routes.constraints import compiled, constraint_of
 from service.routes.deps import (
     error_responses,
     merge,
@@ -94,18 +97,25 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs to be true", param="top_logprobs")
     top = (body.top_logprobs or 0) if body.logprobs else None
+    tools = plan_tools(body)
+    constraint, where = constraint_of(body)
+    if tools.constraint is not None:
+        if constraint is not None:
+            raise APIError(400, f"tool_choice and {where} both constrain the reply; give one", param=where)
+        constraint, where = tools.constraint, "tools"
     try:
-        text, ids = chat_prompt(served, body)
+        text, ids = chat_prompt(served, body, tools.tools)
     except ChatTemplateError as e:
         raise APIError(400, str(e), param="messages") from e
+    grammar = await compiled(served, constraint, where)
     rid = request_id(request, "chatcmpl")
     choices: list[_Choice] = []
     streams: list[RequestStream] = []
     prompt_tokens = 0
     async with AsyncExitStack() as stack:
         for j in range(n):
-            req = served.make_request(f"{rid}-{j}", text, _params_for(body, served, request, ids, top, j),
-                                      prompt_ids=ids)
+            params = dataclasses.replace(_params_for(body, served, request, ids, top, j), constraint=constraint)
+            req = served.make_request(f"{rid}-{j}", text, params, prompt_ids=ids, grammar=grammar)
             prompt_tokens = req.num_prompt_tokens
             stream = served.open(req, counts_prompt=j == 0)  # n choices share one prompt
             await stack.enter_async_context(stream)  # aborts it if anything below fails
@@ -117,10 +127,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
         opts = body.stream_options
         usage = "continuous" if opts and opts.include_usage and opts.continuous_usage_stats else (
             "final" if opts and opts.include_usage else None)
-        return StreamingResponse(_chunks(served, rid, created, choices, streams, pending, prompt_tokens, usage),
+        return StreamingResponse(_chunks(served, rid, created, choices, streams, pending, prompt_tokens, usage,
+                                         tools),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return await until_disconnect(request, _collect(served, rid, created, choices, streams, pending, prompt_tokens))
+    return await until_disconnect(request, _collect(served, rid, created, choices, streams, pending, prompt_tokens,
+                                                    tools))
 
 
 def _usage(choices: list[_Choice], prompt_tokens: int) -> dict[str, int]:
@@ -128,8 +140,16 @@ def _usage(choices: list[_Choice], prompt_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
+def _message(text: str, tools: ToolPlan, finish: str | None) -> tuple[ChatResponseMessage, str | None]:
+    """The reply's message: its text, or the tool calls it makes (and the finish_reason that goes with them)."""
+    calls = tool_calls(tools, text) if tools.constraint is not None and finish != "length" else None
+    if calls is None:
+        return ChatResponseMessage(content=text), finish
+    return ChatResponseMessage(content=None, tool_calls=calls), "tool_calls" if tools.mode == "required" else finish
+
+
 async def _collect(served: ServedModel, rid: str, created: int, choices: list[_Choice], streams: list[RequestStream],
-                   pending: AsyncExitStack, prompt_tokens: int) -> ChatCompletionResponse:
+                   pending: AsyncExitStack, prompt_tokens: int, tools: ToolPlan) -> ChatCompletionResponse:
     async with pending:
         async for i, out in merge(streams):  # type: ignore[arg-type]
             c = choices[i]
@@ -140,16 +160,17 @@ async def _collect(served: ServedModel, rid: str, created: int, choices: list[_C
                 if out.finish_reason == "error":
                     raise APIError(500, out.error or "generation failed", "server_error")
                 c.finish_reason, c.completion_tokens = out.finish_reason, out.num_output_tokens
-    result = [ChatChoice(index=c.index, message=ChatResponseMessage(content="".join(c.text)),
+    result = [ChatChoice(index=c.index, message=message, finish_reason=finish,
                          logprobs=None if c.logprobs is None else ChatLogprobs(
-                             content=[ChatTokenLogprob(**lp) for lp in c.logprobs]),
-                         finish_reason=c.finish_reason) for c in choices]
+                             content=[ChatTokenLogprob(**lp) for lp in c.logprobs]))
+              for c in choices for message, finish in [_message("".join(c.text), tools, c.finish_reason)]]
     return ChatCompletionResponse(id=rid, created=created, model=served.name, choices=result,
                                   usage=Usage(**_usage(choices, prompt_tokens)))
 
 
 async def _chunks(served: ServedModel, rid: str, created: int, choices: list[_Choice], streams: list[RequestStream],
-                  pending: AsyncExitStack, prompt_tokens: int, usage: str | None) -> AsyncIterator[str]:
+                  pending: AsyncExitStack, prompt_tokens: int, usage: str | None, tools: ToolPlan
+                  ) -> AsyncIterator[str]:
     """Per choice: a role delta, content deltas, then an empty delta with finish_reason; [DONE] last. Chunks are
     built as dicts (no pydantic model per token). `usage` "final" (include_usage): each chunk carries `usage: null`
     and a last chunk with no choices the usage; "continuous" (vLLM's continuous_usage_stats): each chunk carries
@@ -166,14 +187,18 @@ async def _chunks(served: ServedModel, rid: str, created: int, choices: list[_Ch
             body["usage"] = _usage(choices, prompt_tokens)
         return sse(body)
 
+    calls = [CallDeltas(tools) for _ in choices] if tools.constraint is not None else None
     async with pending:
         for c in choices:
-            yield chunk(c.index, {"role": "assistant", "content": ""})
+            yield chunk(c.index, {"role": "assistant", "content": None if calls else ""})
         async for i, out in merge(streams):  # type: ignore[arg-type]
             c = choices[i]
             lp = _token_logprob(served, out) if c.logprobs is not None else None
             c.completion_tokens += out.token_id is not None
-            if out.text or lp is not None:
+            if calls is not None:
+                for delta in calls[i].feed(out.text):
+                    yield chunk(c.index, {"tool_calls": [delta]})
+            elif out.text or lp is not None:
                 yield chunk(c.index, {"content": out.text}, None if lp is None else [lp])
             if out.finished:
                 if out.finish_reason == "error":
@@ -182,7 +207,10 @@ async def _chunks(served: ServedModel, rid: str, created: int, choices: list[_Ch
                     yield sse("[DONE]")
                     return
                 c.finish_reason, c.completion_tokens = out.finish_reason, out.num_output_tokens
-                yield chunk(c.index, {}, None, out.finish_reason)
+                finish = out.finish_reason
+                if calls is not None and tools.mode == "required" and finish == "stop":
+                    finish = "tool_calls"
+                yield chunk(c.index, {}, None, finish)
     if usage is not None:
         yield sse({**head, "choices": [], "usage": _usage(choices, prompt_tokens)})
     yield sse("[DONE]")

@@ -18,17 +18,13 @@ def check_supported(body: ChatCompletionRequest) -> None:
         value = getattr(body, name)
         if value not in (None, [], {}) and value not in harmless:
             raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
-    fmt = body.response_format
-    if fmt and fmt.get("type", "text") != "text":
-        raise APIError(400, f"response_format {fmt.get('type')!r} is not supported; only 'text'",
-                       param="response_format")
     for i, m in enumerate(body.messages):
-        for name in ("tool_calls", "function_call", "audio"):
+        for name in ("function_call", "audio"):
             if getattr(m, name):
                 raise APIError(400, f"messages.{i}.{name} is not supported by this server",
                                param=f"messages.{i}.{name}")
-        if m.role in ("tool", "function"):
-            raise APIError(400, f"messages.{i}.role {m.role!r} is not supported (no tools)",
+        if m.role == "function":
+            raise APIError(400, f"messages.{i}.role 'function' is not supported (OpenAI's older form: use 'tool')",
                            param=f"messages.{i}.role")
 
 
@@ -51,8 +47,9 @@ def messages_of(body: ChatCompletionRequest) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for i, m in enumerate(body.messages):
         msg: dict[str, Any] = {"role": m.role, "content": _text(m.content, f"messages.{i}")}
-        if m.name is not None:
-            msg["name"] = m.name
+        for key in ("name", "tool_calls", "tool_call_id"):  # an assistant's calls and their results, for templates
+            if getattr(m, key) is not None:
+                msg[key] = getattr(m, key)
         out.append(msg)
     return out
 
@@ -75,9 +72,10 @@ def chat_capability(served: ServedModel) -> dict[str, Any]:
         return {"available": False, "error": str(e)}
 
 
-def chat_prompt(served: ServedModel, body: ChatCompletionRequest) -> tuple[str, list[int]]:
+def chat_prompt(served: ServedModel, body: ChatCompletionRequest, tools: list[dict[str, Any]] | None = None
+                ) -> tuple[str, list[int]]:
     """(prompt text, its token ids). The rendered template is tokenized without adding specials: the template
-    writes the BOS it wants, as Hugging Face does."""
+    writes the BOS it wants, as Hugging Face does. `tools` reach the template as Hugging Face passes them."""
     messages = messages_of(body)
     if served.is_encoder_decoder:
         users = [m["content"] for m in messages if m["role"] == "user"]
@@ -89,6 +87,8 @@ def chat_prompt(served: ServedModel, body: ChatCompletionRequest) -> tuple[str, 
     except ChatTemplateError as e:
         raise APIError(500, f"model {served.name}: {e}", "server_error") from e
     extra = dict(body.chat_template_kwargs or {})
+    if tools:
+        extra["tools"] = tools
     if body.continue_final_message:
         if body.add_generation_prompt and "add_generation_prompt" in body.model_fields_set:
             raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,6 +15,7 @@ from service.errors import APIError
 from service.inspection.streaming import stream_spec, streamed_attention
 from service.registry import ServedModel
 from service.routes import beam
+from service.routes.constraints import compiled, constraint_of
 from service.routes.deps import (
     error_responses,
     omitted_max_tokens,
@@ -72,11 +74,16 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse 
     `beam_width` > 1 answers with the best hypothesis of a beam search (JSON only)."""
     served = served_model(request, body.model)
     ids = served.tokenizer.encode(body.prompt)
+    constraint, where = constraint_of(body)
     if body.beam_width is not None and body.beam_width > 1:
+        if constraint is not None:
+            raise APIError(400, f"beam_width cannot be combined with {where}", param=where)
         return await _beams(served, body, request, ids)
     params = sampling_params(body, settings_of(request), body.logprobs,
                              default_max_tokens=omitted_max_tokens(served, ids, body.max_tokens), prompt=body.prompt)
-    req = served.make_request(request_id(request, "gen"), body.prompt, params, prompt_ids=ids)
+    grammar = await compiled(served, constraint, where)
+    req = served.make_request(request_id(request, "gen"), body.prompt, dataclasses.replace(params, constraint=constraint),
+                              prompt_ids=ids, grammar=grammar)
     if body.return_attention is not None:
         req.attention = _attention_spec(served, body.return_attention, body.stream,
                                         req.num_tokens + len(req.source_ids or []) + params.max_tokens,

@@ -20,6 +20,7 @@ from service.errors import APIError
 from service.registry import ServedModel
 from service.routes import beam
 from service.routes import completion_logprobs as lps
+from service.routes.constraints import compiled, constraint_of
 from service.routes.deps import (
     check_token_ids,
     error_responses,
@@ -118,16 +119,20 @@ async def completions(body: CompletionRequest, request: Request) -> CompletionRe
     if len(prompts) * body.n > settings.max_n * 4:
         raise APIError(400, f"{len(prompts)} prompts x n={body.n} exceeds {settings.max_n * 4} choices", param="prompt")
     rid = request_id(request, "cmpl")
+    constraint, where = constraint_of(body)
     if body.use_beam_search:
+        if constraint is not None:
+            raise APIError(400, f"use_beam_search cannot be combined with {where}", param=where)
         return await _beams(body, request, served, settings, prompts, rid)
+    grammar = await compiled(served, constraint, where)
     choices: list[_Choice] = []
     streams: list[RequestStream] = []
     async with AsyncExitStack() as stack:
         for pi, (text, given) in enumerate(prompts):
             ids = served.tokenizer.encode(text) if given is None else given
             for j in range(body.n):
-                req = served.make_request(f"{rid}-{pi}-{j}", text, _params(body, served, settings, ids, j, prompt_k),
-                                          prompt_ids=ids)
+                params = dataclasses.replace(_params(body, served, settings, ids, j, prompt_k), constraint=constraint)
+                req = served.make_request(f"{rid}-{pi}-{j}", text, params, prompt_ids=ids, grammar=grammar)
                 stream = served.open(req, counts_prompt=j == 0)  # n choices share one prompt
                 await stack.enter_async_context(stream)  # aborts it if anything below fails
                 choice = _Choice(len(choices), text, req.prompt_ids, given is None, req.num_prompt_tokens,

@@ -29,13 +29,12 @@ class ChatMessage(BaseModel):
 
 # Request fields that ask for something we cannot do: refused by name unless null, empty or the harmless value.
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "tools": (), "tool_choice": ("none",), "functions": (), "function_call": ("none",), "audio": (),
+    "functions": (), "function_call": ("none",), "audio": (),
     "prediction": (), "web_search_options": (), "logit_bias": (), "modalities": (["text"],),
     # vLLM's
     "best_of": (1,), "use_beam_search": (False,), "length_penalty": (1.0,), "skip_special_tokens": (True,),
     "spaces_between_special_tokens": (True,), "echo": (False,), "return_tokens_as_token_ids": (False,),
-    "truncate_prompt_tokens": (), "allowed_token_ids": (), "bad_words": (), "guided_json": (), "guided_regex": (),
-    "guided_choice": (), "guided_grammar": (), "structured_outputs": (), "logits_processors": (),
+    "truncate_prompt_tokens": (), "allowed_token_ids": (), "bad_words": (), "logits_processors": (),
     "chat_template": (), "documents": (), "priority": (0,),
 }
 
@@ -79,9 +78,10 @@ class ChatCompletionRequest(BaseModel):
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
     parallel_tool_calls: bool | None = None
-    # refused unless harmless (UNSUPPORTED)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = Field(None, description="functions the reply may call (with tool_choice "
+                                               "'required' or a named function: service/routes/chat_tools.py)")
     tool_choice: str | dict[str, Any] | None = None
+    # refused unless harmless (UNSUPPORTED)
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     audio: dict[str, Any] | None = None
@@ -99,11 +99,12 @@ class ChatCompletionRequest(BaseModel):
     truncate_prompt_tokens: int | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
-    guided_json: Any = None
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = None
-    guided_grammar: str | None = None
-    structured_outputs: dict[str, Any] | None = None
+    guided_json: Any = Field(None, description="vLLM: the reply matches this JSON schema")
+    guided_regex: str | None = Field(None, description="vLLM: the reply matches this regex")
+    guided_choice: list[str] | None = Field(None, description="vLLM: the reply is one of these strings")
+    guided_grammar: str | None = Field(None, description="vLLM: the reply matches this EBNF (GBNF) grammar")
+    structured_outputs: dict[str, Any] | None = Field(None, description="vLLM: one of json, regex, choice, "
+                                                      "grammar, json_object")
     logits_processors: list[Any] | None = None
     chat_template: str | None = Field(None, description="refused: only the checkpoint's template is rendered")
     documents: list[dict[str, Any]] | None = None
@@ -146,6 +147,7 @@ class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(BaseModel):

@@ -84,6 +84,19 @@ class SamplingFields(Sampling):
     stream: bool = False
 
 
+class ConstraintFields(BaseModel):
+    """Structured output: the fields that hold the output to a schema, regex, choice or grammar (one at most)."""
+
+    response_format: dict[str, Any] | None = Field(None, description="OpenAI's: {'type': 'json_object'} or "
+                                                   "{'type': 'json_schema', 'json_schema': {'name', 'schema'}}")
+    structured_outputs: dict[str, Any] | None = Field(None, description="vLLM's: one of json (a schema), regex, "
+                                                      "choice (strings), grammar (EBNF / GBNF), json_object")
+    guided_json: Any = Field(None, description="vLLM's older field: a JSON schema")
+    guided_regex: str | None = Field(None, description="vLLM's older field: a regex")
+    guided_choice: list[str] | None = Field(None, description="vLLM's older field: one of these strings")
+    guided_grammar: str | None = Field(None, description="vLLM's older field: an EBNF (GBNF) grammar")
+
+
 class HealthResponse(BaseModel):
     status: str
     models: dict[str, str] = Field(default_factory=dict)

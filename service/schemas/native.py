@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.schemas.common import MAX_TEXT_CHARS, SamplingFields, Usage
+from service.schemas.common import MAX_TEXT_CHARS, ConstraintFields, SamplingFields, Usage
 from service.schemas.inspection import AttentionStreamSpec
 
 
-class GenerateRequest(SamplingFields):
+class GenerateRequest(SamplingFields, ConstraintFields):
     """Native generation: the prompt (for a translator, the source sentence) and sampling fields."""
 
     model_config = ConfigDict(

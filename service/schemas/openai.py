@@ -17,9 +17,8 @@ class StreamOptions(BaseModel):
 # one of these values passes, any other value is refused with a 400 naming the field
 UNSUPPORTED: dict[str, object] = {
     "best_of": None, "suffix": "", "logit_bias": {}, "skip_special_tokens": True, "truncate_prompt_tokens": None, "allowed_token_ids": None, "bad_words": [],
-    "spaces_between_special_tokens": True, "return_tokens_as_token_ids": False, "guided_json": None,
-    "guided_regex": None, "guided_choice": None, "guided_grammar": None, "structured_outputs": None,
-    "response_format": None, "logits_processors": None, "priority": 0,
+    "spaces_between_special_tokens": True, "return_tokens_as_token_ids": False, "logits_processors": None,
+    "priority": 0,
 }
 
 
@@ -64,12 +63,13 @@ class CompletionRequest(SamplingFields):
     bad_words: list[str] | None = None
     spaces_between_special_tokens: bool = True
     return_tokens_as_token_ids: bool = False
-    guided_json: Any = None
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = None
-    guided_grammar: str | None = None
-    structured_outputs: dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    guided_json: Any = Field(None, description="vLLM: the output matches this JSON schema")
+    guided_regex: str | None = Field(None, description="vLLM: the output matches this regex")
+    guided_choice: list[str] | None = Field(None, description="vLLM: the output is one of these strings")
+    guided_grammar: str | None = Field(None, description="vLLM: the output matches this EBNF (GBNF) grammar")
+    structured_outputs: dict[str, Any] | None = Field(None, description="vLLM: one of json, regex, choice, "
+                                                      "grammar, json_object")
+    response_format: dict[str, Any] | None = Field(None, description="json_object or json_schema, as chat's")
     logits_processors: list[Any] | None = None
     priority: int = 0
 

@@ -154,7 +154,7 @@ def test_vllm_sampling_extras(server: LiveServer) -> None:
     stop = text[3:5]
     kept = post(server, {**greedy, "ignore_eos": True, "stop": [stop], "include_stop_str_in_output": True})
     assert kept["choices"][0]["text"] == text[: text.index(stop) + len(stop)]
-    for field, value in (("skip_special_tokens", False), ("guided_regex", "a+"),
+    for field, value in (("skip_special_tokens", False), ("guided_regex", "a+["),
                          ("best_of", 3), ("logit_bias", {"5": 1.0}), ("no_such_field", 1)):
         err = post(server, {**greedy, field: value}, 400)["error"]
         assert err["param"] == field and field in err["message"]
