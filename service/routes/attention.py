@@ -5,6 +5,7 @@ bounded by the inspection limits, so generation for other users keeps going."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from service.errors import APIError
 from service.inspection import encoding, maps, render, tokens
 from service.inspection.selection import AXES, Selection, estimated_bytes, fit, resolve
 from service.registry import ServedModel
+from service.routes.constraints import compiled, constraint_of
 from service.routes.deps import (
     error_responses,
     request_id,
@@ -126,10 +128,16 @@ def _params(request: Request, served: ServedModel, body: AttentionRequest, inp: 
                            prompt=inp.encoder_text if served.is_encoder_decoder else inp.decoder_text)
 
 
-async def _generate(request: Request, served: ServedModel, params: SamplingParams, inp: Inputs) -> Inputs:
-    """Generate the continuation (translator: the target) through the engine; return the extended inputs."""
+async def _generate(request: Request, served: ServedModel, params: SamplingParams, inp: Inputs,
+                    body: AttentionRequest) -> Inputs:
+    """Generate the continuation (translator: the target) through the engine, held to the body's constraint if
+    it gives one; return the extended inputs."""
     ids = inp.encoder_ids if served.is_encoder_decoder else inp.decoder_ids
-    stream = served.open(served.make_request(request_id(request, "insp"), None, params, prompt_ids=ids))
+    constraint, where = constraint_of(body)
+    grammar = await compiled(served, constraint, where)
+    req = served.make_request(request_id(request, "insp"), None, dataclasses.replace(params, constraint=constraint),
+                              prompt_ids=ids, grammar=grammar)
+    stream = served.open(req)
 
     async def collect() -> list[int]:
         out_ids: list[int] = []
@@ -198,7 +206,7 @@ async def attention(body: AttentionRequest, request: Request) -> Any:
     if message is not None:
         raise APIError(413, message, param="layers", code="inspection_too_large")
     if params is not None:
-        inp = await _generate(request, served, params, inp)
+        inp = await _generate(request, served, params, inp, body)
         sel = _selection(served, body, len(inp.encoder_ids), len(inp.decoder_ids))
     async with _gate(request.app):
         t0 = time.monotonic()

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from service.schemas.common import MAX_TEXT_CHARS, Sampling
+from service.schemas.common import MAX_TEXT_CHARS, ConstraintFields, Sampling
 
 AttentionKind = Literal["encoder_self", "decoder_self", "cross"]
 SequenceName = Literal["encoder", "decoder"]
@@ -48,12 +48,13 @@ class Sparsify(BaseModel):
         return self
 
 
-class AttentionRequest(BaseModel):
+class AttentionRequest(ConstraintFields):
     """Teacher-forced attention of one input, with selection, aggregation, sparsification and encoding.
 
     A decoder-only model reads `prompt`; a translator reads `source` (or `prompt`) and an optional `target`.
-    With `generate` and no target, the server first generates the continuation as `sampling` says, then inspects
-    input + output in one pass. Nothing streams here: /v1/generate with `return_attention` does."""
+    With `generate` and no target, the server first generates the continuation as `sampling` says (held to a
+    constraint if one of the structured-output fields gives one), then inspects input + output in one pass.
+    Nothing streams here: /v1/generate with `return_attention` does."""
 
     model_config = ConfigDict(
         extra="forbid", str_max_length=MAX_TEXT_CHARS,

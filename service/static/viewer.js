@@ -66,8 +66,19 @@ function inputs() {
     const sampling = { temperature: Number($("temperature").value) || 0 }, max = Number($("max-tokens").value);
     if (max > 0) sampling.max_tokens = max;
     Object.assign(body, { generate: true, sampling });
+    const kind = $("constraint-kind").value, text = $("constraint").value;  // a regex's spaces count
+    if (kind && text.trim()) body.structured_outputs = { [kind]: constraintValue(kind, text) };
   }
   return body;
+}
+
+// The constraint field's text as structured_outputs wants it: choices a line each, a schema parsed.
+function constraintValue(kind, text) {
+  if (kind === "choice") return text.split("\n").map((line) => line.trim()).filter(Boolean);
+  if (kind === "json") {
+    try { return JSON.parse(text); } catch (e) { throw new Error(`the JSON schema is not JSON: ${e.message}`); }
+  }
+  return text;
 }
 
 async function inspect(selection) {
@@ -240,6 +251,7 @@ $("head").addEventListener("change", () => { const h = $("head").value; state.he
 $("rows").addEventListener("change", () => { state.rowsBy[state.view] = $("rows").value; render(); });
 $("skip-sink").addEventListener("change", render);
 $("window").addEventListener("input", () => { state.window = Number($("window").value); render(); });
+$("constraint-kind").addEventListener("change", () => { $("constraint").hidden = !$("constraint-kind").value; });
 $("target").addEventListener("input", () => { if (state.model && isTranslator()) $("generate").checked = !$("target").value.trim(); });
 wire({ state, setView, redrawLines: headView });
 window.addEventListener("resize", () => {  // redraw to a new width; a height change needs nothing

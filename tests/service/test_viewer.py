@@ -1,14 +1,15 @@
 """The attention viewer in a real headless Chromium against a live server: it lists the models, inspects a
 translator, draws the heatmap (pixels read back from the canvas), shows the alignment's source and target tokens
 (rows labelled by the token predicted, or read), enlarges a map from the model view, exports PNG and JSON, opens the
-rollout at the last layer, windows the head view of long inputs, marks generated tokens, can scale colours without
-the first key, offers the model's kinds, layers and heads before the first Inspect and forgets the old model's on a
+rollout at the last layer, windows the head view of long inputs, marks generated tokens (also held to a regex), can
+scale colours without the first key, offers the model's kinds, layers and heads before the first Inspect and forgets the old model's on a
 switch. Screenshots go to tests/artifacts/."""
 
 from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -163,6 +164,32 @@ def test_viewer_generates_then_inspects(make_server: Callable[..., Any], browser
     image = page.locator("#view").screenshot()
     assert image[:8] == b"\x89PNG\r\n\x1a\n" and len(base64.b64encode(image)) > 1000
     assert page.evaluate(CANVAS_COLORS) > 5
+    assert not page.errors, page.errors
+
+
+def test_viewer_shows_where_the_model_looked_while_held_to_a_regex(make_server: Callable[..., Any],
+                                                                 browser_page: Any) -> None:
+    server = make_server()
+    page = browser_page
+    page.goto(f"{server.url}/inspect?model=tiny-gpt")
+    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+    page.fill("#prompt", "ROMEO:")
+    page.check("#generate")
+    page.fill("#max-tokens", "20")
+    page.fill("#temperature", "1")
+    page.select_option("#constraint-kind", "regex")
+    page.fill("#constraint", r" [a-z]{2,4} [a-z]{2,4}\.")
+    page.click("#inspect")
+    _rendered(page, "heatmap")
+    generated = page.evaluate("window.attentionViewer.state.result.decoder_tokens.filter(t => t.generated)"
+                              ".map(t => t.text).join('')")
+    assert re.fullmatch(r" [a-z]{2,4} [a-z]{2,4}\.", generated), generated
+    assert page.evaluate(CANVAS_COLORS) > 5
+    page.select_option("#constraint-kind", "regex")
+    page.fill("#constraint", "[a-z]+@")  # the character model has no '@': the server says so
+    page.click("#inspect")
+    page.wait_for_selector("#error:not([hidden])", timeout=60_000)
+    assert "'@'" in page.inner_text("#error")
     assert not page.errors, page.errors
 
 
