@@ -91,7 +91,7 @@ def llguidance_rows(tok: Tokenizer, vocab: int, steps: int) -> list[dict[str, An
     try:
         fast = PreTrainedTokenizerFast(tokenizer_object=tok.tok, eos_token=tok.specials.eos)
         lt = llguidance.hf.from_tokenizer(fast, n_vocab=vocab)
-    except Exception as e:  # noqa: BLE001 - the finding is that it cannot read this tokenizer
+    except Exception as e:  # the finding is that it cannot read this tokenizer
         return [{"library": "llguidance", "constraint": "(tokenizer)", "error": str(e)[:120]}]
     rows: list[dict[str, Any]] = [{"library": "llguidance", "constraint": "(tokenizer)",
                                    "seconds": time.perf_counter() - t}]
