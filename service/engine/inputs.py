@@ -9,6 +9,7 @@ from step to step, which is what a captured CUDA graph needs."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,6 +52,8 @@ class Prepared:
     encode: list[ScheduledRequest] = field(default_factory=list)
     source_len: int = 0
     scored: list[tuple[str, int, int]] = field(default_factory=list)  # (request id, position, token) per scored row
+    masked: list[int] = field(default_factory=list)  # sampled rows held to a grammar (their mask: StepInputs.d_mask)
+    stuck: set[int] = field(default_factory=set)  # of which the grammar allows no token here
 
 
 def token_at(req: Request, start: int, n: int) -> list[int]:
@@ -67,7 +70,7 @@ class StepInputs:
     """The persistent input buffers of one model runner and the packing of a plan into them."""
 
     def __init__(self, pool: BlockPool, max_tokens: int, max_seqs: int, max_blocks: int, max_source: int,
-                 device: torch.device, plain_chunk: int = PLAIN_CHUNK) -> None:
+                 device: torch.device, plain_chunk: int = PLAIN_CHUNK, vocab_size: int = 0) -> None:
         self.pool, self.device, self.max_blocks = pool, device, max_blocks
         self.plain_chunk = plain_chunk if pool.kernel is not None else 0
         rows = max_tokens + max_seqs  # prefill tokens plus one (maybe padding) decode row per request
@@ -81,15 +84,19 @@ class StepInputs:
             self.offsets[name] = (at, n)
             at += n
         n_f32 = len(PARAMS) * max_seqs
-        nbytes = 8 * at + 4 * n_f32
+        self.mask_at, self.words = 8 * at + 4 * n_f32, -(-vocab_size // 32)  # grammar bitmasks last (int32 words)
+        nbytes = self.mask_at + 4 * max_seqs * self.words
         pin = device.type == "cuda"
         self.host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin)
         self.dev = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         self.np_i64 = self.host.numpy()[: 8 * at].view(np.int64)
-        self.np_f32 = self.host.numpy()[8 * at :].view(np.float32).reshape(len(PARAMS), max_seqs)
+        self.np_f32 = self.host.numpy()[8 * at : self.mask_at].view(np.float32).reshape(len(PARAMS), max_seqs)
         dev_i64 = self.dev[: 8 * at].view(torch.int64)
         self.d = {name: dev_i64[a : a + n] for name, (a, n) in self.offsets.items()}
-        self.d_params = self.dev[8 * at :].view(torch.float32).view(len(PARAMS), max_seqs)
+        self.d_params = self.dev[8 * at : self.mask_at].view(torch.float32).view(len(PARAMS), max_seqs)
+        self.h_mask = self.host[self.mask_at :].view(torch.int32).view(max_seqs, self.words)
+        self.d_mask = self.dev[self.mask_at :].view(torch.int32).view(max_seqs, self.words)
+        self.masks: Any = None  # structured.TokenMasks, made when a request with a grammar first samples
         self.transfers = Transfers()
         self.copied: torch.cuda.Event | None = None  # CUDA: marks the end of the last non-blocking copy
 
@@ -171,7 +178,9 @@ class StepInputs:
         scored = self._pack_scores(plan, last_row)
         encode = [s for s in plan if s.encode_source]
         source_len = self._pack_sources(encode)
-        self.transfers.h2d(self.dev, self.host)  # the step's one host-to-device copy
+        masked, stuck = self._pack_masks([s.request for s in sampled])
+        end = self.mask_at + 4 * self.words * (len(sampled) if masked else 0)
+        self.transfers.h2d(self.dev[:end], self.host[:end])  # the step's one host-to-device copy
         if self.device.type == "cuda":
             self.copied = torch.cuda.Event()
             self.copied.record()
@@ -184,7 +193,17 @@ class StepInputs:
             layout.cross_len, layout.cross_slots = cross, self.d["cross_slots"][:s_real]
             layout.cross_mask = length_mask(self.d["cross_lens"][:s_real], cross)
         tables_of_plan = [table_of[id(s)] for s in plan]
-        return Prepared(layout, row, sample_index, sampled, tables_of_plan, encode, source_len, scored)
+        return Prepared(layout, row, sample_index, sampled, tables_of_plan, encode, source_len, scored, masked, stuck)
+
+    def _pack_masks(self, reqs: list[Request]) -> tuple[list[int], set[int]]:
+        """Grammar bitmasks of the sampled rows whose request holds a matcher (service/engine/structured.py)."""
+        if not any(r.matcher is not None for r in reqs):
+            return [], set()
+        if self.masks is None:
+            from service.engine.structured import TokenMasks  # xgrammar loads when a constraint first runs
+
+            self.masks = TokenMasks(self.words * 32)
+        return self.masks.fill(reqs, self.h_mask)
 
     def _pack_cross(self, decodes: list[ScheduledRequest]) -> int:
         """A translator's decode rows: each row's slot and source length; the longest source."""

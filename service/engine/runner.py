@@ -20,7 +20,7 @@ from model.paged_cache import BlockPool, PagedKVCache
 from model.transformer import DecoderOnlyLM, Transformer, num_parameters
 from service.engine.cuda_graphs import DecodeGraphs
 from service.engine.inputs import Prepared, StepInputs, Transfers
-from service.engine.request import ModelOutput, PromptLogprob, Request, TokenLogprob
+from service.engine.request import ModelOutput, PromptLogprob, TokenLogprob
 from service.engine.sampler import ERROR_NAN, Sampler
 from service.engine.scheduler import ScheduledRequest
 from service.engine.weights import prepare as prepare_weights
@@ -56,10 +56,8 @@ class ModelRunner:
         max_source = self.config.max_len if self.config.is_encoder_decoder else 0
         max_blocks = -(-max_model_len // block_size)
         self.inputs = StepInputs(self.pool, max_num_batched_tokens, max_num_seqs, max_blocks, max_source,
-                                 self.device)
+                                 self.device, vocab_size=self.config.vocab_size)
         self.sampler = Sampler(self.device)
-        self.max_num_seqs = max_num_seqs
-        self.token_masks: Any = None  # structured.TokenMasks, made when a constrained request first samples
         self.num_threads = torch.get_num_threads()  # the process's intra-op setting when the model was loaded
         self.flops_per_token = 2 * num_parameters(self.model)
         self._threads = self.num_threads
@@ -103,7 +101,6 @@ class ModelRunner:
         capture_ids = {s.request.request_id for s in plan if s.request.attention is not None}
         bucket = self.graphs.bucket(plan) if self.graphs is not None and not capture_ids else None
         prep = self.inputs.prepare(plan, capture_ids, *(bucket or (None, None)))
-        guided = self._masks([s.request for s in prep.sampled])  # before the forward: a GPU copy overlaps it
         self._threads_for(prep.num_rows)
         if prep.encode:
             self._encode(prep)
@@ -119,7 +116,8 @@ class ModelRunner:
         if prep.sampled:
             rows = self.inputs.d["sample_rows"][: len(prep.sampled)]
             logits = self.model.logits(hidden.index_select(0, rows)).float()  # (R, vocab)
-            parts.append(self.sampler(logits, self.inputs.d_params, [s.request for s in prep.sampled], guided[0]))
+            reqs = [s.request for s in prep.sampled]
+            parts.append(self.sampler(logits, self.inputs.d_params, reqs, self._mask(prep)))
         k_prompt = max((s.request.params.prompt_logprobs or 0 for s in plan), default=0)
         if prep.scored:
             parts.append(self._score(hidden, len(prep.scored), k_prompt))
@@ -129,23 +127,17 @@ class ModelRunner:
         flat = self.transfers.d2h(torch.cat([p.flatten() for p in parts])).tolist()  # the step's one copy back
         host = [flat[i * width : (i + 1) * width] for i in range(len(prep.sampled))]
         scores = flat[len(prep.sampled) * width :]
-        out = self._output(plan, prep, host, cache, guided[1])
+        out = self._output(plan, prep, host, cache, prep.stuck)
         if prep.scored:
             self._prompt_logprobs(out, prep, scores, k_prompt)
         return out
 
-    def _masks(self, reqs: list[Request]) -> tuple[Callable[[Tensor], None] | None, set[int]]:
-        """The step's grammar masks (service/engine/structured.py), for the sampled rows that carry a matcher:
-        (a function that masks a copy of the logits, the rows whose grammar allows no token of this vocabulary)."""
-        if not any(r.matcher is not None for r in reqs):
-            return None, set()
-        if self.token_masks is None:
-            from service.engine.structured import TokenMasks  # xgrammar loads when a constraint first runs
-            self.token_masks = TokenMasks(self.max_num_seqs, self.config.vocab_size, self.device)
-        masks = self.token_masks
-        mask, rows, empty = masks.fill(reqs)
-        assert mask is not None
-        return (lambda logits: masks.apply(logits, mask, rows)), empty
+    def _mask(self, prep: Prepared) -> Callable[[Tensor], None] | None:
+        """What masks the sampled logits of rows held to a grammar (their bitmasks came with the step's inputs)."""
+        masks = self.inputs.masks
+        if not prep.masked or masks is None:
+            return None
+        return lambda logits: masks.apply(logits, self.inputs.d_mask, prep.masked)
 
     def _score(self, hidden: Tensor, n: int, k: int) -> Tensor:
         """(n, 1 + 2k): the log-prob of each scored row's next prompt token, then the top-k values and ids."""

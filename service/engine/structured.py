@@ -19,7 +19,6 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import torch
 import xgrammar as xgr
 from torch import Tensor
 from transformers import PreTrainedTokenizerFast
@@ -127,37 +126,22 @@ _NAMES = {"json": "JSON schema", "json_object": "JSON object format", "regex": "
 # --- the step's side (engine thread) ----------------------------------------------------------------------------
 
 class TokenMasks:
-    """The step's token bitmask: one row per sampled request, filled on the host for the rows that carry a
-    matcher (before the forward, so that on a GPU its copy travels with the step's inputs), applied to their
-    logits before temperature, top-k and top-p."""
+    """The step's grammar masks: one bitmask row per sampled request, filled on the host for the rows that carry
+    a matcher (into the step's input buffer, so that its copy to the device is the step's one copy), applied to
+    their logits before temperature, top-k and top-p."""
 
-    def __init__(self, max_rows: int, vocab_size: int, device: torch.device) -> None:
-        self.vocab_size, self.device = vocab_size, device
-        self.host = xgr.allocate_token_bitmask(max_rows, vocab_size)
-        if device.type == "cuda":
-            self.host = self.host.pin_memory()
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
         self._batch = xgr.BatchGrammarMatcher(max_threads=1)
 
-    def fill(self, reqs: list[Request]) -> tuple[Tensor | None, list[int], set[int]]:
-        """(the mask on the device or None, the rows it applies to, rows whose mask allows nothing)."""
+    def fill(self, reqs: list[Request], host: Tensor) -> tuple[list[int], set[int]]:
+        """Fill host[j] for each request j with a matcher: (those rows, the rows whose mask allows nothing)."""
         rows = [j for j, r in enumerate(reqs) if r.matcher is not None]
-        if not rows:
-            return None, [], set()
-        self._batch.batch_fill_next_token_bitmask([reqs[j].matcher for j in rows], self.host, rows)
-        view = self.host[: len(reqs)]
-        empty = {j for j in rows if not np.any(view[j].numpy())}
-        mask = view.to(self.device, non_blocking=True) if self.device.type != "cpu" else view
-        return mask, rows, empty
+        if rows:
+            self._batch.batch_fill_next_token_bitmask([reqs[j].matcher for j in rows], host, rows)
+        return rows, {j for j in rows if not np.any(host[j].numpy())}
 
     def apply(self, logits: Tensor, mask: Tensor, rows: list[int]) -> None:
-        """Disallowed tokens of the masked rows to -inf, in place."""
-        xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=min(self.vocab_size, logits.size(1)),
+        """Disallowed tokens of the masked rows to -inf, in place (mask: (>= len(logits), words) on the device)."""
+        xgr.apply_token_bitmask_inplace(logits, mask[: logits.size(0)], vocab_size=min(self.vocab_size, logits.size(1)),
                                         indices=rows)
-
-
-def advance(req: Request, token: int) -> bool | None:
-    """Accept a sampled token into the request's matcher: True when the grammar has ended (the output is
-    complete), False if the token breaks it (never with the mask applied), None when it goes on."""
-    if not req.matcher.accept_token(token):
-        return False
-    return True if req.matcher.is_terminated() else None

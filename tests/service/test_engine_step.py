@@ -5,6 +5,7 @@ in a batch of 32, and (with CUDA) graphs equal to eager and bfloat16 close to th
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 from model.checkpoint import load_checkpoint
 from model.generate import GenerationConfig, generate
 from service.engine.cuda_graphs import DecodeGraphs
-from service.engine.request import SamplingParams, StepOutput
+from service.engine.request import Constraint, SamplingParams, StepOutput
 from service.registry import ServedModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,6 +78,37 @@ def test_one_transfer_each_way_per_step(build: Any) -> None:
     params = [GREEDY, SamplingParams(max_tokens=12, temperature=0.9, top_p=0.8, seed=3, logprobs=2, ignore_eos=True)]
     run(served, PROMPTS, params * 3)
     assert len(per_step) >= 12 and set(per_step) == {(1, 1)}, per_step
+
+
+def test_grammar_masks_travel_with_the_step_inputs(build: Any) -> None:
+    """Rows held to a grammar beside free ones: their bitmasks go to the device in the step's one copy."""
+    served = build(start=False)
+    runner, per_step = served.engine.runner, []
+    execute = runner.execute
+
+    def counted(plan: Any, copies: Any = None) -> Any:
+        before = (runner.transfers.to_device, runner.transfers.to_host)
+        out = execute(plan, copies)
+        per_step.append((runner.transfers.to_device - before[0], runner.transfers.to_host - before[1]))
+        return out
+
+    runner.execute = counted  # type: ignore[method-assign]
+    served.engine.start()
+    held = Constraint("regex", r"[a-z]{2,5}( [a-z]{2,5}){1,3}\.")
+
+    async def one(i: int, prompt: str, params: SamplingParams, grammar: Any = None) -> str:
+        async with served.engine.open(served.make_request(f"g{i}", prompt, params, grammar=grammar)) as stream:
+            return "".join([o.text async for o in stream])
+
+    async def main() -> list[str]:
+        grammar = await served.grammar(held)
+        constrained = SamplingParams(max_tokens=40, temperature=1.0, seed=1, constraint=held)
+        return list(await asyncio.gather(*(one(i, p, constrained if i % 2 else GREEDY, grammar if i % 2 else None)
+                                           for i, p in enumerate(PROMPTS))))
+
+    texts = asyncio.run(main())
+    assert all(re.fullmatch(held.spec, t) for t in texts[1::2]), texts
+    assert len(per_step) >= 6 and set(per_step) == {(1, 1)}, per_step
 
 
 def test_chunked_prefill_gives_the_one_piece_tokens(build: Any, checkpoints_dir: Path) -> None:
