@@ -18,7 +18,7 @@ from service.engine.request import SamplingParams, StepOutput
 from service.errors import APIError
 from service.registry import ServedModel
 from service.routes.chat_prompt import chat_prompt, check_supported
-from service.routes.chat_tools import CallDeltas, ToolPlan, plan_tools, tool_calls
+from service.routes.chat_tools import CallDeltas, ToolPlan, plan_tools, reply
 from service.routes.constraints import compiled, constraint_of
 from service.routes.deps import (
     error_responses,
@@ -97,7 +97,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs to be true", param="top_logprobs")
     top = (body.top_logprobs or 0) if body.logprobs else None
-    tools = plan_tools(body)
+    tools = plan_tools(body, served)
     constraint, where = constraint_of(body)
     if tools.constraint is not None:
         if constraint is not None:
@@ -140,14 +140,6 @@ def _usage(choices: list[_Choice], prompt_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
-def _message(text: str, tools: ToolPlan, finish: str | None) -> tuple[ChatResponseMessage, str | None]:
-    """The reply's message: its text, or the tool calls it makes (and the finish_reason that goes with them)."""
-    calls = tool_calls(tools, text) if tools.constraint is not None and finish != "length" else None
-    if calls is None:
-        return ChatResponseMessage(content=text), finish
-    return ChatResponseMessage(content=None, tool_calls=calls), "tool_calls" if tools.mode == "required" else finish
-
-
 async def _collect(served: ServedModel, rid: str, created: int, choices: list[_Choice], streams: list[RequestStream],
                    pending: AsyncExitStack, prompt_tokens: int, tools: ToolPlan) -> ChatCompletionResponse:
     async with pending:
@@ -160,10 +152,10 @@ async def _collect(served: ServedModel, rid: str, created: int, choices: list[_C
                 if out.finish_reason == "error":
                     raise APIError(500, out.error or "generation failed", "server_error")
                 c.finish_reason, c.completion_tokens = out.finish_reason, out.num_output_tokens
-    result = [ChatChoice(index=c.index, message=message, finish_reason=finish,
-                         logprobs=None if c.logprobs is None else ChatLogprobs(
+    result = [ChatChoice(index=c.index, message=ChatResponseMessage(content=content, tool_calls=calls),
+                         finish_reason=finish, logprobs=None if c.logprobs is None else ChatLogprobs(
                              content=[ChatTokenLogprob(**lp) for lp in c.logprobs]))
-              for c in choices for message, finish in [_message("".join(c.text), tools, c.finish_reason)]]
+              for c in choices for content, calls, finish in [reply(tools, "".join(c.text), c.finish_reason)]]
     return ChatCompletionResponse(id=rid, created=created, model=served.name, choices=result,
                                   usage=Usage(**_usage(choices, prompt_tokens)))
 
@@ -187,17 +179,17 @@ async def _chunks(served: ServedModel, rid: str, created: int, choices: list[_Ch
             body["usage"] = _usage(choices, prompt_tokens)
         return sse(body)
 
-    calls = [CallDeltas(tools) for _ in choices] if tools.constraint is not None else None
+    calls = [CallDeltas(tools) for _ in choices] if tools.mode != "none" else None
     async with pending:
         for c in choices:
-            yield chunk(c.index, {"role": "assistant", "content": None if calls else ""})
+            yield chunk(c.index, {"role": "assistant", "content": None if calls and tools.mode != "auto" else ""})
         async for i, out in merge(streams):  # type: ignore[arg-type]
             c = choices[i]
             lp = _token_logprob(served, out) if c.logprobs is not None else None
             c.completion_tokens += out.token_id is not None
             if calls is not None:
-                for delta in calls[i].feed(out.text):
-                    yield chunk(c.index, {"tool_calls": [delta]})
+                for delta in calls[i].feed(out.text, out.finished):
+                    yield chunk(c.index, delta)
             elif out.text or lp is not None:
                 yield chunk(c.index, {"content": out.text}, None if lp is None else [lp])
             if out.finished:
@@ -207,10 +199,7 @@ async def _chunks(served: ServedModel, rid: str, created: int, choices: list[_Ch
                     yield sse("[DONE]")
                     return
                 c.finish_reason, c.completion_tokens = out.finish_reason, out.num_output_tokens
-                finish = out.finish_reason
-                if calls is not None and tools.mode == "required" and finish == "stop":
-                    finish = "tool_calls"
-                yield chunk(c.index, {}, None, finish)
+                yield chunk(c.index, {}, None, calls[i].finish(out.finish_reason) if calls else out.finish_reason)
     if usage is not None:
         yield sse({**head, "choices": [], "usage": _usage(choices, prompt_tokens)})
     yield sse("[DONE]")

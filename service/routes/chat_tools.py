@@ -6,9 +6,10 @@ held to JSON by a constraint (service/routes/constraints.py does the same for re
 - "required": the output is a JSON array of {"name", "arguments"} objects, each one of the tools with its
   schema (one call only when parallel_tool_calls is false); finish_reason "tool_calls".
 
-"auto" (OpenAI's default when tools are given) needs the model to decide, in a format its chat template
-declares and a parser reads; no served model's template declares tools yet, so it is refused with a 400 that
-says to use "required" or a named function. "none" generates text and calls nothing."""
+"auto" (OpenAI's default when tools are given) lets the model decide, in the format its chat template teaches:
+a template that renders `tools` and writes `<tool_call>` gets the Hermes parser (service/routes/tool_parser.py);
+for any other template "auto" is a 400 that says to use "required" or a named function. "none" generates text and
+calls nothing (the tools still reach the template)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.chat_template import ChatTemplateError
 from service.engine.request import Constraint
 from service.errors import APIError
+from service.registry import ServedModel
+from service.routes.chat_prompt import template_of
+from service.routes.tool_parser import HermesDeltas, declares_hermes, parse
 from service.schemas.chat import ChatCompletionRequest
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
@@ -59,7 +64,7 @@ def _functions(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def plan_tools(body: ChatCompletionRequest) -> ToolPlan:
+def plan_tools(body: ChatCompletionRequest, served: ServedModel) -> ToolPlan:
     choice = body.tool_choice
     if not body.tools:
         if choice not in (None, "none"):
@@ -69,9 +74,11 @@ def plan_tools(body: ChatCompletionRequest) -> ToolPlan:
     if choice == "none":
         return ToolPlan(tools=body.tools)
     if choice in (None, "auto"):
-        raise APIError(400, "tool_choice 'auto' (the default with tools) needs a chat template that declares tools "
-                       "and a parser for its calls; this model has neither: use tool_choice 'required' or "
-                       "{'type': 'function', 'function': {'name': ...}}", param="tool_choice")
+        if not _template_declares_hermes(served):
+            raise APIError(400, "tool_choice 'auto' (the default with tools) needs a chat template that declares "
+                           "tools in a format we parse (Hermes' <tool_call>); this model's does not: use tool_choice "
+                           "'required' or {'type': 'function', 'function': {'name': ...}}", param="tool_choice")
+        return ToolPlan("auto", tools=body.tools)
     if choice == "required":
         calls = [{"type": "object", "properties": {"name": {"const": name}, "arguments": schema},
                   "required": ["name", "arguments"]} for name, schema in functions.items()]
@@ -89,6 +96,15 @@ def plan_tools(body: ChatCompletionRequest) -> ToolPlan:
     return ToolPlan("named", name, Constraint("json", json.dumps(functions[name])), body.tools)
 
 
+def _template_declares_hermes(served: ServedModel) -> bool:
+    if served.is_encoder_decoder:
+        return False
+    try:
+        return declares_hermes(template_of(served).text)
+    except ChatTemplateError:
+        return False
+
+
 def call(name: str, arguments: str, index: int | None = None) -> dict[str, Any]:
     """One entry of message.tool_calls (with `index`, the first delta of a streamed one)."""
     entry = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
@@ -101,6 +117,8 @@ def tool_calls(plan: ToolPlan, text: str) -> list[dict[str, Any]] | None:
     if plan.mode == "named":
         assert plan.name is not None
         return [call(plan.name, text)]
+    if plan.mode == "auto":
+        return [call(name, arguments) for name, arguments in parse(text)[1]] or None
     try:
         items = json.loads(text)
     except json.JSONDecodeError:
@@ -108,10 +126,21 @@ def tool_calls(plan: ToolPlan, text: str) -> list[dict[str, Any]] | None:
     return [call(item["name"], json.dumps(item["arguments"], ensure_ascii=False)) for item in items]
 
 
+def reply(plan: ToolPlan, text: str, finish: str | None) -> tuple[str | None, list[dict[str, Any]] | None, str | None]:
+    """The finished reply: (content, tool_calls, finish_reason). Calls come with finish_reason "tool_calls" where
+    the model chose to call ("required", "auto"); a forced function keeps "stop", as OpenAI answers."""
+    calls = tool_calls(plan, text) if plan.mode != "none" and finish != "length" else None
+    if calls is None:
+        return text, None, finish
+    content = parse(text)[0] if plan.mode == "auto" else None
+    return content, calls, "tool_calls" if plan.mode != "named" and finish == "stop" else finish
+
+
 class CallDeltas:
-    """Streamed calls, as OpenAI streams them: the first delta of a call carries its index, id, type, name and
-    empty arguments, later ones argument text. A named call streams its arguments as they are generated; a
-    "required" array's calls are each sent whole when its object closes (they are only known then)."""
+    """A streamed reply's deltas, as OpenAI streams calls: the first delta of a call carries its index, id, type,
+    name and empty arguments, later ones argument text. A named call streams its arguments as they are generated;
+    a "required" array's calls are each sent whole when its object closes, and so are "auto"'s when their
+    </tool_call> arrives (text before the first call streams as content)."""
 
     def __init__(self, plan: ToolPlan) -> None:
         self.plan = plan
@@ -119,16 +148,31 @@ class CallDeltas:
         self.count = 0
         self._item: list[str] = []
         self._depth, self._in_string, self._escaped = 0, False, False
+        self._hermes = HermesDeltas() if plan.mode == "auto" else None
 
-    def feed(self, text: str) -> list[dict[str, Any]]:
+    def feed(self, text: str, final: bool = False) -> list[dict[str, Any]]:
+        """The deltas ({"content": ...} or {"tool_calls": [...]}) this text gives."""
+        if self._hermes is not None:
+            out = []
+            for kind, value in self._hermes.feed(text, final):
+                if kind == "content":
+                    out.append({"content": value})
+                else:
+                    out.append({"tool_calls": [call(value[1], value[2], value[0])]})
+            self.count = self._hermes.count
+            return out
         if self.plan.mode == "named":
             assert self.plan.name is not None
-            out = [] if self.started else [call(self.plan.name, "", 0)]
+            out = [] if self.started else [{"tool_calls": [call(self.plan.name, "", 0)]}]
             self.started = True
             if text:
-                out.append({"index": 0, "function": {"arguments": text}})
+                out.append({"tool_calls": [{"index": 0, "function": {"arguments": text}}]})
             return out
-        return [d for ch in text if (d := self._char(ch)) is not None]
+        return [{"tool_calls": [d]} for ch in text if (d := self._char(ch)) is not None]
+
+    def finish(self, reason: str | None) -> str | None:
+        called = self.plan.mode == "required" or (self.plan.mode == "auto" and self.count > 0)
+        return "tool_calls" if called and reason == "stop" else reason
 
     def _char(self, ch: str) -> dict[str, Any] | None:
         """Follow the array one character at a time; a call's delta when a top-level object closes."""

@@ -29,6 +29,17 @@ TOOLS: list[Any] = [
 ]
 
 
+HERMES = "gpt2-hermes"  # the same random GPT-2 with a chat template that declares tools, Hermes' way
+HERMES_TEMPLATE = """{%- if tools %}<|im_start|>system
+You may call these functions: {% for t in tools %}{{ t.function.name }} {% endfor %}
+Call one as <tool_call>{"name": <name>, "arguments": <arguments>}</tool_call><|im_end|>
+{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+HERMES_CALL = r'Sure\. <tool_call>\{"name": "get_weather", "arguments": \{"city": "[a-z]{2,6}", "unit": "celsius", "days": 2\}\}</tool_call>'
+
+
 class Person(BaseModel):
     name: str = Field(max_length=8)
     age: int = Field(ge=0, le=99)
@@ -39,6 +50,7 @@ class Person(BaseModel):
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     root = make_checkpoints(tmp_path_factory.mktemp("clients-structured"))
     random_gpt2(root / GPT2)
+    (random_gpt2(root / HERMES) / "chat_template.jinja").write_text(HERMES_TEMPLATE)
     s = LiveServer(settings_for(root, kv_cache_blocks=1024))
     yield s
     s.stop()
@@ -103,3 +115,24 @@ def test_langchain_with_structured_output(server: LiveServer, method: str) -> No
                      seed=5)  # type: ignore[call-arg]
     result = llm.with_structured_output(Person, method=method).invoke("Describe a person.")  # type: ignore[arg-type]
     assert isinstance(result, Person)
+
+
+def test_tool_choice_auto_reads_hermes_calls_from_a_template_that_declares_tools(client: openai.OpenAI) -> None:
+    """The model decides; here a regex decides for the random model, so that the parser has a call to read."""
+    args: dict[str, Any] = dict(model=HERMES, messages=MESSAGES, tools=TOOLS, seed=2, temperature=1.0,
+                                max_tokens=120, extra_body={"guided_regex": HERMES_CALL})
+    whole = client.chat.completions.create(**args).choices[0]
+    assert whole.finish_reason == "tool_calls" and whole.message.content == "Sure."
+    calls = whole.message.tool_calls
+    assert calls is not None and calls[0].function.name == "get_weather"  # type: ignore[union-attr]
+    _arguments_validate(calls, WEATHER)
+    content, streamed, finish = "", [], None
+    for chunk in client.chat.completions.create(**args, stream=True):
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            streamed += [d.function.arguments for d in c.delta.tool_calls or [] if d.function]
+            finish = c.finish_reason or finish
+    assert content.strip() == "Sure." and finish == "tool_calls"
+    assert streamed == [calls[0].function.arguments]  # type: ignore[union-attr]
+    free = client.chat.completions.create(model=HERMES, messages=MESSAGES, tools=TOOLS, seed=2, max_tokens=20)
+    assert free.choices[0].message.tool_calls is None and free.choices[0].message.content  # it chose to write
