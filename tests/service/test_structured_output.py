@@ -164,17 +164,23 @@ def test_beam_search_with_a_constraint_is_refused(server: LiveServer) -> None:
     assert err["param"] == "guided_regex" and "beam" in err["message"]
 
 
-def test_preempted_constrained_requests_still_validate(tmp_path: Path) -> None:
-    """A KV pool too small for every request at once: some are preempted and recomputed, their matchers kept."""
+def test_chunked_and_preempted_constrained_requests_give_the_tokens_of_a_roomy_server(server: LiveServer,
+                                                                                      tmp_path: Path) -> None:
+    """A KV pool too small for every request at once (some are preempted and recomputed, their matchers kept) and
+    a token budget that prefills the prompt in chunks: greedy constrained outputs equal the roomy server's."""
     root = make_checkpoints(tmp_path)
     random_gpt2(root / GPT2)
-    s = LiveServer(settings_for(root, kv_cache_blocks=96, max_model_len=256, max_num_seqs=8))
+    s = LiveServer(settings_for(root, kv_cache_blocks=96, max_model_len=256, max_num_seqs=8,
+                                max_num_batched_tokens=8))
     try:
-        bodies = [{"model": GPT2, "prompt": "ROMEO: " * 4, "temperature": 1.0, "seed": i, "max_tokens": 200,
+        bodies = [{"model": GPT2, "prompt": f"ROMEO {i}: " * 4, "temperature": 0.0, "max_tokens": 200,
                    "guided_json": SCHEMA} for i in range(8)]
-        for r in asyncio.run(_many(s.url, "/v1/completions", bodies)):
-            jsonschema.validate(json.loads(r["choices"][0]["text"]), SCHEMA)
+        tight = [r["choices"][0]["text"] for r in asyncio.run(_many(s.url, "/v1/completions", bodies))]
         engine = s.models[GPT2].engine
         assert engine.scheduler.num_preemptions > 0 and engine.blocks.num_free == engine.blocks.num_blocks
     finally:
         s.stop()
+    roomy = [r["choices"][0]["text"] for r in asyncio.run(_many(server.url, "/v1/completions", bodies))]
+    assert tight == roomy
+    for text in tight:
+        jsonschema.validate(json.loads(text), SCHEMA)
