@@ -101,8 +101,9 @@ class Metrics:
                                  TOKEN_BUCKETS)
 
         # per engine step (TGI's batch_forward_duration{method}, vllm:iteration_tokens_total)
-        self.step_prefill = histogram("prefill_step_time_seconds", "Prefill forward + sampling of one step")
-        self.step_decode = histogram("decode_step_time_seconds", "Decode forward + sampling of one step")
+        self.step_prefill = histogram("prefill_step_time_seconds", "Forward + sampling of a step with prefill "
+                                      "tokens (decode rows beside them included)")
+        self.step_decode = histogram("decode_step_time_seconds", "Forward + sampling of a step that only decodes")
         self.step_time = histogram("step_time_seconds", "One whole engine step: schedule, execute, update")
         self.batch = histogram("batch_size", "Requests per engine step", BATCH_BUCKETS)
         self.iteration_tokens = histogram("iteration_tokens", "Tokens computed per engine step (prompt tokens "
@@ -144,7 +145,7 @@ class Metrics:
         self.step_time.labels(m).observe(s.step_time)
         if s.num_prefill_tokens:
             self.step_prefill.labels(m).observe(s.prefill_time)
-        if s.num_decode_tokens:
+        if s.num_decode_tokens and not s.num_prefill_tokens:  # a mixed step's forward is the prefill's
             self.step_decode.labels(m).observe(s.decode_time)
         if s.num_preempted:
             self.preemptions.labels(m).inc(s.num_preempted)
