@@ -103,11 +103,15 @@ docker-run:
 # Our server vs transformers generate() (served one at a time, and one static batch) on identical weights, and the
 # roofline: shakespeare-gpt, gpt2-small and SmolLM2-135M (downloaded once), float32 and bfloat16, ~8 minutes on
 # 2 CPU cores (SmolLM2 ~3 of them; BENCH_ARGS="--models smollm2-135m" for it alone); then the shared-prefix
-# scenario with prefix caching on and off (the two GPT models, ~4 minutes); writes benchmarks/results/<date>-cpu/.
+# scenario with prefix caching on and off (the two GPT models, ~4 minutes); then structured output, 32 streams with
+# half of them held to JSON schemas against the same requests unconstrained (SmolLM2, ~2 minutes; STRUCTURED=0
+# leaves it out); writes benchmarks/results/<date>-cpu/.
 # Each row also runs llama.cpp's llama-server on the same weights (built once into ~/.cache/attnserve, ~11 minutes
 # on 2 cores; skipped with the reason where it cannot be): BENCH_ARGS=--no-llama-cpp leaves it out.
 BENCH_ARGS ?=
+STRUCTURED ?= 1
 
 bench: setup
 	$(BIN)/python -m benchmarks.run_cpu $(BENCH_ARGS)
 	$(BIN)/python -m benchmarks.prefix_bench
+	$(if $(filter 1,$(STRUCTURED)),$(BIN)/python -m benchmarks.structured_bench)

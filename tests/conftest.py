@@ -97,7 +97,7 @@ TIERS = {"fast": "units and the engine in-process, no server", "live": "a live s
          "cuda": "needs a CUDA device"}
 LIVE_FIXTURES = {"server", "make_server", "smollm2_server"}
 LIVE_SIGNS = ("LiveServer", "ServiceProcess", "make_server", "Popen(", "subprocess.run(", "smollm2_gguf",
-              "benchmarks.prefix_bench", "benchmarks.run_cpu")
+              "benchmarks.prefix_bench", "benchmarks.run_cpu", "benchmarks.structured_bench")
 
 
 def pytest_configure(config: pytest.Config) -> None:
