@@ -28,7 +28,8 @@ class Hypothesis:
 async def _next(served: ServedModel, rid: str, prompt: list[int], source: list[int] | None,
                 params: SamplingParams) -> tuple[TokenLogprob, ...]:
     """The top log-probs of the token after `prompt`, from one engine request."""
-    async with served.open(Request(rid, prompt, params, source_ids=source), counts_prompt=False) as stream:
+    step = Request(rid, prompt, params, source_ids=source, counted=False)  # the search reports the user's once
+    async with served.open(step) as stream:
         async for out in stream:
             if out.finish_reason == "error":
                 raise RuntimeError(out.error or "generation failed")

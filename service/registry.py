@@ -84,7 +84,7 @@ class ServedModel:
         if caller is not None and req.deadline is None:
             req.deadline = caller.deadline
         stream = self.engine.open(req)
-        if caller is not None:
+        if caller is not None and req.counted:
             stream.on_close = lambda r: caller.count(r, counts_prompt)
         return stream
 

@@ -93,7 +93,7 @@ class Outputs:
                                     num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=len(req.output_ids),
                                     queue_time=queue_time(req), ttft=ttft, e2e=e2e,
                                     prompt_logprobs=self.first_prompt_logprobs(live)))
-        if self.on_finish is not None and not req.request_id.startswith("warmup-"):
+        if self.on_finish is not None and req.counted and not req.request_id.startswith("warmup-"):
             self.on_finish(RequestStats(self.name, req.request_id, reason, req.num_prompt_tokens, len(req.output_ids),
                                         queue_time(req), ttft, e2e, tuple(live.itls)))
 

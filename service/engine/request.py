@@ -120,6 +120,7 @@ class Request:
     attention: AttentionSpec | None = None  # stream attention rows with each token (the explicit path)
     prompt_logprobs: list[PromptLogprob | None] | None = None  # filled during prefill when params ask
     matcher: Any = None  # params.constraint's state over the output so far (xgrammar's GrammarMatcher)
+    counted: bool = True  # False: one step of a search run for a user's request, which that request reports once
 
     def keep_prompt_logprobs(self, scores: dict[int, PromptLogprob]) -> None:
         """Prompt positions scored in one step (a long prompt is scored chunk by chunk, a recompute again)."""

@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from service.beam_search import Hypothesis, beam_search
+from service.caller import CALLER
+from service.engine.request import RequestStats
 from service.errors import APIError
 from service.registry import ServedModel
 from service.routes.deps import omitted_max_tokens, sampling_params, settings_of
@@ -36,20 +39,37 @@ def check_beam(body: Any, width: int, field: str, settings: Settings) -> None:
 
 
 async def run_beams(served: ServedModel, body: Any, request: Any, rid: str, prompt: str, ids: list[int],
-                    width: int, alpha: float | None) -> tuple[list[Hypothesis], int]:
-    """Best-first hypotheses for one prompt, and its prompt-token count."""
+                    width: int, alpha: float | None, returned: int) -> tuple[list[Hypothesis], int]:
+    """Best-first hypotheses for one prompt, and its prompt-token count. The search's engine requests (one per
+    hypothesis per step) are not counted; the user's request is, once, in the metrics and the access log: its
+    prompt, and the tokens of the `returned` hypotheses it answers with, as its usage says."""
     params = sampling_params(body, settings_of(request), None, prompt=prompt,
                              default_max_tokens=omitted_max_tokens(served, ids, body.max_tokens))
     req = served.make_request(rid, prompt, params, prompt_ids=ids)
     served.engine.check(req)  # too long for the context, or the engine not taking requests: refused as usual
-    beams = await beam_search(served, rid, req.prompt_ids, req.source_ids, width, params.max_tokens, alpha)
+    start, beams, reason = time.monotonic(), [], "error"
+    try:
+        beams = await beam_search(served, rid, req.prompt_ids, req.source_ids, width, params.max_tokens, alpha)
+        reason = finish_reason(beams[0])
+    except asyncio.CancelledError:
+        reason = "abort"
+        raise
+    finally:
+        output = sum(len(h.token_ids) for h in beams[:returned])
+        if served.engine.on_finish is not None:
+            served.engine.on_finish(RequestStats(served.name, rid, reason, req.num_prompt_tokens, output, None, None,
+                                                 time.monotonic() - start))
+        caller = CALLER.get()
+        if caller is not None:
+            caller.prompt_tokens += req.num_prompt_tokens
+            caller.completion_tokens += output
     return beams, req.num_prompt_tokens
 
 
 async def run_all(served: ServedModel, body: Any, request: Any, rid: str, prompts: list[tuple[str, list[int]]],
-                  width: int, alpha: float | None) -> list[tuple[list[Hypothesis], int]]:
-    return list(await asyncio.gather(*(run_beams(served, body, request, f"{rid}-{i}", text, ids, width, alpha)
-                                       for i, (text, ids) in enumerate(prompts))))
+                  width: int, alpha: float | None, returned: int) -> list[tuple[list[Hypothesis], int]]:
+    return list(await asyncio.gather(*(run_beams(served, body, request, f"{rid}-{i}", text, ids, width, alpha,
+                                                 returned) for i, (text, ids) in enumerate(prompts))))
 
 
 def usage(results: list[tuple[list[Hypothesis], int]], returned: int) -> Usage:

@@ -101,7 +101,7 @@ async def _beams(served: ServedModel, body: GenerateRequest, request: Request, i
     beam.check_beam(body, body.beam_width, "beam_width", settings_of(request))
     rid, start = request_id(request, "gen"), time.monotonic()
     results = await until_disconnect(request, beam.run_all(served, body, request, rid, [(body.prompt, ids)],
-                                                           body.beam_width, body.length_penalty))
+                                                           body.beam_width, body.length_penalty, 1))
     best = results[0][0][0]
     return GenerateResponse(id=rid, model=served.name, text=served.tokenizer.decode(best.token_ids),
                             token_ids=best.token_ids, finish_reason=beam.finish_reason(best),

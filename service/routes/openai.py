@@ -155,7 +155,7 @@ async def _beams(body: CompletionRequest, request: Request, served: ServedModel,
     beam.check_beam(body, body.n, "n", settings)
     pairs = [(text, served.tokenizer.encode(text) if given is None else given) for text, given in prompts]
     results = await until_disconnect(request, beam.run_all(served, body, request, rid, pairs, body.n,
-                                                           body.length_penalty))
+                                                           body.length_penalty, body.n))
     choices = [CompletionChoice(index=i * body.n + r, text=served.tokenizer.decode(h.token_ids),
                                 finish_reason=beam.finish_reason(h), prompt_logprobs=None)
                for i, (hyps, _) in enumerate(results) for r, h in enumerate(hyps[: body.n])]

@@ -84,3 +84,21 @@ def test_what_a_beam_cannot_do_is_refused_naming_the_field(server: LiveServer, b
     r = httpx.post(f"{server.url}/v1/generate", json={"model": "tiny-gpt", "prompt": "ROMEO:", "beam_width": 2,
                                                       "stream": True}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "stream", r.text
+
+
+def test_a_beam_request_counts_once_in_the_metrics_as_its_usage_says(server: LiveServer) -> None:
+    """One request of width 4 is dozens of engine requests (one per hypothesis per step); /metrics counts the
+    user's request once, with the prompt once and the returned hypotheses' tokens, as its usage does."""
+    def metric(name: str) -> float:  # summed over its other labels (finish_reason)
+        return sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(f"{server.url}/metrics").text.splitlines()
+                   if line.startswith(f"attnserve_{name}{{") and 'model="tiny-gpt"' in line)
+
+    names = ("requests_finished_total", "prompt_tokens_total", "generation_tokens_total")
+    before = [metric(n) for n in names]
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny-gpt", "prompt": PROMPTS[0], "max_tokens": 8,
+                                                         "use_beam_search": True, "n": 4}, timeout=120)
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    after = [metric(n) for n in names]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, usage["prompt_tokens"],
+                                                                    usage["completion_tokens"]]
