@@ -56,7 +56,7 @@ class Outputs:
         live = self.live.get(req.request_id)
         if live is None:
             return
-        if sampled.token is None:  # it ended without a new token: EOS, a stop token id or an error
+        if sampled.token is None:  # it ended without a new token: an error (a stop token is its last token)
             self.finish(live, sampled.finished or RequestStatus.FINISHED_ERROR, error=sampled.error)
             return
         now = time.monotonic()
@@ -65,7 +65,7 @@ class Outputs:
         elif req.last_token_time is not None:
             live.itls.append(now - req.last_token_time)
         req.last_token_time = now
-        text = live.detok.add(sampled.token)
+        text = "" if sampled.stop_token else live.detok.add(sampled.token)
         status = sampled.finished
         if live.detok.stopped:
             status = RequestStatus.FINISHED_STOPPED

@@ -70,6 +70,7 @@ class Sampled:
     error: str | None = None
     logprob: float | None = None
     top_logprobs: tuple[TokenLogprob, ...] = ()
+    stop_token: bool = False  # the token is the EOS or stop token id that ended it: in the output, with no text
 
 
 class Scheduler:
@@ -210,11 +211,15 @@ class Scheduler:
                 self.finish(req, RequestStatus.FINISHED_LENGTH)
                 results.append(Sampled(req, None, RequestStatus.FINISHED_LENGTH))
                 continue
-            if (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
-                self.finish(req, RequestStatus.FINISHED_STOPPED)
-                results.append(Sampled(req, None, RequestStatus.FINISHED_STOPPED))
-                continue
+            lp = output.logprobs[i] if output.logprobs is not None else None
+            top = output.top_logprobs[i] if output.top_logprobs is not None else ()
             req.output_ids.append(token)
+            if (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
+                # the stop token is the output's last token, as vLLM keeps it: in token ids, its log-prob reported,
+                # counted in usage, and no text (its K/V is never needed)
+                self.finish(req, RequestStatus.FINISHED_STOPPED)
+                results.append(Sampled(req, token, RequestStatus.FINISHED_STOPPED, None, lp, top, stop_token=True))
+                continue
             status = None
             if req.matcher is not None and not req.matcher.accept_token(token):  # never with the mask applied
                 self.finish(req, RequestStatus.FINISHED_ERROR)
@@ -227,7 +232,5 @@ class Scheduler:
                     self.max_model_len is not None and req.num_tokens >= self.max_model_len):
                 status = RequestStatus.FINISHED_LENGTH
                 self.finish(req, status)
-            lp = output.logprobs[i] if output.logprobs is not None else None
-            top = output.top_logprobs[i] if output.top_logprobs is not None else ()
             results.append(Sampled(req, token, status, None, lp, top))
         return results

@@ -138,6 +138,7 @@ async def _generate(request: Request, served: ServedModel, params: SamplingParam
     req = served.make_request(request_id(request, "insp"), None, dataclasses.replace(params, constraint=constraint),
                               prompt_ids=ids, grammar=grammar)
     stream = served.open(req)
+    stops = {served.tokenizer.eos_id, *params.stop_token_ids}
 
     async def collect() -> list[int]:
         out_ids: list[int] = []
@@ -147,6 +148,8 @@ async def _generate(request: Request, served: ServedModel, params: SamplingParam
                     out_ids.append(out.token_id)
                 if out.finished and out.finish_reason == "error":
                     raise APIError(500, out.error or "generation failed", "server_error", code="generation_failed")
+                if out.finished and out.finish_reason == "stop" and out_ids and out_ids[-1] in stops:
+                    out_ids.pop()  # the stop token that ended it (it has no text) is not inspected
         return out_ids
 
     out_ids = await until_disconnect(request, collect())

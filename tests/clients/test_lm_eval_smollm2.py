@@ -119,10 +119,6 @@ def test_every_document_chooses_as_the_hf_backend(ours: dict[str, Any], referenc
     assert acc == sum(s.index(max(s)) == DOCS[i]["label"] for i, s in got.items()) / len(DOCS)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "the server leaves a generated EOS out of echo logprobs (and completion_tokens): lm-eval sends max_tokens 1 "
-    "and reads token_logprobs[ctxlen:-1], so where <|im_end|> is the greedy next token (after 'Two plus two "
-    "equals three.' and its other choices) the continuation's last token is dropped; vLLM keeps the EOS token"))
 def test_every_loglikelihood_equals_the_hf_backend(ours: dict[str, Any], reference: dict[str, Any]) -> None:
     got, want = per_doc(ours), per_doc(reference)
     for doc_id, scores in got.items():

@@ -67,6 +67,11 @@ def token_ids(outs: list[StepOutput]) -> list[int]:
     return [o.token_id for o in outs if o.token_id is not None]
 
 
+def without_eos(ids: list[int], eos: int | None) -> list[int]:
+    """The reference decoder stops before EOS; the engine keeps the EOS that ends an output as its last token."""
+    return ids[:-1] if ids and ids[-1] == eos else ids
+
+
 def test_concurrent_greedy_and_preempted_requests_equal_the_reference(reference: Checkpoint,
                                                                      checkpoints_dir: Path) -> None:
     """A pool of 32 blocks of 4 cannot hold 8 requests of up to 52 + 48 tokens: preemption and recompute."""
@@ -81,7 +86,7 @@ def test_concurrent_greedy_and_preempted_requests_equal_the_reference(reference:
     tok = reference.tokenizer
     for prompt, out in zip(PROMPTS, outs, strict=True):
         ref = generate(reference.model, tok.encode(prompt), GenerationConfig(max_new_tokens=48, eos_id=tok.eos_id))
-        assert token_ids(out) == ref, prompt
+        assert without_eos(token_ids(out), tok.eos_id) == ref, prompt
         assert "".join(o.text for o in out) == tok.decode(ref)
 
 
@@ -91,7 +96,7 @@ def test_seeded_sampling_equals_the_reference_decoder_at_any_load(served: Served
     tok = reference.tokenizer
     for i, prompt in enumerate(PROMPTS):
         cfg = GenerationConfig(max_new_tokens=30, temperature=1.0, top_p=0.9, seed=100 + i, eos_id=tok.eos_id)
-        assert together[i] == generate(reference.model, tok.encode(prompt), cfg), prompt
+        assert without_eos(together[i], tok.eos_id) == generate(reference.model, tok.encode(prompt), cfg), prompt
     alone = [token_ids(run_all(served, [p], [prompt])[0]) for p, prompt in zip(params[:3], PROMPTS, strict=False)]
     assert alone == together[:3]
 
@@ -104,12 +109,14 @@ def test_finish_reasons_and_the_final_output(served: ServedModel) -> None:
     assert [o.finished for o in length] == [False] * 12 + [True]
     assert length[-1].num_output_tokens == 12 and length[-1].num_prompt_tokens == len("ROMEO:")
     assert length[-1].ttft is not None and length[-1].e2e is not None and length[-1].e2e >= length[-1].ttft
-    # a stop token ends the request and is not part of the output
+    # a stop token ends the request as its last token (vLLM's): in the ids and counted, with no text
     stop_id = ids[5]
     first = ids.index(stop_id)
     (stopped,) = run_all(served, [SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=(stop_id,))],
                          ["ROMEO:"])
-    assert token_ids(stopped) == ids[:first] and stopped[-1].finish_reason == "stop"
+    assert token_ids(stopped) == ids[: first + 1] and stopped[-1].finish_reason == "stop"
+    assert "".join(o.text for o in stopped) == served.tokenizer.decode(ids[:first])
+    assert stopped[-1].num_output_tokens == first + 1
     # a stop string: the text ends before it
     text = served.tokenizer.decode(ids)
     stop = text[len(text) // 2 :][:2]

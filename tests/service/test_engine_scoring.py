@@ -73,7 +73,9 @@ def test_min_tokens_holds_eos_back(build: Any) -> None:
     head.bias = torch.nn.Parameter(bias)
     outs = run(served, ["ROMEO:", "ROMEO:"], [SamplingParams(max_tokens=8, temperature=0.0),
                                              SamplingParams(max_tokens=8, temperature=0.0, min_tokens=4)])
-    assert [sum(o.token_id is not None for o in out) for out in outs] == [0, 4]
+    assert [sum(o.token_id is not None for o in out) for out in outs] == [1, 5]  # + the EOS that ends each
+    assert [[o.token_id for o in out if o.token_id is not None][-1] for out in outs] == [eos, eos]
+    assert "".join(o.text for o in outs[0]) == ""
     assert outs[1][-1].finish_reason == "stop"
 
 

@@ -30,11 +30,10 @@ class Sent:
     prompt_tokens: int
     output_tokens: int
     scheduled: bool = True
-    stopped_by_token: bool = False
 
     @property
-    def steps(self) -> int:  # one sampled token per step; a stop token is sampled but not returned
-        return self.output_tokens + int(self.stopped_by_token) if self.scheduled else 0
+    def steps(self) -> int:  # one sampled token per step (a stop token that ends it is returned too, as vLLM's)
+        return self.output_tokens if self.scheduled else 0
 
 
 class Scraper:
@@ -104,8 +103,8 @@ async def drive_load(url: str, encode: Callable[[str], list[int]]) -> tuple[list
         # greedy repeats r1, so stopping on its last token stops where that token first appears
         stop_at = r1["token_ids"].index(r1["token_ids"][-1])
         r5 = (await post(GEN, body("ROMEO:", 5, stop_token_ids=[r1["token_ids"][-1]]), 200)).json()
-        assert (r5["finish_reason"], r5["usage"]["completion_tokens"]) == ("stop", stop_at)
-        sent.append(Sent(len(encode("ROMEO:")), stop_at, stopped_by_token=True))
+        assert (r5["finish_reason"], r5["usage"]["completion_tokens"]) == ("stop", stop_at + 1)  # + the stop token
+        sent.append(Sent(len(encode("ROMEO:")), stop_at + 1))
 
         too_long = await post(GEN, body("ROMEO:", 125), 400)
         assert too_long.json()["error"]["code"] == "context_length_exceeded"

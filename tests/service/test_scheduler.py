@@ -178,9 +178,9 @@ def test_update_applies_eos_stop_ids_max_tokens_and_context() -> None:
     plan = sched.schedule()
     got = sched.update(plan, ModelOutput([2, 9, 2, 5, 5]))
     assert [(r.request.request_id, r.token, r.finished) for r in got] == [
-        ("eos", None, RequestStatus.FINISHED_STOPPED), ("stop", None, RequestStatus.FINISHED_STOPPED),
+        ("eos", 2, RequestStatus.FINISHED_STOPPED), ("stop", 9, RequestStatus.FINISHED_STOPPED),
         ("ignore", 2, None), ("len", 5, RequestStatus.FINISHED_LENGTH), ("ctx", 5, RequestStatus.FINISHED_LENGTH)]
-    assert eos.output_ids == [] and ignore.output_ids == [2] and [r.request_id for r in sched.running] == ["ignore"]
+    assert eos.output_ids == [2] and ignore.output_ids == [2] and [r.request_id for r in sched.running] == ["ignore"]
     assert sched.blocks.num_free == 100 - len(ignore.block_ids)
 
 
