@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.schemas.common import MAX_TEXT_CHARS, Sampling, Usage
+from service.schemas.common import MAX_TEXT_CHARS, ConstraintFields, Sampling, Usage
 
 
 class ChatMessage(BaseModel):
@@ -44,7 +44,7 @@ class ChatStreamOptions(BaseModel):
     continuous_usage_stats: bool | None = Field(False, description="vLLM: usage so far on every chunk too")
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(ConstraintFields):
     """OpenAI's chat request, plus vLLM's top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids,
     min_tokens, include_stop_str_in_output and chat-template switches."""
 
@@ -72,7 +72,6 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: dict[str, Any] | None = None
     user: str | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = None
@@ -99,12 +98,6 @@ class ChatCompletionRequest(BaseModel):
     truncate_prompt_tokens: int | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
-    guided_json: Any = Field(None, description="vLLM: the reply matches this JSON schema")
-    guided_regex: str | None = Field(None, description="vLLM: the reply matches this regex")
-    guided_choice: list[str] | None = Field(None, description="vLLM: the reply is one of these strings")
-    guided_grammar: str | None = Field(None, description="vLLM: the reply matches this EBNF (GBNF) grammar")
-    structured_outputs: dict[str, Any] | None = Field(None, description="vLLM: one of json, regex, choice, "
-                                                      "grammar, json_object")
     logits_processors: list[Any] | None = None
     chat_template: str | None = Field(None, description="refused: only the checkpoint's template is rendered")
     documents: list[dict[str, Any]] | None = None

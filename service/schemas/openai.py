@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.schemas.common import SamplingFields, Usage
+from service.schemas.common import ConstraintFields, SamplingFields, Usage
 
 
 class StreamOptions(BaseModel):
@@ -22,7 +22,7 @@ UNSUPPORTED: dict[str, object] = {
 }
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(SamplingFields, ConstraintFields):
     """OpenAI's /v1/completions request, plus vLLM's sampling extras (top_k, min_p, min_tokens, repetition_penalty,
     ignore_eos, stop_token_ids, include_stop_str_in_output, prompt_logprobs) and beam search (use_beam_search, n,
     length_penalty). Every field but prompt may be null."""
@@ -63,13 +63,6 @@ class CompletionRequest(SamplingFields):
     bad_words: list[str] | None = None
     spaces_between_special_tokens: bool = True
     return_tokens_as_token_ids: bool = False
-    guided_json: Any = Field(None, description="vLLM: the output matches this JSON schema")
-    guided_regex: str | None = Field(None, description="vLLM: the output matches this regex")
-    guided_choice: list[str] | None = Field(None, description="vLLM: the output is one of these strings")
-    guided_grammar: str | None = Field(None, description="vLLM: the output matches this EBNF (GBNF) grammar")
-    structured_outputs: dict[str, Any] | None = Field(None, description="vLLM: one of json, regex, choice, "
-                                                      "grammar, json_object")
-    response_format: dict[str, Any] | None = Field(None, description="json_object or json_schema, as chat's")
     logits_processors: list[Any] | None = None
     priority: int = 0
 

@@ -62,8 +62,8 @@ def test_decode_inputs_are_the_same_storage_step_after_step(build: Any) -> None:
     assert next(iter(seen)) == (ptr, ptr, ptr), "inputs are views of the one persistent device buffer"
 
 
-def test_one_transfer_each_way_per_step(build: Any) -> None:
-    served = build(start=False)
+def count_transfers(served: ServedModel) -> list[tuple[int, int]]:
+    """(host-to-device, device-to-host) copies of each step the engine runs from now on, in a list that fills."""
     runner, per_step = served.engine.runner, []
     execute = runner.execute
 
@@ -74,6 +74,12 @@ def test_one_transfer_each_way_per_step(build: Any) -> None:
         return out
 
     runner.execute = counted  # type: ignore[method-assign]
+    return per_step
+
+
+def test_one_transfer_each_way_per_step(build: Any) -> None:
+    served = build(start=False)
+    per_step = count_transfers(served)
     served.engine.start()
     params = [GREEDY, SamplingParams(max_tokens=12, temperature=0.9, top_p=0.8, seed=3, logprobs=2, ignore_eos=True)]
     run(served, PROMPTS, params * 3)
@@ -83,16 +89,7 @@ def test_one_transfer_each_way_per_step(build: Any) -> None:
 def test_grammar_masks_travel_with_the_step_inputs(build: Any) -> None:
     """Rows held to a grammar beside free ones: their bitmasks go to the device in the step's one copy."""
     served = build(start=False)
-    runner, per_step = served.engine.runner, []
-    execute = runner.execute
-
-    def counted(plan: Any, copies: Any = None) -> Any:
-        before = (runner.transfers.to_device, runner.transfers.to_host)
-        out = execute(plan, copies)
-        per_step.append((runner.transfers.to_device - before[0], runner.transfers.to_host - before[1]))
-        return out
-
-    runner.execute = counted  # type: ignore[method-assign]
+    per_step = count_transfers(served)
     served.engine.start()
     held = Constraint("regex", r"[a-z]{2,5}( [a-z]{2,5}){1,3}\.")
 
