@@ -94,10 +94,9 @@ class ServedModel:
         `grammar` (from `grammar()`) holds the output to params.constraint: the request gets its own matcher."""
         req = self._request(request_id, text, params, prompt_ids)
         if grammar is not None:
-            import xgrammar
+            from service.engine.structured import matcher
 
-            # without an EOS a grammar ends the output as soon as it may (nothing else could end it)
-            req.matcher = xgrammar.GrammarMatcher(grammar, terminate_without_stop_token=self.tokenizer.eos_id is None)
+            req.matcher = matcher(grammar, self.tokenizer.eos_id is not None)
         return req
 
     def _request(self, request_id: str, text: str | None, params: SamplingParams,

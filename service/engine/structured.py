@@ -61,7 +61,6 @@ class Grammars:
     """One model's grammar compiler: compiles constraints on a worker thread, caches them, makes matchers."""
 
     def __init__(self, tok: Vocabulary, vocab_size: int, threads: int = 2) -> None:
-        self.vocab_size = vocab_size
         self.info = tokenizer_info(tok, vocab_size)
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=threads)
         self.alphabet = Alphabet.of(tok, vocab_size, self.info)  # None for byte-complete vocabularies
@@ -111,12 +110,14 @@ class Grammars:
             return compiler.compile_grammar(c.spec)
         raise ConstraintError(f"unknown constraint kind {c.kind!r}; one of {', '.join(KINDS)}")
 
-    @staticmethod
-    def matcher(compiled: xgr.CompiledGrammar) -> xgr.GrammarMatcher:
-        return xgr.GrammarMatcher(compiled)
-
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def matcher(compiled: xgr.CompiledGrammar, has_eos: bool) -> xgr.GrammarMatcher:
+    """One request's state in a compiled grammar. Without an EOS the grammar ends the output as soon as it may
+    (nothing else could end it)."""
+    return xgr.GrammarMatcher(compiled, terminate_without_stop_token=not has_eos)
 
 
 _NAMES = {"json": "JSON schema", "json_object": "JSON object format", "regex": "regex", "choice": "choice",
