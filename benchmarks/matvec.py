@@ -24,7 +24,6 @@ noisy: compare rows of one run, not runs; a run takes a few minutes (`--rows 1 -
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model.quantize import int8_matmul, quantize_weight
+from service.engine.device import best_seconds
 
 SHAPES = {  # (in, out) of SmolLM2-135M's linears
     "q / o (576 -> 576)": (576, 576),
@@ -54,14 +54,7 @@ def _weights(make: Callable[[], Tensor | tuple[Tensor, ...]], nbytes: int) -> li
 def _time(call: Callable[[Tensor | tuple[Tensor, ...]], Tensor], weights: list[Tensor | tuple[Tensor, ...]],
           rounds: int = 3) -> float:
     """Best mean seconds per call over `rounds` passes through every copy (after one warm-up pass)."""
-    best = float("inf")
-    for r in range(rounds + 1):
-        start = time.perf_counter()
-        for w in weights:
-            call(w)
-        if r:
-            best = min(best, (time.perf_counter() - start) / len(weights))
-    return best
+    return best_seconds(call, weights, rounds)
 
 
 def candidates(k: int, n: int, m: int) -> dict[str, tuple[int, float]]:

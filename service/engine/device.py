@@ -9,7 +9,9 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -64,13 +66,19 @@ def _matvec_seconds(dtype: torch.dtype, d_model: int, reps: int = 3) -> float:
     linear = torch.nn.Linear(d_model, 4 * d_model, bias=False, dtype=dtype)
     n = max(2, MATVEC_BYTES // (linear.weight.numel() * linear.weight.element_size()))
     copies = [PrepackedLinear(linear) if can_prepack(linear) else copy.deepcopy(linear) for _ in range(n)]
+    return best_seconds(lambda c: c(x), copies, reps)
+
+
+def best_seconds(call: Callable[[Any], object], items: Sequence[Any], rounds: int = 3) -> float:
+    """Best mean seconds of `call` per item over `rounds` passes through `items`, after one warm-up pass (which
+    pays for kernel selection); distinct items (weight copies larger than the caches) keep reads from memory."""
     best = float("inf")
-    for r in range(reps + 1):  # the first pass pays for kernel selection
-        t = time.perf_counter()
-        for c in copies:
-            c(x)
+    for r in range(rounds + 1):
+        start = time.perf_counter()
+        for item in items:
+            call(item)
         if r:
-            best = min(best, (time.perf_counter() - t) / len(copies))
+            best = min(best, (time.perf_counter() - start) / len(items))
     return best
 
 
