@@ -37,6 +37,7 @@ from service.logs import log_config
 from service.settings import Settings, SettingsError
 
 log = logging.getLogger("attnserve.server")
+ENGINE_DIED = 3  # the exit status when an engine core process died and --on-engine-death exit stops the server
 
 
 class DrainingServer(uvicorn.Server):
@@ -49,6 +50,7 @@ class DrainingServer(uvicorn.Server):
         self.settings = settings
         self._draining = False
         self.stopped_by: int | None = None
+        self.engine_died = False  # an engine core died and --on-engine-death is exit
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         """Run the app's lifespan around uvicorn (not inside it), so that a model that cannot load ends the start
@@ -157,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse the KV blocks of prompt prefixes already computed, shared between requests and `n` "
                    "choices (default on; --no-enable-prefix-caching computes every prompt in full)")
+    p.add_argument("--engine-in-process", action="store_true", default=None,
+                   help="run each model's engine on a thread of the server process instead of in its own engine "
+                   "core process (the default: the step loop and the HTTP side then never wait for one GIL)")
+    p.add_argument("--on-engine-death", choices=["restart", "exit"], help="when an engine core process dies, its "
+                   "in-flight requests end with an error and /ready is false until: restart, a new core is loaded "
+                   "(the default); exit, the server stops with exit status 3 for its supervisor to restart it")
+    p.add_argument("--max-stream-backlog", type=int, metavar="N", help="outputs a streaming client may fall "
+                   "behind before its request is aborted (a client that stopped reading; default "
+                   f"{d['max_stream_backlog'].default})")
     p.add_argument("--api-key", dest="api_keys", action="append", metavar="KEY",
                    help="require `Authorization: Bearer KEY` (repeatable); no keys: the API is open")
     p.add_argument("--drain-timeout", type=float, metavar="SECONDS", help="seconds in-flight requests get after SIGTERM "
@@ -190,6 +201,11 @@ def main(argv: list[str] | None = None) -> None:
                                 log_config=log_config(settings.log_level, settings.log_json),
                                 access_log=False, timeout_graceful_shutdown=5, lifespan="off")
         server = DrainingServer(config, settings)
+
+        def stop_on_engine_death() -> None:  # called from an engine client's thread: uvicorn polls should_exit
+            server.engine_died = server.should_exit = True
+
+        app.state.on_fatal = stop_on_engine_death
         server.run()
     except (CheckpointError, SettingsError, OSError) as e:  # a bad model folder, file or setting: say which
         log.error("cannot start: %s", e, extra={"error": str(e)})
@@ -199,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         die_of(signal.SIGINT)
     if server.stopped_by is not None:
         die_of(server.stopped_by)
-    sys.exit(0)
+    sys.exit(ENGINE_DIED if server.engine_died else 0)
 
 
 if __name__ == "__main__":

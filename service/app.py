@@ -17,9 +17,10 @@ from fastapi_offline import FastAPIOffline
 from service import __version__
 from service.errors import install
 from service.gatekeeper import BodyLimit, Gatekeeper
+from service.loading import load_models
 from service.logs import setup_logging
 from service.metrics import CONTENT_TYPE, Metrics
-from service.registry import ServedModel, discover, load_models
+from service.registry import ServedModel, discover
 from service.routes import attention, chat, generate, health, models, openai, pages, vllm
 from service.routes.pages import DOCS_ASSETS, STATIC, VIEWER_ASSETS
 from service.settings import Settings, SettingsError
@@ -44,6 +45,17 @@ def default_model(models: dict[str, ServedModel]) -> str | None:
     return min(models) if models else None
 
 
+def engine_failed(app: FastAPI, reason: str) -> None:
+    """An engine core died and is not restarted (--on-engine-death exit): the server stops, exit status 3, for its
+    supervisor (a container's restart policy) to start it again. `python -m service` installs the stop as
+    app.state.on_fatal; without it (a server embedded elsewhere) the server stays up, unready."""
+    log.critical("engine process died; stopping the server", extra={"reason": reason})
+    app.state.engine_failed = reason
+    stop = getattr(app.state, "on_fatal", None)
+    if stop is not None:
+        stop()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     setup_logging(settings.log_level, settings.log_json)
@@ -59,7 +71,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.default_model is not None and settings.default_model not in found:
             raise SettingsError(f"default model '{settings.default_model}' is not among the served models "
                                 f"{sorted(found)}")
-        app.state.models = load_models(settings, metrics.record_step, metrics.record_finish)
+        app.state.models = load_models(settings, metrics.record_step, metrics.record_finish,
+                                       lambda reason: engine_failed(app, reason))
         for name, served in app.state.models.items():
             metrics.add_model(name, served.describe())
         names = list(app.state.models)

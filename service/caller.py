@@ -7,8 +7,6 @@ from __future__ import annotations
 import contextvars
 from dataclasses import dataclass
 
-from service.engine.request import Request
-
 
 @dataclass
 class Caller:
@@ -17,10 +15,10 @@ class Caller:
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
-    def count(self, req: Request, counts_prompt: bool = True) -> None:
+    def count(self, prompt_tokens: int, output_tokens: int) -> None:
         """A stream of this caller's closed: add its tokens (the prompt as the caller sent it)."""
-        self.prompt_tokens += req.num_prompt_tokens if counts_prompt else 0
-        self.completion_tokens += len(req.output_ids)
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += output_tokens
 
 
 CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("attnserve_caller", default=None)

@@ -12,7 +12,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.engine.engine import InvalidRequest
-from service.engine.request import EngineDead, EngineError, EngineOverloaded, EngineStopped, RequestTooLong
+from service.engine.request import (
+    EngineDead,
+    EngineError,
+    EngineOverloaded,
+    EngineStopped,
+    RequestTooLong,
+    StepOutput,
+)
 from service.inspection.selection import SelectionError
 
 log = logging.getLogger("attnserve.http")
@@ -32,6 +39,19 @@ class APIError(Exception):
 
 def error_body(message: str, type: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def output_error(out: StepOutput) -> APIError:
+    """What a request whose engine output ended in error leaves with (as a JSON error, or an SSE error event's
+    data via error_data): 503 when its engine stopped under it (retry), 500 when the model failed on it."""
+    if out.error_code == "engine_dead":
+        return APIError(503, out.error or "the engine stopped", "unavailable_error", code="engine_dead",
+                        headers={"Retry-After": "1"})
+    return APIError(500, out.error or "generation failed", "server_error", code=out.error_code or "generation_failed")
+
+
+def error_data(e: APIError) -> dict[str, Any]:
+    return error_body(e.message, e.type, e.param, e.code)
 
 
 def engine_error(e: EngineError) -> APIError:

@@ -75,6 +75,9 @@ class Metrics:
                                          "when each request finishes")
         self.finished = counter("requests_finished", "Finished requests by finish_reason (stop, length, abort, "
                                 "error)", ("finish_reason",))
+        self.overflowed = counter("streams_overflowed", "Streaming requests aborted because their client fell "
+                                  "--max-stream-backlog outputs behind (stopped reading)")
+        self.restarts = counter("engine_restarts", "Engine core processes started again after one died")
         self.preemptions = counter("preemptions", "Requests preempted to free KV blocks (recomputed later)")
         self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache "
                                       "(each admitted request's tokens; vllm:prefix_cache_queries)")
@@ -113,6 +116,7 @@ class Metrics:
         self.build_info = Info(f"{PREFIX}_build", "Service build", registry=r)
         self.build_info.info({"version": __version__, "torch_version": torch.__version__,
                               "python_version": platform.python_version()})
+        self._seen: dict[str, tuple[int, int]] = {}  # each engine's (overflows, restarts) at the last scrape
         self._per_model = [v for v in vars(self).values() if isinstance(v, Gauge | Counter | Histogram)]
 
     def add_model(self, name: str, details: Mapping[str, object]) -> None:
@@ -204,6 +208,10 @@ class Metrics:
             self.set_engine_state(name, up=snap.up, running=snap.num_running, waiting=snap.num_waiting,
                                   blocks_total=snap.blocks_total, blocks_free=snap.blocks_free)
             self.kv_shared.labels(name).set(snap.blocks_shared)
+            seen = self._seen.get(name, (0, 0))
+            self.overflowed.labels(name).inc(max(0, snap.streams_overflowed - seen[0]))
+            self.restarts.labels(name).inc(max(0, snap.restarts - seen[1]))
+            self._seen[name] = (snap.streams_overflowed, snap.restarts)
 
     def set_engine_up(self, model: str, up: bool) -> None:
         self.engine_up.labels(model).set(1 if up else 0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from model.paged_cache import BlockPool
 from model.tokenizer import Tokenizer
 from model.transformer import DecoderOnlyLM, Transformer, num_parameters
 from service.caller import CALLER
+from service.engine.client import EngineCoreClient
 from service.engine.device import pick_device, pick_dtype
 from service.engine.engine import Engine, EngineConfig, RequestStats, RequestStream, StepStats
 from service.engine.request import Constraint, Request, SamplingParams
@@ -32,10 +32,11 @@ class ServedModel:
 
     name: str
     checkpoint: Checkpoint
-    engine: Engine
+    engine: Engine | EngineCoreClient  # in this process, or a client of its core process
     device: str
     dtype: torch.dtype
     quantization: str = "none"
+    parameters: int = 0
     _grammars: asyncio.Future[Any] | None = field(default=None, repr=False)
 
     async def grammar(self, constraint: Constraint | None) -> Any:
@@ -59,6 +60,9 @@ class ServedModel:
 
     @property
     def model(self) -> Transformer | DecoderOnlyLM:
+        """The network an in-process engine runs (tests look inside it; a core process holds its own)."""
+        if isinstance(self.engine, EngineCoreClient):
+            raise AttributeError(f"model {self.name} runs in its engine process")
         return self.engine.runner.model
 
     @property
@@ -85,7 +89,8 @@ class ServedModel:
             req.deadline = caller.deadline
         stream = self.engine.open(req)
         if caller is not None and req.counted:
-            stream.on_close = lambda r: caller.count(r, counts_prompt)
+            stream.on_close = lambda s: caller.count(s.request.num_prompt_tokens if counts_prompt else 0,
+                                                     s.num_output_tokens)
         return stream
 
     def make_request(self, request_id: str, text: str | None, params: SamplingParams,
@@ -115,7 +120,7 @@ class ServedModel:
         return {
             "architecture": cfg.arch,
             "format": self.checkpoint.source_format,
-            "parameters": num_parameters(self.model),
+            "parameters": self.parameters,
             "d_model": cfg.d_model,
             "heads": cfg.h,
             "kv_heads": cfg.kv_heads,  # < heads: grouped-query attention (query heads share K/V heads)
@@ -127,9 +132,9 @@ class ServedModel:
             "dtype": str(self.dtype).removeprefix("torch."),
             "quantization": self.quantization,
             "device": self.device,
-            "kv_blocks": self.engine.blocks.num_blocks,
-            "block_size": self.engine.blocks.block_size,
-            "prefix_caching": self.engine.blocks.cache is not None,
+            "kv_blocks": self.engine.num_blocks,
+            "block_size": self.engine.block_size,
+            "prefix_caching": self.engine.prefix_caching,
         }
 
 
@@ -193,65 +198,20 @@ def build_served_model(
         queue_timeout=settings.queue_timeout,
         max_model_len=max_model_len,
         enable_prefix_caching=settings.enable_prefix_caching,
+        max_stream_backlog=settings.max_stream_backlog,
     )
     tok = ckpt.tokenizer
     name = model_name(path)
     engine = Engine(name, runner, config, tok.decode, tok.eos_id, on_step, on_finish)
-    return ServedModel(name, ckpt, engine, device, dtype, settings.quantization)
+    return ServedModel(name, ckpt, engine, device, dtype, settings.quantization, num_parameters(ckpt.model))
 
 
-def load_models(
-    settings: Settings,
-    on_step: Any = None,
-    on_finish: Any = None,
-) -> dict[str, ServedModel]:
-    """Every discovered checkpoint, warmed up and with its engine started. A bad checkpoint stops the start.
-
-    The models are loaded and warmed up on a worker thread that then exits, and the calling thread (the event
-    loop's) is left with one intra-op thread, so that the only OpenMP team alive is the engine's. libgomp counts
-    every team's threads, and once they outnumber the cores it makes idle workers sleep at once; each of the ~400
-    small ops of a decode step then waits for a worker to wake. Measured on 2 cores: SmolLM2 bfloat16, one decode
-    row, 30.0 ms a step on an engine thread beside a main-thread team against 23.0 ms without one."""
-    threads = settings.threads or torch.get_num_threads()
-    models: dict[str, ServedModel] = {}
-    failure: list[BaseException] = []
-
-    def load() -> None:
-        torch.set_num_threads(threads)
-        try:
-            for path in discover(settings):
-                served = _load_one(path, settings, on_step, on_finish)
-                if served.name in models:
-                    raise CheckpointError(f"model {served.name}: two models share this name")
-                models[served.name] = served
-        except BaseException as e:  # re-raised on the caller's thread
-            failure.append(e)
-
-    worker = threading.Thread(target=load, name="load-models", daemon=True)  # Ctrl-C is not held up
-    worker.start()
-    worker.join()
-    torch.set_num_threads(1)
-    if failure:
-        for served in models.values():
-            served.engine.stop()
-        raise failure[0]
-    for served in models.values():
-        served.engine.start()
-        log.info("model ready", extra={"model": served.name, **served.describe()})
-    return models
+def warm_up(served: ServedModel) -> None:
+    """A few real steps before serving, so that the first user does not pay for lazy initialisation."""
+    tok = served.tokenizer
+    probe = tok.encode("The ") or [0]
+    served.engine.warmup(probe if not served.is_encoder_decoder else [tok.bos_id or 0],
+                         probe if served.is_encoder_decoder else None)
 
 
-def _load_one(path: Path, settings: Settings, on_step: Any, on_finish: Any) -> ServedModel:
-    try:
-        served = build_served_model(path, settings, on_step, on_finish)
-    except CheckpointError as e:
-        raise CheckpointError(f"model {model_name(path)}: {e}") from e
-    if settings.warmup:
-        tok = served.tokenizer
-        probe = tok.encode("The ") or [0]
-        served.engine.warmup(probe if not served.is_encoder_decoder else [tok.bos_id or 0],
-                             probe if served.is_encoder_decoder else None)
-    return served
-
-
-__all__ = ["RequestStats", "ServedModel", "StepStats", "build_served_model", "discover", "load_models"]
+__all__ = ["RequestStats", "ServedModel", "StepStats", "build_served_model", "discover", "warm_up"]

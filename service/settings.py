@@ -50,6 +50,13 @@ class Settings(BaseSettings):
     max_waiting_tokens: int = 262144
     queue_timeout: float | None = 60.0
     warmup: bool = True
+    engine_in_process: bool = Field(default=False, description="run each engine on a thread of the server "
+                                    "process instead of in its own core process")
+    on_engine_death: Literal["restart", "exit"] = Field(default="restart", description="when an engine core "
+                                                        "process dies: start a new one, or stop the server "
+                                                        "(exit status 3) for its supervisor to restart")
+    max_stream_backlog: int = Field(default=1024, description="outputs a streaming client may fall behind "
+                                    "before its request is aborted")
 
     # request limits
     max_tokens_limit: int = 4096

@@ -91,8 +91,9 @@ class LiveServer:
 
 
 def settings_for(models_dir: Path, **overrides: Any) -> Settings:
+    """Test settings: the engine on a thread of the test process (tests look inside it) unless overridden."""
     base: dict[str, Any] = dict(models_dir=models_dir, device="cpu", dtype="float32", kv_cache_blocks=256,
-                                block_size=4, log_level="warning", drain_timeout=5.0)
+                                block_size=4, log_level="warning", drain_timeout=5.0, engine_in_process=True)
     base.update(overrides)
     return Settings(**base)
 

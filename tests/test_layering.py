@@ -78,3 +78,39 @@ def test_routes_reach_the_model_only_through_the_engine(path: Path) -> None:
         or (node.attr == "model" and isinstance(node.value, ast.Attribute) and node.value.attr == "checkpoint"))]
     assert not bad, f"{path.name} touches the model directly at lines {bad}"
 
+
+
+def module_of(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def top_level_imports(path: Path) -> set[str]:
+    """Modules imported when the file is imported: its module-level statements only (an import inside a function
+    runs later, on purpose, and is no circle at import time)."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+def test_no_import_circle() -> None:
+    paths = files("model") + files("service")
+    known = {module_of(p) for p in paths}
+    graph = {module_of(p): {n for n in top_level_imports(p) if n in known} - {module_of(p)} for p in paths}
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            assert state.get(nxt) != 1, "import circle: " + " -> ".join([*trail, node, nxt])
+            if nxt not in state:
+                visit(nxt, [*trail, node])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])

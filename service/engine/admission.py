@@ -2,11 +2,42 @@
 
 from __future__ import annotations
 
-from service.engine.blocks import BlockManager
-from service.engine.request import InvalidRequest, Request, RequestTooLong
+from typing import Protocol
+
+from service.engine.request import (
+    EngineConfig,
+    EngineDead,
+    EngineOverloaded,
+    EngineStopped,
+    InvalidRequest,
+    Request,
+    RequestTooLong,
+)
 
 
-def refuse_limits(req: Request, max_model_len: int, blocks: BlockManager) -> None:
+class Engineish(Protocol):
+    name: str
+    dead: str | None
+    accepting: bool
+
+
+def refuse(engine: Engineish, config: EngineConfig, req: Request | None, pending: int, pending_tokens: int) -> None:
+    """Refuse, before it is queued, a request (or, with req None, an inspection pass) that the engine cannot take:
+    it is stopped or dead, the request can never run, or `pending` requests holding `pending_tokens` already
+    wait (EngineOverloaded: HTTP 429)."""
+    if engine.dead:
+        raise EngineDead(f"engine for {engine.name} stopped: {engine.dead}")
+    if not engine.accepting:
+        raise EngineStopped("the server is shutting down")
+    if req is not None:
+        refuse_limits(req, config.max_model_len, config.num_blocks, config.block_size)
+    if pending >= config.max_waiting_requests:
+        raise EngineOverloaded(f"{pending} requests are waiting (limit {config.max_waiting_requests})")
+    if req is not None and pending_tokens + req.num_tokens > config.max_waiting_tokens:
+        raise EngineOverloaded(f"waiting prompts hold {pending_tokens} tokens (limit {config.max_waiting_tokens})")
+
+
+def refuse_limits(req: Request, max_model_len: int, num_blocks: int, block_size: int) -> None:
     """Raise RequestTooLong / InvalidRequest for a request that does not fit the context or the KV pool."""
     total = req.num_tokens + req.params.max_tokens
     if total > max_model_len:
@@ -20,9 +51,9 @@ def refuse_limits(req: Request, max_model_len: int, blocks: BlockManager) -> Non
         raise RequestTooLong(
             f"the source has {len(req.source_ids)} tokens; the maximum is {max_model_len}"
         )
-    need = blocks.blocks_for(total) + blocks.blocks_for(len(req.source_ids or []))
-    if need > blocks.num_blocks:
+    need = -(-total // block_size) - (-len(req.source_ids or []) // block_size)
+    if need > num_blocks:
         raise RequestTooLong(
-            f"the request needs {need} KV blocks and the pool has {blocks.num_blocks}; "
+            f"the request needs {need} KV blocks and the pool has {num_blocks}; "
             "lower max_tokens or the prompt length"
         )

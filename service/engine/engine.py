@@ -14,16 +14,13 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from service.engine.admission import refuse_limits
+from service.engine.admission import refuse
 from service.engine.blocks import BlockManager
 from service.engine.detokenizer import Decode, IncrementalDetokenizer
 from service.engine.outputs import LiveRequest, Outputs
 from service.engine.request import (
     EngineConfig,
-    EngineDead,
-    EngineOverloaded,
     EngineSnapshot,
-    EngineStopped,
     InvalidRequest,
     ModelOutput,
     Request,
@@ -34,7 +31,7 @@ from service.engine.request import (
 )
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import Scheduler, SchedulerOutput
-from service.engine.stream import Outbox, RequestStream, run_for
+from service.engine.stream import Outbox, RequestStream, Sink, drain, run_for
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -79,7 +76,8 @@ class Engine:
         self.dead: str | None = None  # why the loop died, if it did
         self.steps = 0
         self.inspections = 0  # teacher-forced attention passes run (engine.capture)
-        self._outbox = Outbox()
+        self._outbox: Sink = Outbox()
+        self.overflows = 0  # requests aborted because their reader fell too far behind
         self.outputs = Outputs(name, self.scheduler, runner, self._live, self._outbox, on_finish)
         self._deliver, self._finish = self.outputs.deliver, self.outputs.finish
 
@@ -87,22 +85,12 @@ class Engine:
 
     def check(self, req: Request) -> None:
         """Refuse what can never run or cannot run now, before it is queued."""
-        if self.dead:
-            raise EngineDead(f"engine for {self.name} stopped: {self.dead}")
-        if not self.accepting:
-            raise EngineStopped("the server is shutting down")
-        refuse_limits(req, self.config.max_model_len, self.blocks)
-        with self._lock:
-            if self._pending >= self.config.max_waiting_requests:
-                raise EngineOverloaded(f"{self._pending} requests are waiting (limit {self.config.max_waiting_requests})")
-            if self._pending_tokens + req.num_tokens > self.config.max_waiting_tokens:
-                raise EngineOverloaded(f"waiting prompts hold {self._pending_tokens} tokens "
-                                       f"(limit {self.config.max_waiting_tokens})")
+        refuse(self, self.config, req, self._pending, self._pending_tokens)
 
     def open(self, req: Request) -> RequestStream:
         """Queue a request and return its stream (use it as `async with`)."""
         self.check(req)
-        stream = RequestStream(self, req, asyncio.get_running_loop())
+        stream = RequestStream(self, req, asyncio.get_running_loop(), self.config.max_stream_backlog)
         with self._lock:
             self._pending += 1
             self._pending_tokens += req.num_tokens
@@ -116,13 +104,8 @@ class Engine:
         """Attention weights of one teacher-forced pass (runner.capture), run on the engine's thread between
         steps: queued and counted like a request, refused when the engine is stopped or overloaded, skipped if
         the caller is cancelled before its turn."""
-        if self.dead:
-            raise EngineDead(f"engine for {self.name} stopped: {self.dead}")
-        if not self.accepting:
-            raise EngineStopped("the server is shutting down")
+        refuse(self, self.config, None, self._pending, self._pending_tokens)
         with self._lock:
-            if self._pending >= self.config.max_waiting_requests:
-                raise EngineOverloaded(f"{self._pending} requests are waiting (limit {self.config.max_waiting_requests})")
             self._pending += 1
         future: asyncio.Future[dict[tuple[str, int], Tensor]] = asyncio.get_running_loop().create_future()
         self._inbox.put(("call", (lambda: self.runner.capture(encoder_ids, decoder_ids, layers), future)))  # type: ignore[arg-type]
@@ -135,11 +118,29 @@ class Engine:
         self._inbox.put(("abort", request_id))
         self._wake.set()
 
-    def snapshot(self) -> EngineSnapshot:
-        """Read from any thread: list lengths and counters are safe to read while the loop runs."""
-        alive = self.dead is None and self._thread is not None and self._thread.is_alive()
+    def overflowed(self, request_id: str) -> None:
+        """A stream's reader fell `max_stream_backlog` outputs behind: its request is aborted (counted)."""
+        self.overflows += 1
+        self.abort(request_id)
+
+    def snapshot(self, in_loop: bool = False) -> EngineSnapshot:
+        """Read from any thread: list lengths and counters are safe to read while the loop runs. `in_loop`: the
+        caller is the loop (a core process's main thread), alive unless it died."""
+        alive = self.dead is None and (in_loop or (self._thread is not None and self._thread.is_alive()))
         return EngineSnapshot(alive, len(self.scheduler.running), len(self.scheduler.waiting), self.blocks.num_blocks,
-                              self.blocks.num_free, self.blocks.num_shared)
+                              self.blocks.num_free, self.blocks.num_shared, self.overflows)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.blocks.num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self.blocks.block_size
+
+    @property
+    def prefix_caching(self) -> bool:
+        return self.blocks.cache is not None
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -156,21 +157,13 @@ class Engine:
             for i in range(n):
                 req = Request(f"warmup-{n}-{i}", list(prompt_ids), SamplingParams(max_tokens=steps, temperature=0.0,
                               ignore_eos=True), list(source_ids) if source_ids is not None else None)
-                self._admit(LiveRequest(req, IncrementalDetokenizer(self.decode), None))
+                self.admit(LiveRequest(req, IncrementalDetokenizer(self.decode), None))
             while self.scheduler.has_work():
                 self.step()
 
     async def drain(self, timeout: float) -> None:
         """Stop taking requests; wait up to `timeout` s for the in-flight ones, then abort the rest."""
-        self.accepting = False
-        deadline = time.monotonic() + timeout
-        while self._live and time.monotonic() < deadline and not self.dead:
-            await asyncio.sleep(0.05)
-        for rid in list(self._live):
-            self.abort(rid)
-        end = time.monotonic() + 2.0
-        while self._live and time.monotonic() < end and not self.dead:
-            await asyncio.sleep(0.02)
+        await drain(self, self._live, timeout)
 
     def stop(self) -> None:
         self._stop = True
@@ -185,7 +178,7 @@ class Engine:
             self.runner.bind_thread()
             while not self._stop:
                 self._take_inbox()
-                self._flush()  # aborts taken above must reach their streams even if no step follows
+                self.flush()  # aborts taken above must reach their streams even if no step follows
                 if not self.scheduler.has_work():
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
@@ -196,11 +189,24 @@ class Engine:
             self.dead = f"{type(e).__name__}"
             for live in list(self._live.values()):
                 self._finish(live, RequestStatus.FINISHED_ERROR, error="the engine stopped unexpectedly")
-            self._flush()
+            self.flush()
 
-    def _admit(self, live: LiveRequest) -> None:
+    def admit(self, live: LiveRequest) -> None:
         self._live[live.request.request_id] = live
         self.scheduler.add(live.request)
+
+    def abort_now(self, request_id: str) -> None:
+        """Abort on the loop's own thread (a core process): its blocks return now."""
+        live = self._live.get(request_id)
+        if live is not None:
+            self._finish(live, RequestStatus.FINISHED_ABORTED)
+
+    def deliver_to(self, outbox: Sink, on_step: Callable[[StepStats], None],
+                   on_finish: Callable[[RequestStats], None]) -> None:
+        """Send outputs and stats elsewhere than to streams on event loops (a core process's batches)."""
+        self._outbox = self.outputs.outbox = outbox
+        self.on_step, self.on_finish = on_step, on_finish
+        self.outputs.on_finish = on_finish
 
     def _take_inbox(self) -> None:
         while True:
@@ -211,13 +217,11 @@ class Engine:
                 return
             if kind == "add":
                 assert isinstance(item, LiveRequest)
-                self._admit(item)
+                self.admit(item)
             elif kind == "call":
                 self._call(item)  # type: ignore[arg-type]
             else:
-                live = self._live.get(item)  # type: ignore[arg-type]
-                if live is not None:
-                    self._finish(live, RequestStatus.FINISHED_ABORTED)
+                self.abort_now(item)  # type: ignore[arg-type]
 
     def _call(self, job: tuple[Callable[[], Any], asyncio.Future[Any]]) -> None:
         """An inspection pass, between two steps on the engine's thread (the model is never used concurrently)."""
@@ -242,7 +246,7 @@ class Engine:
             if s.request.scheduled_time is None:
                 s.request.scheduled_time = t0
         if plan.is_empty:
-            self._flush()
+            self.flush()
             time.sleep(0.001)
             return
         t = time.monotonic()
@@ -258,7 +262,7 @@ class Engine:
                 self._live[rid].request.keep_prompt_logprobs(scores)
         for sampled in self.scheduler.update(plan, output):
             self._deliver(sampled, output.attention.get(sampled.request.request_id))
-        self._flush()
+        self.flush()
         self.steps += 1
         if self.on_step is not None:
             self.on_step(self._stats(plan, decode, forward, time.monotonic() - t0))
@@ -278,7 +282,5 @@ class Engine:
             self._pending = len(waiting) + self._inbox.qsize()
             self._pending_tokens = sum(r.num_tokens for r in waiting)
 
-    # --- delivery to the event loop ----------------------------------------------------------------------------
-
-    def _flush(self) -> None:
+    def flush(self) -> None:
         self._outbox.flush()

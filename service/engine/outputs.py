@@ -12,7 +12,7 @@ from service.engine.detokenizer import IncrementalDetokenizer
 from service.engine.request import PromptLogprob, Request, RequestStats, RequestStatus, StepOutput
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import Sampled, Scheduler
-from service.engine.stream import Outbox, RequestStream
+from service.engine.stream import Sink
 
 
 @dataclass
@@ -21,7 +21,7 @@ class LiveRequest:
 
     request: Request
     detok: IncrementalDetokenizer
-    stream: RequestStream | None
+    stream: Any  # where its outputs go: a RequestStream, True in a core process (its batches), None: nowhere
     itls: list[float] = field(default_factory=list)
     prompt_logprobs_sent: bool = False
 
@@ -33,7 +33,7 @@ def queue_time(req: Request) -> float | None:
 class Outputs:
     """Turns the scheduler's view of each row into the StepOutputs a request's stream receives."""
 
-    def __init__(self, name: str, scheduler: Scheduler, runner: ModelRunner, live: dict[str, LiveRequest], outbox: Outbox,
+    def __init__(self, name: str, scheduler: Scheduler, runner: ModelRunner, live: dict[str, LiveRequest], outbox: Sink,
                  on_finish: Callable[[RequestStats], None] | None) -> None:
         self.name, self.scheduler, self.runner, self.live = name, scheduler, runner, live
         self.outbox, self.on_finish = outbox, on_finish

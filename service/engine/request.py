@@ -189,6 +189,7 @@ class StepOutput:
     finished: bool = False
     finish_reason: str | None = None
     error: str | None = None
+    error_code: str | None = None  # "engine_dead": the engine process died; "slow_reader": the stream overflowed
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     queue_time: float | None = None  # seconds from arrival to first scheduling
@@ -237,6 +238,7 @@ class EngineConfig:
     queue_timeout: float | None = None  # seconds a request may wait before it starts
     max_model_len: int = 512
     enable_prefix_caching: bool = True  # reuse computed blocks of a known prefix (vLLM's automatic prefix caching)
+    max_stream_backlog: int = 1024  # outputs a stream's reader may fall behind before its request is aborted
 
 
 @dataclass(frozen=True)
@@ -270,6 +272,8 @@ class EngineSnapshot:
     blocks_total: int
     blocks_free: int
     blocks_shared: int = 0
+    streams_overflowed: int = 0  # requests aborted because their reader fell too far behind
+    restarts: int = 0  # engine core processes started again after one died
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -15,15 +16,29 @@ from service.engine.request import Request, StepOutput
 class Aborter(Protocol):
     def abort(self, request_id: str) -> None: ...
 
+    def overflowed(self, request_id: str) -> None: ...
+
+
+class Sink(Protocol):
+    """Where a step's outputs go: streams on event loops (Outbox), or a core process's batches."""
+
+    def add(self, stream: Any, out: StepOutput) -> None: ...
+
+    def flush(self) -> None: ...
+
 
 class RequestStream:
-    """Async iterator over one request's StepOutputs; as a context manager it aborts on early exit."""
+    """Async iterator over one request's StepOutputs; as a context manager it aborts on early exit. A reader
+    that falls `backlog` outputs behind (a client that stopped reading) gets an error and its request is aborted,
+    so that nothing grows without bound for it."""
 
-    def __init__(self, engine: Aborter, request: Request, loop: asyncio.AbstractEventLoop) -> None:
-        self.engine, self.request, self.loop = engine, request, loop
-        self.on_close: Callable[[Request], None] | None = None  # called once the stream is left, by any path
+    def __init__(self, engine: Aborter, request: Request, loop: asyncio.AbstractEventLoop, backlog: int = 1024) -> None:
+        self.engine, self.request, self.loop, self.backlog = engine, request, loop, backlog
+        self.on_close: Callable[[RequestStream], None] | None = None  # called once the stream is left, by any path
+        self.num_output_tokens = 0  # as the latest output said (the engine's Request may be in another process)
         self.queue: asyncio.Queue[StepOutput] = asyncio.Queue()
         self.finished = False
+        self.overflowed = False
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -33,7 +48,20 @@ class RequestStream:
             raise StopAsyncIteration
         out = await self.queue.get()
         self.finished = out.finished
+        self.num_output_tokens = max(self.num_output_tokens, out.num_output_tokens)
         return out
+
+    def put(self, out: StepOutput) -> None:
+        """On the event loop: queue an output, or end the stream when its reader is `backlog` behind."""
+        if self.overflowed:
+            return
+        if self.queue.qsize() >= self.backlog and not out.finished:
+            self.overflowed = True
+            self.engine.overflowed(self.request.request_id)
+            out = StepOutput(self.request.request_id, None, "", finished=True, finish_reason="error",
+                             error=f"the stream fell {self.backlog} outputs behind its reader; request aborted",
+                             error_code="slow_reader")
+        self.queue.put_nowait(out)
 
     async def __aenter__(self) -> RequestStream:
         return self
@@ -44,13 +72,13 @@ class RequestStream:
         if not self.finished:
             self.engine.abort(self.request.request_id)
         if self.on_close is not None:
-            self.on_close(self.request)
+            self.on_close(self)
 
 
 def deliver(items: list[tuple[RequestStream, StepOutput]]) -> None:
     """Runs on the event loop: hand each output to its stream."""
     for stream, out in items:
-        stream.queue.put_nowait(out)
+        stream.put(out)
 
 
 class Outbox:
@@ -92,3 +120,23 @@ def run_for(fn: Callable[[], Any], future: asyncio.Future[Any]) -> None:
 
     with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
         future.get_loop().call_soon_threadsafe(settle)
+
+
+class Drainable(Protocol):
+    accepting: bool
+    dead: str | None
+
+    def abort(self, request_id: str) -> None: ...
+
+
+async def drain(engine: Drainable, live: Mapping[str, Any], timeout: float) -> None:
+    """Stop the engine taking requests; wait up to `timeout` s for the `live` ones, then abort those left."""
+    engine.accepting = False
+    deadline = time.monotonic() + timeout
+    while live and time.monotonic() < deadline and not engine.dead:
+        await asyncio.sleep(0.05)
+    for rid in list(live):
+        engine.abort(rid)
+    end = time.monotonic() + 2.0
+    while live and time.monotonic() < end and not engine.dead:
+        await asyncio.sleep(0.02)

@@ -15,7 +15,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 
 from service.engine.request import SamplingParams
-from service.errors import APIError
+from service.errors import APIError, output_error
 from service.inspection import encoding, maps, render, tokens
 from service.inspection.selection import AXES, Selection, estimated_bytes, fit, resolve
 from service.registry import ServedModel
@@ -147,7 +147,7 @@ async def _generate(request: Request, served: ServedModel, params: SamplingParam
                 if out.token_id is not None:
                     out_ids.append(out.token_id)
                 if out.finished and out.finish_reason == "error":
-                    raise APIError(500, out.error or "generation failed", "server_error", code="generation_failed")
+                    raise output_error(out)
                 if out.finished and out.finish_reason == "stop" and out_ids and out_ids[-1] in stops:
                     out_ids.pop()  # the stop token that ended it (it has no text) is not inspected
         return out_ids

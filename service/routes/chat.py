@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from service.chat_template import ChatTemplateError
 from service.engine.engine import RequestStream
 from service.engine.request import SamplingParams, StepOutput
-from service.errors import APIError
+from service.errors import APIError, error_data, output_error
 from service.registry import ServedModel
 from service.routes.chat_prompt import chat_prompt, check_supported
 from service.routes.chat_tools import CallDeltas, ToolPlan, plan_tools, reply
@@ -150,7 +150,7 @@ async def _collect(served: ServedModel, rid: str, created: int, choices: list[_C
             c.text.append(out.text)
             if out.finished:
                 if out.finish_reason == "error":
-                    raise APIError(500, out.error or "generation failed", "server_error")
+                    raise output_error(out)
                 c.finish_reason, c.completion_tokens = out.finish_reason, out.num_output_tokens
     result = [ChatChoice(index=c.index, message=ChatResponseMessage(content=content, tool_calls=calls),
                          finish_reason=finish, logprobs=None if c.logprobs is None else ChatLogprobs(
@@ -194,8 +194,7 @@ async def _chunks(served: ServedModel, rid: str, created: int, choices: list[_Ch
                 yield chunk(c.index, {"content": out.text}, None if lp is None else [lp])
             if out.finished:
                 if out.finish_reason == "error":
-                    yield sse({"error": {"message": out.error or "generation failed", "type": "server_error",
-                                         "param": None, "code": None}})
+                    yield sse(error_data(output_error(out)))
                     yield sse("[DONE]")
                     return
                 c.finish_reason, c.completion_tokens = out.finish_reason, out.num_output_tokens

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from service.engine.request import AttentionSpec, StepOutput
-from service.errors import APIError
+from service.errors import APIError, error_data, output_error
 from service.inspection.streaming import stream_spec, streamed_attention
 from service.registry import ServedModel
 from service.routes import beam
@@ -120,7 +120,7 @@ async def _collect(served: ServedModel, stream: AsyncIterator[StepOutput], rid: 
                     tokens.append(_token_info(served, out, True))
             if out.finished:
                 if out.finish_reason == "error":
-                    raise APIError(500, out.error or "generation failed", "server_error", code="generation_failed")
+                    raise output_error(out)
                 return GenerateResponse(id=rid, model=served.name, text="".join(text), token_ids=ids,
                                         finish_reason=out.finish_reason, usage=_usage(out), timing=_timing(out),
                                         tokens=tokens if logprobs else None)
@@ -142,8 +142,7 @@ async def _events(served: ServedModel, stream: AsyncIterator[StepOutput], logpro
                 yield sse({"text": out.text}, "token")
             if out.finished:
                 if out.finish_reason == "error":
-                    yield sse({"error": {"message": out.error or "generation failed", "type": "server_error"}},
-                              "error")
+                    yield sse(error_data(output_error(out)), "error")
                     return
                 yield sse({"finish_reason": out.finish_reason, "usage": _usage(out).model_dump(),
                            "timing": _timing(out).model_dump()}, "done")

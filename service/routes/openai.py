@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 
 from service.engine.engine import RequestStream
 from service.engine.request import SamplingParams, StepOutput
-from service.errors import APIError
+from service.errors import APIError, error_data, output_error
 from service.registry import ServedModel
 from service.routes import beam
 from service.routes import completion_logprobs as lps
@@ -187,7 +187,7 @@ async def _collect(served: ServedModel, body: CompletionRequest, rid: str, creat
         async for i, out in merge(streams):  # type: ignore[arg-type]
             c = choices[i]
             if _failed(out):
-                raise APIError(500, out.error or "generation failed", "server_error")
+                raise output_error(out)
             if not c.started:
                 c.logprobs = _start(c, served, body, out)
             if c.logprobs is not None:
@@ -224,8 +224,7 @@ async def _chunks(served: ServedModel, body: CompletionRequest, rid: str, create
         async for i, out in merge(streams):  # type: ignore[arg-type]
             c = choices[i]
             if _failed(out):
-                yield sse({"error": {"message": out.error or "generation failed", "type": "server_error",
-                                     "param": None, "code": None}})
+                yield sse(error_data(output_error(out)))
                 yield sse("[DONE]")
                 return
             if not c.started:

@@ -177,7 +177,8 @@ def test_queue_timeout_and_request_deadline_end_with_abort(make_server: Any) -> 
         assert r.status_code == 200
         assert '"finish_reason":"abort"' in r.text
         assert r.text.count("event: token") < 120
-        r = c.post("/v1/generate", json={"prompt": "a", "max_tokens": 4}, headers={"X-Request-Timeout": "30"})
+        r = c.post("/v1/generate", json={"prompt": "a", "max_tokens": 4, "ignore_eos": True},
+                   headers={"X-Request-Timeout": "30"})
         assert r.json()["finish_reason"] == "length"
         for bad in ("soon", "-1", "0", "nan", "inf"):
             assert_refused(c.post("/v1/generate", json={"prompt": "a"}, headers={"X-Request-Timeout": bad}), 400,
