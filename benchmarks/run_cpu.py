@@ -70,12 +70,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running(cmd: list[str], port: int, logfile: Path, timeout: float = 600.0, ready: str = "/ready") -> Iterator[str]:
-    """Start a server process, wait until GET `ready` answers 200, yield its URL; SIGTERM (then kill) at the end."""
+def running(cmd: list[str], port: int, logfile: Path, timeout: float = 600.0, ready: str = "/ready",
+            cwd: Path | None = None) -> Iterator[str]:
+    """Start a server process (in `cwd`), wait until GET `ready` answers 200, yield its URL; SIGTERM (then kill)
+    at the end."""
     logfile.parent.mkdir(parents=True, exist_ok=True)
     what = cmd[2] if cmd[1:2] == ["-m"] else Path(cmd[0]).name
     with logfile.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + timeout

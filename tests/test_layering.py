@@ -114,3 +114,11 @@ def test_no_import_circle() -> None:
     for node in sorted(graph):
         if node not in state:
             visit(node, [])
+
+
+@pytest.mark.parametrize("path", files("service/serving"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_serving_knows_no_http_framework_and_no_route(path: Path) -> None:
+    """The serving layer sits under the routes: it never imports them, nor the web framework they translate."""
+    names = imports(path)
+    assert not names & {"fastapi", "starlette", "uvicorn"}, path.name
+    assert not any(n.startswith("service.routes") for n in names), path.name

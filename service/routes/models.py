@@ -6,10 +6,11 @@ from fastapi import APIRouter, Request
 
 from service.inspection.selection import describe_attention
 from service.registry import ServedModel
-from service.routes.chat_prompt import chat_capability
-from service.routes.deps import check_token_ids, error_responses, served_model, settings_of
+from service.routes.deps import error_responses, served_model, settings_of
 from service.schemas.native import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from service.schemas.openai import ModelCard, ModelList
+from service.serving.chat_prompt import chat_capability
+from service.serving.common import check_token_ids
 
 router = APIRouter(tags=["models"])
 ERRORS = error_responses(400, 401, 404)

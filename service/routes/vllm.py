@@ -8,7 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 from fastapi import APIRouter, Query, Request
 
 from service.registry import ServedModel
-from service.routes.deps import check_token_ids, error_responses, served_model
+from service.routes.deps import error_responses, served_model
 from service.schemas.vllm import (
     TokenizerInfo,
     VersionResponse,
@@ -17,6 +17,7 @@ from service.schemas.vllm import (
     VllmTokenizeRequest,
     VllmTokenizeResponse,
 )
+from service.serving.common import check_token_ids
 
 router = APIRouter(tags=["vllm"])
 ERRORS = error_responses(400, 401, 404)

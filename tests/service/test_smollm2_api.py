@@ -15,8 +15,8 @@ import pytest
 import torch
 from support import LiveServer, settings_for, sse_events
 
-from service.routes.chat_prompt import chat_prompt
 from service.schemas.chat import ChatCompletionRequest
+from service.serving.chat_prompt import chat_prompt
 
 NAME = "smollm2-135m-instruct"
 EOS = 2  # <|im_end|>

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from service.routes.tool_parser import HermesDeltas, declares_hermes, parse
+from service.serving.tool_parser import HermesDeltas, declares_hermes, parse
 
 CALL = '<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>'
 

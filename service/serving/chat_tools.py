@@ -23,9 +23,9 @@ from service.chat_template import ChatTemplateError
 from service.engine.request import Constraint
 from service.errors import APIError
 from service.registry import ServedModel
-from service.routes.chat_prompt import template_of
-from service.routes.tool_parser import HermesDeltas, declares_hermes, parse
 from service.schemas.chat import ChatCompletionRequest
+from service.serving.chat_prompt import template_of
+from service.serving.tool_parser import HermesDeltas, declares_hermes, parse
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 MAX_TOOLS = 128

@@ -12,8 +12,8 @@ from service.caller import CALLER
 from service.engine.request import RequestStats
 from service.errors import APIError
 from service.registry import ServedModel
-from service.routes.deps import omitted_max_tokens, sampling_params, settings_of
 from service.schemas.common import Usage
+from service.serving.common import omitted_max_tokens, sampling_params
 from service.settings import Settings
 
 # what a beam cannot honour: the value that asks for nothing, and why
@@ -38,12 +38,12 @@ def check_beam(body: Any, width: int, field: str, settings: Settings) -> None:
             raise APIError(400, f"{name} cannot be used with beam search: {why}", param=name)
 
 
-async def run_beams(served: ServedModel, body: Any, request: Any, rid: str, prompt: str, ids: list[int],
+async def run_beams(served: ServedModel, body: Any, settings: Settings, rid: str, prompt: str, ids: list[int],
                     width: int, alpha: float | None, returned: int) -> tuple[list[Hypothesis], int]:
     """Best-first hypotheses for one prompt, and its prompt-token count. The search's engine requests (one per
     hypothesis per step) are not counted; the user's request is, once, in the metrics and the access log: its
     prompt, and the tokens of the `returned` hypotheses it answers with, as its usage says."""
-    params = sampling_params(body, settings_of(request), None, prompt=prompt,
+    params = sampling_params(body, settings, None, prompt=prompt,
                              default_max_tokens=omitted_max_tokens(served, ids, body.max_tokens))
     req = served.make_request(rid, prompt, params, prompt_ids=ids)
     served.engine.check(req)  # too long for the context, or the engine not taking requests: refused as usual
@@ -66,9 +66,9 @@ async def run_beams(served: ServedModel, body: Any, request: Any, rid: str, prom
     return beams, req.num_prompt_tokens
 
 
-async def run_all(served: ServedModel, body: Any, request: Any, rid: str, prompts: list[tuple[str, list[int]]],
+async def run_all(served: ServedModel, body: Any, settings: Settings, rid: str, prompts: list[tuple[str, list[int]]],
                   width: int, alpha: float | None, returned: int) -> list[tuple[list[Hypothesis], int]]:
-    return list(await asyncio.gather(*(run_beams(served, body, request, f"{rid}-{i}", text, ids, width, alpha,
+    return list(await asyncio.gather(*(run_beams(served, body, settings, f"{rid}-{i}", text, ids, width, alpha,
                                                  returned) for i, (text, ids) in enumerate(prompts))))
 
 
