@@ -51,13 +51,24 @@ def build(checkpoints_dir: Path) -> Iterator[Callable[..., ServedModel]]:
         m.engine.stop()
 
 
+def live_server(tmp_path_factory: pytest.TempPathFactory, **overrides: Any) -> Iterator[LiveServer]:
+    root = make_checkpoints(tmp_path_factory.mktemp("ckpt"))
+    s = LiveServer(settings_for(root, **overrides))
+    yield s
+    s.stop()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """One shared server over the tiny checkpoints (float32, CPU) for a test module."""
-    root = make_checkpoints(tmp_path_factory.mktemp("ckpt"))
-    s = LiveServer(settings_for(root))
-    yield s
-    s.stop()
+    yield from live_server(tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["engine-thread", "engine-process"])
+def server_both(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """`server`, once with the engine on a thread of the server and once in its own core process: a protocol
+    module that uses it checks both engine clients against the same references."""
+    yield from live_server(tmp_path_factory, engine_in_process=request.param)
 
 
 @pytest.fixture(scope="module")

@@ -122,3 +122,19 @@ def test_serving_knows_no_http_framework_and_no_route(path: Path) -> None:
     names = imports(path)
     assert not names & {"fastapi", "starlette", "uvicorn"}, path.name
     assert not any(n.startswith("service.routes") for n in names), path.name
+
+
+@pytest.mark.parametrize("name", ["openai", "chat", "generate", "attention"])
+def test_a_generation_route_parses_makes_one_call_and_renders(name: str) -> None:
+    """Each POST handler of these routes calls one thing of the route helpers (deps.serve, into the serving
+    layer) and touches no engine: the request body passes the route modules once."""
+    tree = ast.parse((ROOT / "service/routes" / f"{name}.py").read_text())
+    helpers = {a.asname or a.name for node in tree.body if isinstance(node, ast.ImportFrom)
+               and node.module == "service.routes.deps" for a in node.names}
+    handlers = [node for node in tree.body if isinstance(node, ast.AsyncFunctionDef)
+                and any("post" in ast.unparse(d) for d in node.decorator_list)]
+    assert handlers
+    for handler in handlers:
+        calls = [ast.unparse(c.func) for c in ast.walk(handler) if isinstance(c, ast.Call)]
+        assert [c for c in calls if c in helpers] == ["serve"], (handler.name, calls)
+        assert not any("engine" in c or "open" in c for c in calls), (handler.name, calls)

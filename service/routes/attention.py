@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 
-from service.routes.deps import error_responses, request_id, served_model, settings_of, until_disconnect
+from service.routes.deps import error_responses, serve
 from service.schemas.inspection import AttentionDryRun, AttentionRequest, AttentionResponse
 from service.serving.attention import Attention
 
@@ -31,8 +31,8 @@ async def attention(body: AttentionRequest, request: Request) -> Any:
     """The softmax attention of one teacher-forced pass (generated first with `generate`), selected by kind,
     layer, head and query rows; aggregated, rolled out, summarized, sparsified; JSON, base64 or a PNG heatmap.
     `dry_run` reports the size without computing; past the limits a 413 names a selection that fits."""
-    serving = Attention(served_model(request, body.model), settings_of(request), _gate(request.app))
-    result = await until_disconnect(request, serving.create(body, request_id(request, "insp")))
+    gate = _gate(request.app)
+    result = await serve(request, body, "insp", lambda served, settings: Attention(served, settings, gate))
     if isinstance(result, bytes):
         return Response(result, media_type="image/png")
     return result

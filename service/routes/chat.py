@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from service.routes.deps import error_responses, request_id, served_model, settings_of, until_disconnect
+from service.routes.deps import error_responses, serve
 from service.routes.openai import SSE_HEADERS
 from service.schemas.chat import ChatCompletionRequest, ChatCompletionResponse
 from service.serving.chat import Chat
@@ -20,8 +20,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
     """OpenAI's chat API: the checkpoint's chat template (or a plain "role: content" one; a translator translates
     the last user message), n, stop, seed, logprobs/top_logprobs, and streaming deltas ending in `[DONE]`
     (`stream_options.include_usage` adds a usage chunk). Works with the official openai client."""
-    serving = Chat(served_model(request, body.model), settings_of(request))
-    result = await until_disconnect(request, serving.create(body, request_id(request, "chatcmpl")))
+    result = await serve(request, body, "chatcmpl", Chat)
     if isinstance(result, ChatCompletionResponse):
         return result
     return StreamingResponse(result, media_type="text/event-stream", headers=SSE_HEADERS)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
 from fastapi import Request
 
@@ -70,3 +70,20 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 async def _disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+R = TypeVar("R", covariant=True)
+
+
+class Surface(Protocol[R]):
+    """A serving-layer object (service/serving/): one model's surface, one call per HTTP request."""
+
+    async def create(self, body: Any, rid: str) -> R: ...
+
+
+async def serve(request: Request, body: Any, prefix: str, surface: Callable[[ServedModel, Settings], Surface[T]]) -> T:
+    """A route's one call: the model the body names, the server's settings and a request id `prefix-...` given to
+    the surface, whose `create` runs until it answers or the client goes away (then it is cancelled)."""
+    serving = surface(served_model(request, body.model), settings_of(request))
+    return await until_disconnect(request, serving.create(body, request_id(request, prefix)))
+

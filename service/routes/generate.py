@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from service.routes.deps import error_responses, request_id, served_model, settings_of, until_disconnect
+from service.routes.deps import error_responses, serve
 from service.routes.openai import SSE_HEADERS
 from service.schemas.native import GenerateRequest, GenerateResponse
 from service.serving.generate import Generate
@@ -21,8 +21,7 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse 
     `stream` Server-Sent Events: one `token` event per token (with `return_attention`, its attention row), then
     `done` with finish_reason, usage and timing. A translator's default max_tokens is sized to its source.
     `beam_width` > 1 answers with the best hypothesis of a beam search (JSON only)."""
-    serving = Generate(served_model(request, body.model), settings_of(request))
-    result = await until_disconnect(request, serving.create(body, request_id(request, "gen")))
+    result = await serve(request, body, "gen", Generate)
     if isinstance(result, GenerateResponse):
         return result
     return StreamingResponse(result, media_type="text/event-stream", headers=SSE_HEADERS)

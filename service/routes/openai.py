@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from service.routes.deps import error_responses, request_id, served_model, settings_of, until_disconnect
+from service.routes.deps import error_responses, serve
 from service.schemas.openai import CompletionRequest, CompletionResponse
 from service.serving.completions import Completions
 
@@ -20,8 +20,7 @@ async def completions(body: CompletionRequest, request: Request) -> CompletionRe
     """OpenAI's completions API: n, stop, seed, logprobs, echo, and streaming chunks ending in `[DONE]`
     (`stream_options.include_usage` adds a usage chunk). `echo` with `logprobs` scores the prompt's tokens too,
     and `max_tokens: 0` with it only scores; vLLM's `prompt_logprobs` and sampling extras are accepted."""
-    serving = Completions(served_model(request, body.model), settings_of(request))
-    result = await until_disconnect(request, serving.create(body, request_id(request, "cmpl")))
+    result = await serve(request, body, "cmpl", Completions)
     if isinstance(result, CompletionResponse):
         return result
     return StreamingResponse(result, media_type="text/event-stream", headers=SSE_HEADERS)

@@ -11,10 +11,13 @@ import pytest
 from support import LiveServer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared CPU: one thread is faster
-
 PROMPT = "JULIET: O Romeo"
 
 
+@pytest.fixture(scope="module")
+def server(server_both: LiveServer) -> LiveServer:
+    """Both engine clients: the engine on the server's thread, and in its own core process."""
+    return server_both
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,12 @@ from model.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
+@pytest.fixture(scope="module")
+def server(server_both: LiveServer) -> LiveServer:
+    """Both engine clients: the engine on the server's thread, and in its own core process."""
+    return server_both
+
 PROMPT = "JULIET: O Romeo, Romeo, wherefore art thou Romeo? Deny t"  # 56 characters
 
 
