@@ -53,6 +53,7 @@ def load_in_core_processes(settings: Settings, on_step: Any, on_finish: Any, on_
                 ckpt = server_side_checkpoint(path)
             except CheckpointError as e:
                 raise CheckpointError(f"model {name}: {e}") from e
+            client.decode = ckpt.tokenizer.decode
             ready = client.wait_ready()
             models[name] = ServedModel(name, ckpt, client, ready.device, getattr(torch, ready.dtype),
                                        settings.quantization, ready.parameters)

@@ -24,6 +24,7 @@ import zmq
 
 from service.engine import wire
 from service.engine.admission import refuse
+from service.engine.detokenizer import Decode
 from service.engine.request import (
     EngineConfig,
     EngineDead,
@@ -55,6 +56,7 @@ class EngineCoreClient:
                  on_fatal: Callable[[str], None] | None = None) -> None:
         self.name, self.spawn, self.restart, self.backlog = name, spawn, restart, backlog
         self.on_step, self.on_finish, self.on_fatal = on_step, on_finish, on_fatal
+        self.decode: Decode | None = None  # the tokenizer's, for the streams' text (set once it is read)
         self.config = EngineConfig()
         self.ready: wire.Ready | None = None
         self.dead: str | None = None
@@ -138,14 +140,14 @@ class EngineCoreClient:
 
     def open(self, req: Request) -> RequestStream:
         self.check(req)
-        stream = RequestStream(self, req, asyncio.get_running_loop(), self.backlog)
+        stream = RequestStream(self, req, asyncio.get_running_loop(), self.backlog, self.decode)
         rid = req.request_id
         self._streams[rid], self._sent[rid], self._waiting[rid] = stream, 0, req.num_tokens
         self._post(wire.AddRequest.of(req))
         return stream
 
-    def abort(self, request_id: str) -> None:
-        self._post(wire.Abort([request_id]))
+    def abort(self, request_id: str, stopped: bool = False) -> None:
+        self._post(wire.Abort([request_id], stopped))
 
     def overflowed(self, request_id: str) -> None:
         self.overflows += 1

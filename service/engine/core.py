@@ -17,7 +17,6 @@ from typing import Any, cast
 import zmq
 
 from service.engine import wire
-from service.engine.detokenizer import IncrementalDetokenizer
 from service.engine.engine import Engine
 from service.engine.outputs import LiveRequest
 from service.engine.request import RequestStats, StepOutput, StepStats
@@ -95,7 +94,7 @@ class EngineCore:
                 self._add(msg)
             elif isinstance(msg, wire.Abort):
                 for rid in msg.request_ids:
-                    self.engine.abort_now(rid)
+                    self.engine.abort_now(rid, msg.stopped)
             else:
                 self._capture(msg)
 
@@ -106,9 +105,7 @@ class EngineCore:
             from service.engine.structured import matcher
 
             req.matcher = matcher(self._compile(constraint), self.engine.runner.sampler.eos_id is not None)
-        params = req.params
-        detok = IncrementalDetokenizer(self.engine.decode, params.stop, params.include_stop_str_in_output)
-        self.engine.admit(LiveRequest(req, detok, True))
+        self.engine.admit(LiveRequest(req, True))
 
     def _compile(self, constraint: Any) -> Any:
         if self._grammars is None:

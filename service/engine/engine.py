@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from service.engine.admission import refuse
 from service.engine.blocks import BlockManager
-from service.engine.detokenizer import Decode, IncrementalDetokenizer
+from service.engine.detokenizer import Decode
 from service.engine.outputs import LiveRequest, Outputs
 from service.engine.request import (
     EngineConfig,
@@ -90,12 +90,11 @@ class Engine:
     def open(self, req: Request) -> RequestStream:
         """Queue a request and return its stream (use it as `async with`)."""
         self.check(req)
-        stream = RequestStream(self, req, asyncio.get_running_loop(), self.config.max_stream_backlog)
+        stream = RequestStream(self, req, asyncio.get_running_loop(), self.config.max_stream_backlog, self.decode)
         with self._lock:
             self._pending += 1
             self._pending_tokens += req.num_tokens
-        detok = IncrementalDetokenizer(self.decode, req.params.stop, req.params.include_stop_str_in_output)
-        self._inbox.put(("add", LiveRequest(req, detok, stream)))  # type: ignore[arg-type]
+        self._inbox.put(("add", LiveRequest(req, stream)))  # type: ignore[arg-type]
         self._wake.set()
         return stream
 
@@ -113,9 +112,10 @@ class Engine:
         self.inspections += 1
         return await future
 
-    def abort(self, request_id: str) -> None:
-        """Abort a request; takes effect at the start of the next step (its blocks return then)."""
-        self._inbox.put(("abort", request_id))
+    def abort(self, request_id: str, stopped: bool = False) -> None:
+        """Abort a request (`stopped`: its stream found a stop string, it ends as stopped); takes effect at the
+        start of the next step (its blocks return then)."""
+        self._inbox.put(("stop" if stopped else "abort", request_id))
         self._wake.set()
 
     def overflowed(self, request_id: str) -> None:
@@ -157,7 +157,7 @@ class Engine:
             for i in range(n):
                 req = Request(f"warmup-{n}-{i}", list(prompt_ids), SamplingParams(max_tokens=steps, temperature=0.0,
                               ignore_eos=True), list(source_ids) if source_ids is not None else None)
-                self.admit(LiveRequest(req, IncrementalDetokenizer(self.decode), None))
+                self.admit(LiveRequest(req, None))
             while self.scheduler.has_work():
                 self.step()
 
@@ -195,11 +195,11 @@ class Engine:
         self._live[live.request.request_id] = live
         self.scheduler.add(live.request)
 
-    def abort_now(self, request_id: str) -> None:
-        """Abort on the loop's own thread (a core process): its blocks return now."""
+    def abort_now(self, request_id: str, stopped: bool = False) -> None:
+        """Abort on the loop's own thread: its blocks return now."""
         live = self._live.get(request_id)
         if live is not None:
-            self._finish(live, RequestStatus.FINISHED_ABORTED)
+            self._finish(live, RequestStatus.FINISHED_STOPPED if stopped else RequestStatus.FINISHED_ABORTED)
 
     def deliver_to(self, outbox: Sink, on_step: Callable[[StepStats], None],
                    on_finish: Callable[[RequestStats], None]) -> None:
@@ -221,7 +221,7 @@ class Engine:
             elif kind == "call":
                 self._call(item)  # type: ignore[arg-type]
             else:
-                self.abort_now(item)  # type: ignore[arg-type]
+                self.abort_now(item, stopped=kind == "stop")  # type: ignore[arg-type]
 
     def _call(self, job: tuple[Callable[[], Any], asyncio.Future[Any]]) -> None:
         """An inspection pass, between two steps on the engine's thread (the model is never used concurrently)."""

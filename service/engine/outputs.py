@@ -1,5 +1,6 @@
-"""A request's outputs on the engine thread: text deltas and stop strings after each sampled token, the end
-(finish reason, timings, stats), and their hand-off to the request's stream."""
+"""A request's outputs on the engine's side: each sampled token, the end (finish reason, timings, stats), and
+their hand-off to the request's stream. Text (detokenization, stop strings) is the stream's work, on the
+server's side (stream.py): the core only counts tokens."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.engine.detokenizer import IncrementalDetokenizer
 from service.engine.request import PromptLogprob, Request, RequestStats, RequestStatus, StepOutput
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import Sampled, Scheduler
@@ -17,10 +17,9 @@ from service.engine.stream import Sink
 
 @dataclass
 class LiveRequest:
-    """Engine-thread state of a request: its record, detokenizer and where its outputs go."""
+    """Engine-side state of a request: its record and where its outputs go."""
 
     request: Request
-    detok: IncrementalDetokenizer
     stream: Any  # where its outputs go: a RequestStream, True in a core process (its batches), None: nowhere
     itls: list[float] = field(default_factory=list)
     prompt_logprobs_sent: bool = False
@@ -65,14 +64,12 @@ class Outputs:
         elif req.last_token_time is not None:
             live.itls.append(now - req.last_token_time)
         req.last_token_time = now
-        text = "" if sampled.stop_token else live.detok.add(sampled.token)
         status = sampled.finished
-        if live.detok.stopped:
-            status = RequestStatus.FINISHED_STOPPED
-        self.emit(live, StepOutput(req.request_id, sampled.token, text, sampled.logprob, sampled.top_logprobs,
+        self.emit(live, StepOutput(req.request_id, sampled.token, "", sampled.logprob, sampled.top_logprobs,
                                     num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=len(req.output_ids),
                                     queue_time=queue_time(req), ttft=req.first_token_time - req.arrival_time,
-                                    attention=attention, prompt_logprobs=self.first_prompt_logprobs(live)))
+                                    attention=attention, prompt_logprobs=self.first_prompt_logprobs(live),
+                                    stop_token=sampled.stop_token))
         if status is not None:
             self.finish(live, status)
 
@@ -86,10 +83,9 @@ class Outputs:
         req.finish_time = time.monotonic()
         req.error = error
         reason = status.finish_reason or "error"
-        tail = live.detok.flush() if status != RequestStatus.FINISHED_ERROR else ""
         e2e = req.finish_time - req.arrival_time
         ttft = None if req.first_token_time is None else req.first_token_time - req.arrival_time
-        self.emit(live, StepOutput(req.request_id, None, tail, finished=True, finish_reason=reason, error=error,
+        self.emit(live, StepOutput(req.request_id, None, "", finished=True, finish_reason=reason, error=error,
                                     num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=len(req.output_ids),
                                     queue_time=queue_time(req), ttft=ttft, e2e=e2e,
                                     prompt_logprobs=self.first_prompt_logprobs(live)))

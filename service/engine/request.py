@@ -197,6 +197,7 @@ class StepOutput:
     e2e: float | None = None  # seconds from arrival to the end (final output only)
     attention: dict[str, Any] | None = None  # {"query_position": p, kind: (layers, heads, T_k) nested lists}
     prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None  # on the first output only; entry 0 is None
+    stop_token: bool = False  # token_id is the EOS or stop token id that ended the output: it has no text
 
 
 class EngineError(Exception):

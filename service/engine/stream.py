@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Protocol
 
+from service.engine.detokenizer import Decode, IncrementalDetokenizer
 from service.engine.request import Request, StepOutput
 
 
 class Aborter(Protocol):
-    def abort(self, request_id: str) -> None: ...
+    def abort(self, request_id: str, stopped: bool = False) -> None: ...
 
     def overflowed(self, request_id: str) -> None: ...
 
@@ -28,12 +30,21 @@ class Sink(Protocol):
 
 
 class RequestStream:
-    """Async iterator over one request's StepOutputs; as a context manager it aborts on early exit. A reader
-    that falls `backlog` outputs behind (a client that stopped reading) gets an error and its request is aborted,
-    so that nothing grows without bound for it."""
+    """Async iterator over one request's StepOutputs; as a context manager it aborts on early exit.
 
-    def __init__(self, engine: Aborter, request: Request, loop: asyncio.AbstractEventLoop, backlog: int = 1024) -> None:
+    The stream turns the engine's tokens into text (given the tokenizer's `decode`): incremental, UTF-8 safe, with
+    the request's stop strings, on the server's side while the engine runs the next step. A stop string ends the
+    output here and stops the engine's request (it may have run a step further: that token is not the output's).
+    A reader that falls `backlog` outputs behind (a client that stopped reading) gets an error and its request is
+    aborted, so that nothing grows without bound for it."""
+
+    def __init__(self, engine: Aborter, request: Request, loop: asyncio.AbstractEventLoop, backlog: int = 1024,
+                 decode: Decode | None = None) -> None:
         self.engine, self.request, self.loop, self.backlog = engine, request, loop, backlog
+        params = request.params
+        self.detok = None if decode is None else IncrementalDetokenizer(decode, params.stop,
+                                                                        params.include_stop_str_in_output)
+        self.closed = False  # its last output is queued: later ones (a step past a stop string) are dropped
         self.on_close: Callable[[RequestStream], None] | None = None  # called once the stream is left, by any path
         self.num_output_tokens = 0  # as the latest output said (the engine's Request may be in another process)
         self.queue: asyncio.Queue[StepOutput] = asyncio.Queue()
@@ -53,8 +64,9 @@ class RequestStream:
 
     def put(self, out: StepOutput) -> None:
         """On the event loop: queue an output, or end the stream when its reader is `backlog` behind."""
-        if self.overflowed:
+        if self.overflowed or self.closed:
             return
+        out = self._text(out)
         if self.queue.qsize() >= self.backlog and not out.finished:
             self.overflowed = True
             self.engine.overflowed(self.request.request_id)
@@ -62,6 +74,23 @@ class RequestStream:
                              error=f"the stream fell {self.backlog} outputs behind its reader; request aborted",
                              error_code="slow_reader")
         self.queue.put_nowait(out)
+        self.closed = out.finished
+
+    def _text(self, out: StepOutput) -> StepOutput:
+        """The output with its text delta; a stop string ends it (finish_reason stop) and stops the engine's
+        request. An ending output gets the text held back (a possible stop string, a cut UTF-8 character)."""
+        detok = self.detok
+        if detok is None:
+            return out
+        text = ""
+        if out.token_id is not None and not out.stop_token:
+            text = detok.add(out.token_id)
+            if detok.stopped:
+                self.engine.abort(out.request_id, stopped=True)
+                return dataclasses.replace(out, text=text, finished=True, finish_reason="stop")
+        if out.finished and out.finish_reason != "error":
+            text += detok.flush()
+        return dataclasses.replace(out, text=text) if text else out
 
     async def __aenter__(self) -> RequestStream:
         return self
@@ -126,7 +155,7 @@ class Drainable(Protocol):
     accepting: bool
     dead: str | None
 
-    def abort(self, request_id: str) -> None: ...
+    def abort(self, request_id: str, stopped: bool = False) -> None: ...
 
 
 async def drain(engine: Drainable, live: Mapping[str, Any], timeout: float) -> None:

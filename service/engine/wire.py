@@ -46,6 +46,7 @@ class AddRequest(msgspec.Struct, tag=True):
 
 class Abort(msgspec.Struct, tag=True):
     request_ids: list[str]
+    stopped: bool = False  # the server found a stop string: the requests end as stopped
 
 
 class Capture(msgspec.Struct, tag=True):

@@ -75,6 +75,25 @@ def scrub(text: str) -> str:
     return VOLATILE.sub(r'"\1": _', text)
 
 
+def same(a: Any, b: Any) -> bool:
+    """Equal, but for floats within 0.02: log-probs move in the third decimal with the batch a request shares
+    (its rows' reductions), and the two servers batch by their own timing. Tokens and text must be equal."""
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= 0.02
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+def parsed(text: str) -> Any:
+    try:
+        return json.loads(scrub(text).replace(": _", ": null"))
+    except ValueError:
+        return scrub(text)
+
+
 @pytest.mark.parametrize(("path", "body"), COMPARED, ids=[f"{p}-{i}" for i, (p, _) in enumerate(COMPARED)])
 def test_a_core_process_answers_as_the_in_process_engine(pair: Any, path: str, body: dict[str, Any]) -> None:
     proc, inproc = pair
@@ -82,7 +101,7 @@ def test_a_core_process_answers_as_the_in_process_engine(pair: Any, path: str, b
     a = httpx.post(proc.url + path, json=body, timeout=60)
     b = httpx.post(inproc.url + path, json=body, timeout=60)
     assert a.status_code == b.status_code, (a.text, b.text)
-    assert scrub(a.text) == scrub(b.text)
+    assert same(parsed(a.text), parsed(b.text)), (a.text, b.text)
 
 
 def test_streamed_events_are_the_same_from_a_core_process(pair: Any) -> None:
@@ -101,7 +120,8 @@ def test_streamed_events_are_the_same_from_a_core_process(pair: Any) -> None:
                         by_choice.setdefault(choice and choice["index"], []).append((choice, event.get("usage")))
         return by_choice
 
-    assert events(proc.url) == events(inproc.url)
+    a, b = events(proc.url), events(inproc.url)
+    assert same(a, b), (a, b)
 
 
 async def _stream_until_error(url: str, body: dict[str, Any], started: asyncio.Event) -> tuple[list[Any], float]:
