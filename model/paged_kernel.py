@@ -25,7 +25,10 @@ log = logging.getLogger("attnserve.kernels")
 
 NAME = "attnserve_paged_attention"
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
-CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast"]  # threads: torch's own (at::parallel_for)
+# -fopenmp: at::parallel_for is inline in ATen's headers, its `omp parallel` compiled into this kernel; without the
+# flag it runs every work item on the calling thread (it did: two threads took as long as one)
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
+LDFLAGS = ["-fopenmp"]
 
 _loaded: dict[str, ModuleType | None] = {}
 _reason: dict[str, str] = {}
@@ -47,7 +50,7 @@ def _cpu_flags() -> str:
 
 def build_key() -> str:
     h = hashlib.sha256(SOURCE.read_bytes())
-    for part in (" ".join(CFLAGS), torch.__version__, _cpu_flags()):
+    for part in (" ".join(CFLAGS + LDFLAGS), torch.__version__, _cpu_flags()):
         h.update(part.encode())
     return h.hexdigest()[:16]
 
@@ -81,8 +84,8 @@ def load(verbose: bool = False) -> ModuleType | None:
                 log.info("building the paged-attention kernel (once per machine)", extra={"dir": str(directory)})
                 from torch.utils.cpp_extension import load as build
 
-                module = build(NAME, [str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(directory),
-                               verbose=verbose)
+                module = build(NAME, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+                               build_directory=str(directory), verbose=verbose)
         except Exception as exc:  # any build or import failure means the plain path
             _reason["why"] = f"build failed: {type(exc).__name__}: {str(exc)[:300]}"
             module = None
