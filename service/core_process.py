@@ -33,10 +33,17 @@ def spawner(path: Path, settings: Settings) -> Callable[[str, str], BaseProcess]
 
 
 def run_core(path: str, settings_json: str, to_core: str, from_core: str) -> None:
-    """The core process: load, warm up, loop. Ctrl-C in a terminal reaches the whole process group; the server
-    stops its cores itself (SIGTERM), so the core ignores SIGINT."""
+    """The core process: load, warm up, loop. A signal to the server's whole process group (Ctrl-C in a terminal,
+    a supervisor's stop) reaches the core too; the server drains and stops its cores itself (SIGKILL: a core
+    holds nothing to save), so the core ignores SIGINT and SIGTERM."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    import threading
+
     import torch
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())  # not a multiprocessing semaphore, which a killed core would leak
 
     from service.engine import wire
     from service.engine.core import EngineCore

@@ -111,16 +111,14 @@ class EngineCoreClient:
         """The core warms its model up before it says it is ready."""
 
     async def drain(self, timeout: float) -> None:
+        self.restart = False  # the server is stopping: a core that dies now is not started again
         await drain(self, self._streams, timeout)
 
     def stop(self) -> None:
         self._closing = True
         if self._proc is not None and self._proc.is_alive():
-            self._proc.terminate()
+            self._proc.kill()  # it ignores SIGTERM (sent to a whole process group, it would race the drain)
             self._proc.join(10)
-            if self._proc.is_alive():
-                self._proc.kill()
-                self._proc.join(5)
         if self._reader is not None:
             self._reader.join(5)
         self._context.destroy(linger=0)
