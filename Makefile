@@ -105,13 +105,19 @@ docker-run:
 # 2 CPU cores (SmolLM2 ~3 of them; BENCH_ARGS="--models smollm2-135m" for it alone); then the shared-prefix
 # scenario with prefix caching on and off (the two GPT models, ~4 minutes); then structured output, 32 streams with
 # half of them held to JSON schemas against the same requests unconstrained (SmolLM2, ~2 minutes; STRUCTURED=0
-# leaves it out); writes benchmarks/results/<date>-cpu/.
+# leaves it out); then the engine core process against the engine thread (SmolLM2 bfloat16, ~2 minutes;
+# BASELINE=<a checkout of older code> adds that code's server to the same run; ENGINE_PROCESS=0 leaves it out);
+# writes benchmarks/results/<date>-cpu/.
 # Each row also runs llama.cpp's llama-server on the same weights (built once into ~/.cache/attnserve, ~11 minutes
 # on 2 cores; skipped with the reason where it cannot be): BENCH_ARGS=--no-llama-cpp leaves it out.
 BENCH_ARGS ?=
 STRUCTURED ?= 1
+ENGINE_PROCESS ?= 1
+BASELINE ?=
 
 bench: setup
 	$(BIN)/python -m benchmarks.run_cpu $(BENCH_ARGS)
 	$(BIN)/python -m benchmarks.prefix_bench
 	$(if $(filter 1,$(STRUCTURED)),$(BIN)/python -m benchmarks.structured_bench)
+	$(if $(filter 1,$(ENGINE_PROCESS)),$(BIN)/python -m benchmarks.engine_process --model "$$($(BIN)/python -m model.fetch smollm2)" \
+	  --out benchmarks/results/$$(date -u +%F)-cpu $(if $(BASELINE),--baseline $(BASELINE)))

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
     for label, tree, extra in tqdm(runs, desc="servers"):
-        results[label] = serve(tree, a.model.expanduser(), a.dtype, extra, spec, a.out / "engine-process-server.log")
+        results[label] = serve(tree, a.model.expanduser(), a.dtype, extra, spec, a.out / "logs" / "engine-process-server.log")
     base32 = results[runs[0][0]]["levels"][1]["output_throughput"] if a.baseline is not None else None
     cpu, flags = cpu_identity()
     machine = f"{cpu}; flags: {' '.join(flags) or 'none of AVX2/AVX-512/AMX'}"
