@@ -165,7 +165,8 @@ def test_a_killed_core_ends_every_stream_within_a_second_and_is_restarted(long_m
             assert time.monotonic() < deadline, "the core was not restarted"
             time.sleep(0.2)
         assert client.restarts == 1
-        ok = httpx.post(server.url + "/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 5}, timeout=30)
+        ok = httpx.post(server.url + "/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 5, "ignore_eos": True},
+                        timeout=30)
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 5
         after = httpx.get(server.url + "/metrics").text
         assert _count(after, 'attnserve_requests_finished_total{finish_reason="error",model="long-gpt"}') == \
@@ -231,7 +232,8 @@ def test_the_access_log_counts_tokens_in_both_modes(long_model: Path, in_process
     server = LiveServer(settings_for(long_model, engine_in_process=in_process, log_level="info", **LONG))
     try:
         with caplog.at_level("INFO", logger="attnserve.app"):
-            r = httpx.post(server.url + "/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 7}, timeout=30)
+            r = httpx.post(server.url + "/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 7,
+                                                                  "ignore_eos": True}, timeout=30)
             assert r.status_code == 200
             time.sleep(0.2)
         lines = [rec for rec in caplog.records if getattr(rec, "path", None) == "/v1/completions"]
