@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import contextlib
 import itertools
 import logging
 import shutil
@@ -34,7 +33,7 @@ from service.engine.request import (
     StepOutput,
     StepStats,
 )
-from service.engine.stream import RequestStream, deliver, drain
+from service.engine.stream import RequestStream, drain, hand_over, settle
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -206,11 +205,7 @@ class EngineCoreClient:
                 return
 
     def _take(self) -> None:
-        while True:
-            try:
-                frame = self._in.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for frame in wire.waiting(self._in):
             msg = wire.from_core.decode(frame)
             if isinstance(msg, wire.Batch):
                 self._dispatch(msg)
@@ -230,7 +225,7 @@ class EngineCoreClient:
                 del self._streams[rid]
                 self._sent.pop(rid, None)
             items.append((stream, out))
-        self._deliver(items)
+        hand_over(items)
         if self.on_finish is not None:
             for stats in batch.finished:
                 self.on_finish(stats)
@@ -240,37 +235,10 @@ class EngineCoreClient:
                 self.on_step(batch.step)
         self._snapshot = batch.snapshot
 
-    @staticmethod
-    def _deliver(items: list[tuple[RequestStream, StepOutput]]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, StepOutput]]] = {}
-        for stream, out in items:
-            by_loop.setdefault(stream.loop, []).append((stream, out))
-        for loop, batch in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
-                loop.call_soon_threadsafe(deliver, batch)
-
     def _settle(self, msg: wire.Captured) -> None:
-        import torch
-
         future = self._captures.get(msg.call_id)
-        if future is None:
-            return
-        if msg.error is not None:
-            result: Any = RuntimeError(msg.error)
-        else:
-            result = {(w.kind, w.layer): torch.frombuffer(bytearray(w.data), dtype=torch.float32).reshape(w.shape)
-                      for w in msg.weights}
-
-        def settle() -> None:
-            if future.done():
-                return
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
-
-        with contextlib.suppress(RuntimeError):
-            future.get_loop().call_soon_threadsafe(settle)
+        if future is not None:
+            settle(future, msg.result())
 
     def _died(self, reason: str) -> None:
         """End every in-flight request now with an error; the metrics count each once, as finished in error."""
@@ -289,11 +257,9 @@ class EngineCoreClient:
         self._streams.clear()
         self._sent.clear()
         self._waiting.clear()
-        self._deliver(items)
+        hand_over(items)
         for future in list(self._captures.values()):
-            with contextlib.suppress(RuntimeError):
-                future.get_loop().call_soon_threadsafe(
-                    lambda f=future: f.done() or f.set_exception(EngineDead(message)))  # type: ignore[misc]
+            settle(future, EngineDead(message))
         self._snapshot = None
 
     def _recover(self) -> bool:

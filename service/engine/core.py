@@ -84,11 +84,7 @@ class EngineCore:
                 engine.step()
 
     def _take_messages(self) -> None:
-        while True:
-            try:
-                frame = self.inbox.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for frame in wire.waiting(self.inbox):
             msg = wire.to_core.decode(frame)
             if isinstance(msg, wire.AddRequest):
                 self._add(msg)

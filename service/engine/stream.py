@@ -121,12 +121,17 @@ class Outbox:
 
     def flush(self) -> None:
         batch, self.items = self.items, []
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, StepOutput]]] = {}
-        for stream, out in batch:
-            by_loop.setdefault(stream.loop, []).append((stream, out))
-        for loop, items in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
-                loop.call_soon_threadsafe(deliver, items)
+        hand_over(batch)
+
+
+def hand_over(items: list[tuple[RequestStream, StepOutput]]) -> None:
+    """From another thread: each event loop gets its streams' outputs with one `call_soon_threadsafe`."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, StepOutput]]] = {}
+    for stream, out in items:
+        by_loop.setdefault(stream.loop, []).append((stream, out))
+    for loop, batch in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+            loop.call_soon_threadsafe(deliver, batch)
 
 
 def run_for(fn: Callable[[], Any], future: asyncio.Future[Any]) -> None:
@@ -135,20 +140,25 @@ def run_for(fn: Callable[[], Any], future: asyncio.Future[Any]) -> None:
     if future.cancelled():
         return
     try:
-        result, error = fn(), None
+        result = fn()
     except Exception as e:
-        result, error = None, e
+        result = e
+    settle(future, result)
 
-    def settle() -> None:
-        if future.cancelled():
+
+def settle(future: asyncio.Future[Any], result: Any) -> None:
+    """From another thread: give `future` its result (an exception is raised to its awaiter), unless it is done."""
+
+    def put() -> None:
+        if future.done():
             return
-        if error is not None:
-            future.set_exception(error)
+        if isinstance(result, BaseException):
+            future.set_exception(result)
         else:
             future.set_result(result)
 
     with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
-        future.get_loop().call_soon_threadsafe(settle)
+        future.get_loop().call_soon_threadsafe(put)
 
 
 class Drainable(Protocol):

@@ -6,9 +6,11 @@ and a `Captured` for each capture. Records are typed at both ends: a decoder ref
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
+import zmq
 
 from service.engine.request import (
     AttentionSpec,
@@ -89,6 +91,15 @@ class Captured(msgspec.Struct, tag=True):
     weights: list[Weights]
     error: str | None = None
 
+    def result(self) -> Any:
+        """The captured weights per (kind, layer) as float32 tensors, or the error the capture raised."""
+        if self.error is not None:
+            return RuntimeError(self.error)
+        import torch
+
+        return {(w.kind, w.layer): torch.frombuffer(bytearray(w.data), dtype=torch.float32).reshape(w.shape)
+                for w in self.weights}
+
 
 ToCore = AddRequest | Abort | Capture
 FromCore = Ready | Batch | Captured
@@ -100,3 +111,12 @@ from_core = msgspec.msgpack.Decoder(FromCore)
 
 def encode(record: Any) -> bytes:
     return encoder.encode(record)
+
+
+def waiting(socket: zmq.Socket[bytes]) -> Iterator[bytes]:
+    """The frames a socket holds now, without waiting for more."""
+    while True:
+        try:
+            yield socket.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return
