@@ -104,10 +104,15 @@ Sender = Callable[[aiohttp.ClientSession, LoadSpec, Prompt, int], Awaitable[Requ
 
 
 async def _guarded(send: Sender, client: aiohttp.ClientSession, spec: LoadSpec, prompt: Prompt, seed: int) -> RequestResult:
-    try:
-        return await send(client, spec, prompt, seed)
-    except Exception as e:  # a failed request is a result to count, never the end of the run
-        return RequestResult(prompt_tokens=len(prompt.ids), error=f"{type(e).__name__}: {e}"[:200])
+    for attempt in (1, 2):
+        try:
+            return await send(client, spec, prompt, seed)
+        except aiohttp.ServerDisconnectedError:  # a kept-alive connection the server had just closed: once more,
+            if attempt == 2:  # on a fresh one (llama.cpp's HTTP library closes a connection after a few requests)
+                return RequestResult(prompt_tokens=len(prompt.ids), error="ServerDisconnectedError (twice)")
+        except Exception as e:  # a failed request is a result to count, never the end of the run
+            return RequestResult(prompt_tokens=len(prompt.ids), error=f"{type(e).__name__}: {e}"[:200])
+    raise AssertionError("unreachable")
 
 
 async def run_level(client: aiohttp.ClientSession, spec: LoadSpec, prompts: list[Prompt], concurrency: int,

@@ -184,5 +184,5 @@ def test_llama_server_greedy_tokens_equal_ours_on_the_f32_file(tiny_gpt2: tuple[
         prompts = [Prompt("", [(7 * i + j) % 40 + 4 for j in range(8)]) for i in range(5)]
         res = asyncio.run(run_sweep(spec, [2], [4], progress=False, prompts=prompts))
     (level,) = res["levels"]
-    assert (level["completed"], level["failed"], level["total_output_tokens"]) == (4, 0, 4 * 12)  # ignore_eos
+    assert (level["completed"], level["failed"], level["total_output_tokens"]) == (4, 0, 4 * 12), level["errors"]
     assert level["total_input_tokens"] == 4 * 8 and level["median_itl_ms"] > 0
