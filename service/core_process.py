@@ -4,7 +4,6 @@ weights, warms up and runs the busy loop (service/engine/core.py), spoken to by 
 
 from __future__ import annotations
 
-import logging
 import multiprocessing
 import signal
 from collections.abc import Callable
@@ -15,8 +14,6 @@ from typing import Any
 from model.checkpoint import Checkpoint, load_checkpoint
 from service.engine.client import EngineCoreClient
 from service.settings import Settings
-
-log = logging.getLogger("attnserve.registry")
 
 
 def spawner(path: Path, settings: Settings) -> Callable[[str, str], BaseProcess]:
@@ -65,7 +62,7 @@ def run_core(path: str, settings_json: str, to_core: str, from_core: str) -> Non
         return Grammars(served.tokenizer, served.checkpoint.config.vocab_size)
 
     core = EngineCore(engine, to_core, from_core, grammars)
-    ready = wire.Ready(0, engine.config, served.device, str(served.dtype).removeprefix("torch."),
+    ready = wire.Ready(engine.config, served.device, str(served.dtype).removeprefix("torch."),
                        served.parameters)
     try:
         core.run(ready)

@@ -57,7 +57,6 @@ class EngineCoreClient:
         self.on_step, self.on_finish, self.on_fatal = on_step, on_finish, on_fatal
         self.decode: Decode | None = None  # the tokenizer's, for the streams' text (set once it is read)
         self.config = EngineConfig()
-        self.ready: wire.Ready | None = None
         self.dead: str | None = None
         self.accepting = True
         self.steps = self.inspections = self.overflows = self.restarts = 0
@@ -99,7 +98,7 @@ class EngineCoreClient:
                                  f"(exit code {self._proc.exitcode}); its log says why")
         msg = wire.from_core.decode(self._in.recv())
         assert isinstance(msg, wire.Ready), msg
-        self.ready, self.config = msg, msg.config
+        self.config = msg.config
         return msg
 
     def start(self) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -58,7 +57,6 @@ class EngineCore:
         self.batches = BatchOutbox(engine, self.outbox.send)
         engine.deliver_to(self.batches, self._record_step, self._record_finish)
         self._grammars_factory, self._grammars = grammars, cast(Any, None)
-        self._compiled: OrderedDict[Any, Any] = OrderedDict()
         self.parent = os.getppid()
 
     def _record_step(self, stats: StepStats) -> None:
@@ -107,13 +105,7 @@ class EngineCore:
         if self._grammars is None:
             assert self._grammars_factory is not None, "a constrained request reached a core without a tokenizer"
             self._grammars = self._grammars_factory()
-        hit = self._compiled.get(constraint)
-        if hit is None:
-            hit = self._compiled[constraint] = self._grammars.compile_now(constraint)
-            if len(self._compiled) > 256:
-                self._compiled.popitem(last=False)
-        self._compiled.move_to_end(constraint)
-        return hit
+        return self._grammars.cached(constraint)
 
     def _capture(self, msg: wire.Capture) -> None:
         try:

@@ -71,12 +71,22 @@ class Grammars:
 
     async def compile(self, c: Constraint) -> xgr.CompiledGrammar:
         """The compiled grammar, from the cache or compiled on the worker thread (the engine keeps stepping)."""
+        hit = self._hit(c)
+        if hit is not None:
+            return hit
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self.compile_now, c)
+
+    def cached(self, c: Constraint) -> xgr.CompiledGrammar:
+        """The compiled grammar, from the cache or compiled here and now (a core process's loop)."""
+        hit = self._hit(c)
+        return hit if hit is not None else self.compile_now(c)
+
+    def _hit(self, c: Constraint) -> xgr.CompiledGrammar | None:
         with self._lock:
             hit = self._cache.get(c)
             if hit is not None:
                 self._cache.move_to_end(c)
-                return hit
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self.compile_now, c)
+            return hit
 
     def compile_now(self, c: Constraint) -> xgr.CompiledGrammar:
         t = time.perf_counter()

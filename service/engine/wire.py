@@ -63,7 +63,6 @@ class Capture(msgspec.Struct, tag=True):
 class Ready(msgspec.Struct, tag=True):
     """The core has loaded and warmed its model and runs its loop: what it serves, as it chose it."""
 
-    pid: int
     config: EngineConfig
     device: str
     dtype: str  # "float32", "bfloat16", ...
