@@ -107,9 +107,10 @@ async def _guarded(send: Sender, client: aiohttp.ClientSession, spec: LoadSpec, 
     for attempt in (1, 2):
         try:
             return await send(client, spec, prompt, seed)
-        except aiohttp.ServerDisconnectedError:  # a kept-alive connection the server had just closed: once more,
-            if attempt == 2:  # on a fresh one (llama.cpp's HTTP library closes a connection after a few requests)
-                return RequestResult(prompt_tokens=len(prompt.ids), error="ServerDisconnectedError (twice)")
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:  # a kept-alive connection the server
+            if attempt == 2:  # had just closed: once more, on a fresh one (llama.cpp's HTTP library closes them;
+                # seen as "Can not write request body" or a disconnect)
+                return RequestResult(prompt_tokens=len(prompt.ids), error=f"{type(e).__name__} (twice): {e}"[:200])
         except Exception as e:  # a failed request is a result to count, never the end of the run
             return RequestResult(prompt_tokens=len(prompt.ids), error=f"{type(e).__name__}: {e}"[:200])
     raise AssertionError("unreachable")
