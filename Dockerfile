@@ -54,15 +54,15 @@ COPY service /app/service
 COPY model /app/model
 RUN chmod -R a+rX,go-w /app && python -m compileall -q /app/service /app/model
 
-# The CPU paged-attention kernel (model/csrc), built here for this CPU where a compiler can be had (slim bases
-# ship none); the server loads it from /opt/kernels, or attends on its plain torch path and says so.
+# The CPU kernels (model/csrc: paged attention, the decode matvec), built here for this CPU where a compiler can be
+# had (slim bases ship none); the server loads them from /opt/kernels, or keeps its plain torch paths and says so.
 RUN mkdir -p /opt/kernels; \
     headers="$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h"; \
     { { command -v c++ >/dev/null && [ -f "$headers" ]; } \
       || { timeout 300 apt-get update -qq \
            && timeout 300 apt-get install -y -qq --no-install-recommends g++ python3-dev >/dev/null; }; } \
-    && cd /app && ATTNSERVE_KERNEL_DIR=/opt/kernels python -m model.paged_kernel \
-    || echo "no paged-attention kernel in this image: the plain path serves"; \
+    && cd /app && ATTNSERVE_KERNEL_DIR=/opt/kernels python -m model.cpu_kernels \
+    || echo "no CPU kernels in this image: the plain path serves"; \
     chmod -R a+rX /opt/kernels
 
 # --- runtime -----------------------------------------------------------------------------------------------------

@@ -16,9 +16,13 @@ the best of several rounds counts. Candidates:
 - int8 weight-only `torch.ops.aten._weight_int8pack_mm` (per-output-channel scales; its AVX-512 kernel takes
   bfloat16 activations, float32 ones fall to a scalar loop), and int8 dequantized to bfloat16 then `F.linear`.
 
-What serving keeps, the fastest per precision here: oneDNN prepacked for float32 and bfloat16 (model/prepack.py;
-about twice F.linear's rate at one row), `_weight_int8pack_mm` with bfloat16 activations for int8 up to 32 rows
-(model/quantize.py; the last row, `int8_matmul`, is that choice). On a shared machine every number is low and
+- ours (model/csrc/matvec.cpp): the weight packed in 16-row panels for AVX-512 BF16's pair dot product, read once
+  per call whatever the rows, bfloat16 or int8 (widened in registers), where the CPU has AVX-512 BF16.
+
+What serving keeps, the fastest per precision here: our kernel for bfloat16 and int8 up to 64 rows where the CPU
+has AVX-512 BF16 (model/cpu_linear.py); oneDNN prepacked for float32, and for bfloat16 elsewhere
+(model/prepack.py; about twice F.linear's rate at one row); `_weight_int8pack_mm` with bfloat16 activations for int8
+up to 32 rows elsewhere (model/quantize.py; the row `int8_matmul` is that choice). On a shared machine every number is low and
 noisy: compare rows of one run, not runs; a run takes a few minutes (`--rows 1 --shapes 3,5,6` is quicker)."""
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from model import cpu_linear
 from model.quantize import int8_matmul, quantize_weight
 from service.engine.device import best_seconds
 
@@ -86,6 +91,13 @@ def candidates(k: int, n: int, m: int) -> dict[str, tuple[int, float]]:
         lambda w: F.linear(x16, w[0].to(torch.bfloat16) * w[1][:, None]))
     run("int8 model.quantize.int8_matmul", n * k, lambda: (q.clone(), scale.clone()),
         lambda w: int8_matmul(x32, *w))
+    mv = cpu_linear.kernel()
+    if mv is not None:  # ours: the weight packed in panels for AVX-512 BF16 (model/cpu_linear.py)
+        rows = -(-n // 32) * 32
+        scales = F.pad(scale, (0, rows - n)).contiguous()
+        run("bfloat16 matvec kernel (ours)", 2 * n * k, lambda: cpu_linear.pack(w32.bfloat16()),
+            lambda w: mv.linear(x16, w, n, None, None))
+        run("int8 matvec kernel (ours)", n * k, lambda: cpu_linear.pack(q), lambda w: mv.linear(x16, w, n, scales, None))
     return out
 
 

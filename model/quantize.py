@@ -12,6 +12,8 @@ The matmul (`int8_matmul`), chosen by benchmarks/matvec.py's measurements:
   `F.linear`. The kernel above re-reads the weight for every 4 rows and slows with rows (measured on SmolLM2's
   shapes: 2-3x a float32 oneDNN matmul's time at 8-32 rows), but up to 32 rows it still beat dequantizing.
   So int8 pays at one to a few streams; at many streams float is faster (benchmarks/matvec.py).
+Where the CPU has AVX-512 BF16, serving replaces both for up to 64 rows by model/cpu_linear.py's kernel, which
+reads the int8 weight once per call whatever the rows (`PackedInt8Linear`, made by service/engine/weights.py).
 
 Per-output-channel rows stack: quantizing a fused W_QKV equals stacking the quantized W_Q, W_K, W_V, so
 quantization and fusion (model/fusion.py) commute."""
@@ -43,13 +45,13 @@ def dequantize(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> 
 
 
 CPU_INT8_KERNEL = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-KERNELS = ("auto", "packed", "dequantize")
+KERNELS = ("auto", "matvec", "packed", "dequantize")  # matvec: model/cpu_linear.py's kernel, where prepared
 _kernel = ["auto"]
 
 
 @contextmanager
 def int8_kernel(name: str) -> Iterator[None]:
-    """Force one int8 matmul path inside the block ("packed" or "dequantize"; "auto" picks by rows): to measure
+    """Force one int8 matmul path inside the block ("matvec", "packed" or "dequantize"; "auto" picks by rows): to measure
     each path's accuracy on whole sequences (benchmarks/precision.py, tests)."""
     if name not in KERNELS:
         raise ValueError(f"int8 kernel {name!r} is not one of {KERNELS}")
@@ -58,6 +60,11 @@ def int8_kernel(name: str) -> Iterator[None]:
         yield
     finally:
         _kernel[0] = before
+
+
+def int8_kernel_choice() -> str:
+    """The int8 path forced by `int8_kernel` ("auto" when none is)."""
+    return _kernel[0]
 
 
 def _packed_kernel(x: Tensor) -> bool:

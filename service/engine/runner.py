@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from model import paged_kernel
+from model import cpu_kernels
 from model.attention import AttentionCapture, MultiHeadAttention
 from model.paged_cache import BlockPool, PagedKVCache
 from model.transformer import DecoderOnlyLM, Transformer, num_parameters
@@ -51,7 +51,8 @@ class ModelRunner:
         prepare_weights(self.model, quantization)  # int8 if asked, then fused projections (engine/weights.py)
         self.config = model.config
         self.block_size = block_size
-        kernel = paged_kernel.load() if self.device.type == "cpu" and dtype in PAGED_DTYPES else None
+        on_cpu = self.device.type == "cpu" and dtype in PAGED_DTYPES
+        kernel = cpu_kernels.load("paged_attention") if on_cpu else None
         self.pool = BlockPool(self.config, num_blocks, block_size, max_num_seqs, self.device, dtype, kernel)
         max_source = self.config.max_len if self.config.is_encoder_decoder else 0
         max_blocks = -(-max_model_len // block_size)

@@ -6,10 +6,11 @@
   embeddings and the KV cache stay in the serving dtype too.
 - Then the projections that read the same input become one matmul each (model/fusion.py): self-attention's
   Q/K/V and a gated FFN's gate/up. Outputs are unchanged; at one stream a step makes fewer, larger calls.
-- On a CPU, every float linear that runs (the fused ones, W_O, W_2, the LM head; not the parts a fused layer
-  replaced) gets its weight prepacked by oneDNN (model/prepack.py), which streams it about twice as fast as
-  F.linear at decode's few rows. The plain weights stay too (inspection reads them): float weights are held
-  twice on a CPU."""
+- On a CPU, every linear that runs (the fused ones, W_O, W_2, the LM head; not the parts a fused layer replaced)
+  gets its weight packed for a faster kernel at decode's few rows: bfloat16 and int8 ones for our matvec kernel
+  where the CPU has AVX-512 BF16 (model/cpu_linear.py: 1.5-1.9x oneDNN's rate at one row, as fast up to 64 rows),
+  float32 ones (and bfloat16 elsewhere) by oneDNN (model/prepack.py: about twice F.linear's rate). The plain
+  weights stay too (inspection reads them): weights are held twice on a CPU."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ import logging
 from torch import nn
 
 from model.attention import MultiHeadAttention
+from model.cpu_linear import PackedInt8Linear, PackedLinear, can_pack
 from model.layers import FeedForward
 from model.prepack import PrepackedLinear, can_prepack
-from model.quantize import quantize_int8
+from model.quantize import Int8Linear, quantize_int8
 
 log = logging.getLogger("attnserve.weights")
 
@@ -62,7 +64,13 @@ def _prepack(model: nn.Module) -> int:
     for parent in list(model.modules()):
         skip = _replaced(parent)
         for name, child in list(parent.named_children()):
-            if name not in skip and isinstance(child, nn.Linear) and can_prepack(child):
+            if name in skip:
+                continue
+            if can_pack(child):
+                setattr(parent, name, PackedLinear(child) if isinstance(child, nn.Linear)
+                        else PackedInt8Linear(child) if isinstance(child, Int8Linear) else child)
+                count += 1
+            elif isinstance(child, nn.Linear) and can_prepack(child):
                 setattr(parent, name, PrepackedLinear(child))
                 count += 1
     return count

@@ -8,7 +8,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from model import paged_kernel
+from model import cpu_kernels
 from model.config import preset
 from model.kv_cache import ContiguousKVCache
 from model.layers import DecoderLayer
@@ -107,9 +107,9 @@ def kernel(request: pytest.FixtureRequest) -> ModuleType | None:
     """The CPU paged-attention kernel, or none (the plain torch path)."""
     if request.param == "plain":
         return None
-    module = paged_kernel.load()
+    module = cpu_kernels.load("paged_attention")
     if module is None:
-        pytest.skip(f"no paged-attention kernel here: {paged_kernel.why_not()}")
+        pytest.skip(f"no paged-attention kernel here: {cpu_kernels.why_not('paged_attention')}")
     return module
 
 

@@ -16,16 +16,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import paged_kernel
+from model import cpu_kernels
 
 BS = 16
 
 
 @pytest.fixture(scope="module")
 def kernel() -> ModuleType:
-    module = paged_kernel.load()
+    module = cpu_kernels.load("paged_attention")
     if module is None:
-        pytest.skip(f"no paged-attention kernel here: {paged_kernel.why_not()}")
+        pytest.skip(f"no paged-attention kernel here: {cpu_kernels.why_not('paged_attention')}")
     return module
 
 
@@ -94,7 +94,7 @@ def test_refuses_mismatched_inputs(kernel: ModuleType) -> None:
 
 
 def test_turned_off_the_kernel_says_why_and_the_server_keeps_a_plain_path() -> None:
-    code = "from model import paged_kernel as k; print(k.load() is None, k.why_not())"
+    code = "from model import cpu_kernels as k; print(k.load() is None, k.why_not())"
     env = {**os.environ, "ATTNSERVE_PAGED_KERNEL": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True turned off by ATTNSERVE_PAGED_KERNEL=0"

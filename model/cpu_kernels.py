@@ -1,0 +1,120 @@
+"""The CPU kernels written in C++ (model/csrc/): built with torch's C++ extension tooling on first use, cached on
+disk, loaded from the cache on later starts without a compiler.
+
+- `paged_attention` (csrc/paged_attention.cpp): every query row attends over its block table, read in place;
+- `matvec` (csrc/matvec.cpp): y = x W^T for decode's few rows over a weight packed for AVX-512 BF16
+  (model/cpu_linear.py), bfloat16 or weight-only int8.
+
+Each kernel's cache key is a hash of its source, the compiler flags, torch's version and this CPU's instruction set
+flags (the build targets the CPU it runs on), so a changed kernel or another machine builds anew. Where no
+compiler is present (or the build fails), `load(name)` returns None and says why once; the caller then keeps its
+plain torch path. `ATTNSERVE_KERNEL_DIR` moves the cache (the Docker image builds into it);
+`ATTNSERVE_PAGED_KERNEL=0` / `ATTNSERVE_MATVEC_KERNEL=0` turn a kernel off."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import logging
+import os
+import platform
+import shutil
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger("attnserve.kernels")
+
+CSRC = Path(__file__).parent / "csrc"
+KERNELS = {  # name: (source, the environment variable that turns it off, what it does)
+    "paged_attention": ("paged_attention.cpp", "ATTNSERVE_PAGED_KERNEL", "attending on the plain torch path"),
+    "matvec": ("matvec.cpp", "ATTNSERVE_MATVEC_KERNEL", "linears on oneDNN / torch"),
+}
+# -fopenmp: at::parallel_for is inline in ATen's headers, its `omp parallel` compiled into the kernel; without the
+# flag it runs every work item on the calling thread (it did: two threads took as long as one)
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
+LDFLAGS = ["-fopenmp"]
+
+_loaded: dict[str, ModuleType | None] = {}
+_reason: dict[str, str] = {}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ATTNSERVE_KERNEL_DIR") or Path.home() / ".cache" / "attnserve" / "kernels")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def source(name: str) -> Path:
+    return CSRC / KERNELS[name][0]
+
+
+def build_key(name: str) -> str:
+    h = hashlib.sha256(source(name).read_bytes())
+    for part in (" ".join(CFLAGS + LDFLAGS), torch.__version__, _cpu_flags()):
+        h.update(part.encode())
+    return h.hexdigest()[:16]
+
+
+def _import(module_name: str, path: Path) -> ModuleType:
+    loader = importlib.machinery.ExtensionFileLoader(module_name, str(path))
+    spec = importlib.util.spec_from_file_location(module_name, path, loader=loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def _build(name: str, verbose: bool) -> ModuleType | None:
+    _, switch, _ = KERNELS[name]
+    module_name = f"attnserve_{name}"
+    if os.environ.get(switch, "1") == "0":
+        _reason[name] = f"turned off by {switch}=0"
+        return None
+    directory = cache_dir() / build_key(name)
+    built = directory / f"{module_name}.so"
+    try:
+        if built.exists():
+            return _import(module_name, built)
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            _reason[name] = "no C++ compiler found"
+            return None
+        directory.mkdir(parents=True, exist_ok=True)
+        log.info(f"building the {name} kernel (once per machine)", extra={"dir": str(directory)})
+        from torch.utils.cpp_extension import load as build
+
+        return build(module_name, [str(source(name))], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+                     build_directory=str(directory), verbose=verbose)
+    except Exception as exc:  # any build or import failure means the plain path
+        _reason[name] = f"build failed: {type(exc).__name__}: {str(exc)[:300]}"
+        return None
+
+
+def load(name: str = "paged_attention", verbose: bool = False) -> ModuleType | None:
+    """The compiled kernel module `name`, or None (with `why_not(name)` saying why)."""
+    if name not in _loaded:
+        module = _build(name, verbose)
+        if module is None:
+            log.warning(f"{name} kernel unavailable: {KERNELS[name][2]}", extra={"reason": _reason.get(name, "")})
+        _loaded[name] = module
+    return _loaded[name]
+
+
+def why_not(name: str = "paged_attention") -> str:
+    return _reason.get(name, "")
+
+
+if __name__ == "__main__":  # `python -m model.cpu_kernels`: build (or find) every kernel now
+    logging.basicConfig(level=logging.INFO)
+    for kernel in KERNELS:
+        print(f"{kernel} kernel:", "ready" if load(kernel, verbose=True) is not None else f"unavailable ({why_not(kernel)})")

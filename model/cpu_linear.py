@@ -1,0 +1,127 @@
+"""Linear layers for a CPU decode step: the weight packed once for AVX-512 BF16's pair dot product and multiplied by
+model/csrc/matvec.cpp, which reads it from memory once per call whatever the number of rows.
+
+At one stream every weight is read once per token, so a decode step is as fast as its matrix-vector products read
+memory. Measured with SmolLM2-135M's shapes, two threads (benchmarks/matvec.py): at one row the kernel reads a
+bfloat16 weight at ~30-48 GB/s against oneDNN's prepacked ~17-33 GB/s (1.5-1.9x), and an int8 weight in ~0.6x
+the time of torch's int8 weight-only kernel; it stays at least as fast as oneDNN up to 64 rows, where the int8
+weight costs what bfloat16 does (torch's int8 kernel: 2-4x slower from 8 rows up). Above `MAX_ROWS` rows (prefill
+chunks) the plain paths take over: `F.linear` for bfloat16, the dequantized weight for int8 (model/quantize.py).
+
+Packed layout, rows in panels of 16: packed[panel][k / 2][row][2] = W[panel * 16 + row][k], padded with zero rows
+to a whole number of work items (2 panels) and a zero column to an even K; scales and bias padded alike, float32.
+bfloat16 weights only (a float32 model keeps oneDNN: this kernel rounds x to bfloat16), and int8 ones."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model import cpu_kernels
+from model.quantize import Int8Linear, int8_kernel_choice
+
+MAX_ROWS = 64  # up to this many rows the kernel was at least as fast as oneDNN / torch (benchmarks/matvec.py)
+
+
+def kernel() -> ModuleType | None:
+    """The matvec kernel where it is built and this CPU has AVX-512 BF16, else None."""
+    module = cpu_kernels.load("matvec")
+    return module if module is not None and module.available() else None
+
+
+def pack(w: Tensor, panel: int = 16, panels: int = 2) -> Tensor:
+    """(N, K) -> (rows / panel, ceil(K / 2), panel, 2), rows = N rounded up to panel * panels."""
+    n, k = w.shape
+    rows = -(-n // (panel * panels)) * panel * panels
+    padded = F.pad(w.detach(), (0, k % 2, 0, rows - n))
+    return padded.view(rows // panel, panel, (k + 1) // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def _padded(v: Tensor | None, rows: int) -> Tensor | None:
+    return None if v is None else F.pad(v.detach().float(), (0, rows - v.numel())).contiguous()
+
+
+def can_pack(linear: nn.Module) -> bool:
+    """Whether `linear` can run on the kernel: a bfloat16 nn.Linear or an int8 one, on a CPU that has it."""
+    if type(linear) is nn.Linear:
+        ok = linear.weight.dtype == torch.bfloat16 and linear.weight.device.type == "cpu"
+    else:
+        ok = type(linear) is Int8Linear and linear.qweight.device.type == "cpu"
+    return ok and kernel() is not None
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T + b with a bfloat16 W: the kernel up to MAX_ROWS rows, F.linear above. `weight` keeps the plain
+    weight (what readers of W and the parameter count see); the packed copy is a buffer beside it."""
+
+    packed: Tensor
+    bias_rows: Tensor | None
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self._pack()
+
+    def _pack(self) -> None:
+        packed = pack(self.weight)
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("bias_rows", _padded(self.bias, packed.size(0) * packed.size(2)), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """`.to()` and friends move the plain weight; the packed copies are remade from it."""
+        super()._apply(fn, recurse)
+        self._pack()
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        module = kernel()
+        if x2.size(0) > MAX_ROWS or module is None or self.weight.dtype != torch.bfloat16:
+            bias = self.bias.detach() if self.bias is not None else None
+            return F.linear(x, self.weight.detach(), bias)
+        y = module.linear(x2, self.packed, self.out_features, None, self.bias_rows)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed for the matvec kernel"
+
+
+class PackedInt8Linear(Int8Linear):
+    """An Int8Linear whose few-row products run on the kernel (its int8 weight packed beside the plain one); more
+    rows, or a forced int8 path (`model.quantize.int8_kernel`), take Int8Linear's own."""
+
+    packed: Tensor
+    scale_rows: Tensor
+    bias_rows: Tensor | None
+
+    def __init__(self, linear: Int8Linear) -> None:
+        super().__init__(linear.qweight.detach(), linear.scale, linear.bias)
+        self._pack()
+
+    def _pack(self) -> None:
+        packed = pack(self.qweight)
+        rows = packed.size(0) * packed.size(2)
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("scale_rows", _padded(self.scale, rows), persistent=False)
+        self.register_buffer("bias_rows", _padded(self.bias, rows), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._pack()
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        module = kernel()
+        if x2.size(0) > MAX_ROWS or module is None or int8_kernel_choice() not in ("auto", "matvec"):
+            return super().forward(x)
+        y = module.linear(x2, self.packed, self.out_features, self.scale_rows, self.bias_rows)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", packed for the matvec kernel"

@@ -1,0 +1,121 @@
+"""The decode matvec kernel (model/csrc/matvec.cpp) against torch's matmul on the same bfloat16-rounded operands,
+and the packed layers that serving puts in place of bfloat16 and int8 linears (model/cpu_linear.py).
+
+Shapes cover what a panel layout gets wrong: rows of W not a multiple of the 32-row work item, an odd number of
+input features, rows of x not a multiple of the 8-row tile, up to the layers' row limit and past it."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from types import ModuleType
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model import cpu_linear
+from model.config import preset
+from model.cpu_linear import MAX_ROWS, PackedInt8Linear, PackedLinear, pack
+from model.quantize import Int8Linear, dequantize, int8_kernel, quantize_weight
+from model.transformer import build_model
+from service.engine.weights import prepare
+
+
+@pytest.fixture(scope="module")
+def kernel() -> ModuleType:
+    module = cpu_linear.kernel()
+    if module is None:
+        pytest.skip("no matvec kernel here (no compiler, or no AVX-512 BF16)")
+    return module
+
+
+def _rows(v: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return F.pad(v.float(), (0, packed.size(0) * packed.size(2) - v.numel()))
+
+
+@pytest.mark.parametrize("m", [1, 5, 8, 9, 33])
+@pytest.mark.parametrize(("k", "n"), [(64, 96), (101, 37), (576, 960)])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_kernel_equals_matmul_on_bfloat16_operands(kernel: ModuleType, m: int, k: int, n: int,
+                                                   x_dtype: torch.dtype) -> None:
+    torch.manual_seed(m * 1000 + k)
+    x, w, b = torch.randn(m, k, dtype=x_dtype), torch.randn(n, k) / k**0.5, torch.randn(n)
+    xr, wb = x.bfloat16().double(), w.bfloat16()
+    packed = pack(wb)
+    assert packed.shape == (-(-n // 32) * 2, (k + 1) // 2, 16, 2)
+    y = kernel.linear(x, packed, n, None, _rows(b, packed))
+    assert y.dtype == x_dtype and y.shape == (m, n)
+    ref = xr @ wb.double().T + b.double()
+    tol = 1e-5 if x_dtype == torch.float32 else 1e-2  # float32 sums either way; bfloat16 output rounds them
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
+    q, scale = quantize_weight(w)
+    yq = kernel.linear(x, pack(q), n, _rows(scale, packed), None)
+    refq = xr @ dequantize(q, scale).double().T
+    torch.testing.assert_close(yq.double(), refq, rtol=tol, atol=tol * float(refq.abs().max()))
+
+
+def test_a_row_is_the_same_alone_and_batched(kernel: ModuleType) -> None:
+    torch.manual_seed(0)
+    x, w = torch.randn(40, 200, dtype=torch.bfloat16), torch.randn(70, 200, dtype=torch.bfloat16)
+    packed = pack(w)
+    batched = kernel.linear(x, packed, 70, None, None)
+    for i in (0, 7, 8, 39):
+        assert torch.equal(kernel.linear(x[i:i + 1], packed, 70, None, None)[0], batched[i])
+
+
+def test_kernel_refuses_what_does_not_fit(kernel: ModuleType) -> None:
+    w = pack(torch.randn(32, 64, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="features"):
+        kernel.linear(torch.randn(1, 62), w, 32, None, None)
+    with pytest.raises(RuntimeError, match="scales"):
+        kernel.linear(torch.randn(1, 64), w, 32, torch.ones(32), None)
+    with pytest.raises(RuntimeError, match="padded"):
+        kernel.linear(torch.randn(1, 64), w, 32, None, torch.ones(31))
+
+
+@pytest.mark.parametrize("rows", [1, 17, MAX_ROWS, MAX_ROWS + 1])
+def test_packed_layers_equal_the_layers_they_replace(kernel: ModuleType, rows: int) -> None:
+    torch.manual_seed(rows)
+    linear = nn.Linear(96, 80).to(torch.bfloat16)
+    x = torch.randn(2, rows, 96, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        packed = PackedLinear(linear)
+        ref = linear(x).float()
+        torch.testing.assert_close(packed(x).float(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+        int8 = Int8Linear.of(linear)
+        with int8_kernel("dequantize"):
+            ref8 = int8(x).float()
+        got8 = PackedInt8Linear(int8)(x).float()
+        torch.testing.assert_close(got8, ref8, rtol=2e-2, atol=2e-2 * float(ref8.abs().max()))
+    assert sum(p.numel() for p in packed.parameters()) == sum(p.numel() for p in linear.parameters())
+
+
+def test_serving_packs_bfloat16_and_int8_linears_and_the_logits_stay(kernel: ModuleType) -> None:
+    torch.manual_seed(0)
+    model = build_model(preset("tiny-llama", vocab_size=80, max_len=64)).eval()
+    ids, pos = torch.randint(0, 80, (1, 12)), torch.arange(12)[None]
+    with torch.inference_mode():
+        for quantization in ("none", "int8"):
+            plain, served = (copy.deepcopy(model).to(torch.bfloat16) for _ in range(2))
+            prepare(plain, quantization, prepack=False)
+            prepare(served, quantization)
+            layer = served.decoder.layers[0]
+            kind = PackedLinear if quantization == "none" else PackedInt8Linear
+            assert isinstance(layer.self_attn.w_qkv, kind) and isinstance(layer.ffn.w_2, kind)
+            assert isinstance(served.generator, PackedLinear)  # the head stays bfloat16 under int8
+            ref = plain.logits(plain.decode(ids, pos)).float()
+            got = served.logits(served.decode(ids, pos)).float()
+            assert float((got - ref).abs().max()) <= 0.03 * float(ref.abs().max()), quantization
+
+
+def test_turned_off_the_kernel_leaves_onednn_in_place() -> None:
+    code = ("import torch; from torch import nn; from model import cpu_linear, cpu_kernels; "
+            "print(cpu_linear.kernel() is None, cpu_linear.can_pack(nn.Linear(8, 8).bfloat16()), "
+            "cpu_kernels.why_not('matvec'))")
+    env = {**os.environ, "ATTNSERVE_MATVEC_KERNEL": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True False turned off by ATTNSERVE_MATVEC_KERNEL=0"
