@@ -176,10 +176,10 @@ class MultiHeadAttention(nn.Module):
 
 def apply_rotary(x: Tensor, rotary: tuple[Tensor, Tensor]) -> Tensor:
     """Rotate x (B, T, heads, d_k) by its positions' angles (RoFormer): x cos + rotate_half(x) sin, where
-    rotate_half pairs feature i with i + d_k/2 (the Hugging Face Llama layout)."""
-    cos, sin = (t[:, :, None].to(x.dtype) for t in rotary)  # (B, T, 1, d_k)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    rotate_half(x) = (-x2, x1) pairs feature i with i + d_k/2 (the Hugging Face Llama layout). `rotary` comes from
+    RotaryPositions: (cos, sin) in x's dtype, sin's first half negated, so rotate_half(x) sin = (x2, x1) sin."""
+    cos, sin = rotary  # (B, T, 1, d_k)
+    return x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin
 
 
 def _need(memory: Tensor | None) -> Tensor:

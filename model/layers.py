@@ -83,19 +83,22 @@ def rotary_frequencies(d_k: int, theta: float, scaling: dict[str, float | str] |
 
 class RotaryPositions(nn.Module):
     """Rotary position embedding: each pair of a head's features is rotated by position x frequency, so q.k
-    depends on the distance between positions. Returns (cos, sin), each (B, T, d_k), for attention's
-    `apply_rotary`."""
+    depends on the distance between positions. Returns (cos, sin), each (B, T, 1, d_k) in `dtype` (computed in
+    float32, cast once for every layer), for attention's `apply_rotary`; sin carries rotate_half's sign."""
 
     inv_freq: Tensor
+    sign: Tensor
 
     def __init__(self, d_k: int, theta: float, scaling: dict[str, float | str] | None = None) -> None:
         super().__init__()
         self.register_buffer("inv_freq", rotary_frequencies(d_k, theta, scaling), persistent=False)
+        half = torch.ones(d_k // 2)
+        self.register_buffer("sign", torch.cat((-half, half)), persistent=False)
 
-    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, positions: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
         angles = positions[..., None].float() * self.inv_freq  # (B, T, d_k/2), in float32 whatever the model's dtype
-        angles = torch.cat((angles, angles), dim=-1)  # (B, T, d_k): feature i pairs with i + d_k/2 (HF's layout)
-        return angles.cos(), angles.sin()
+        angles = torch.cat((angles, angles), dim=-1)[:, :, None]  # (B, T, 1, d_k): feature i pairs with i + d_k/2
+        return angles.cos().to(dtype), (angles.sin() * self.sign).to(dtype)
 
 
 def norm_layer(cfg: TransformerConfig) -> nn.Module:

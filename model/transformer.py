@@ -112,9 +112,10 @@ class _Base(nn.Module):
         x = embed(tokens)  # (B, T, d_model)
         return self.dropout(x + self.positions(positions) if self.positions is not None else x)
 
-    def rotations(self, positions: Tensor) -> tuple[Tensor, Tensor] | None:
-        """(cos, sin) of the positions for rotary attention, or None for added position encodings."""
-        return self.rotary(positions) if self.rotary is not None else None
+    def rotations(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+        """(cos, sin) of the positions for rotary attention in the activations' dtype, or None for added
+        position encodings."""
+        return self.rotary(positions, dtype) if self.rotary is not None else None
 
     def decode(
         self,
@@ -145,7 +146,7 @@ class _Base(nn.Module):
                 causal_mask(t, t, tokens.device), padding_mask(valid) if valid is not None else None
             )
         x = self.embed(tokens, positions, self.tgt_embed)
-        return self.decoder(x, self_mask, memory, memory_mask, cache, capture, self.rotations(positions))
+        return self.decoder(x, self_mask, memory, memory_mask, cache, capture, self.rotations(positions, x.dtype))
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.generator(hidden)  # (..., vocab)
@@ -175,7 +176,8 @@ class Transformer(_Base):
             raise ValueError(f"source length {s} exceeds max_len {self.config.max_len}")
         positions = torch.arange(s, device=src.device).expand(b, s)
         mask = padding_mask(src_valid) if src_valid is not None else None
-        return self.encoder(self.embed(src, positions, self.src_embed), mask, capture, self.rotations(positions))
+        x = self.embed(src, positions, self.src_embed)
+        return self.encoder(x, mask, capture, self.rotations(positions, x.dtype))
 
     def forward(
         self,
