@@ -10,7 +10,6 @@ import math
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

@@ -3,13 +3,14 @@ disk, loaded from the cache on later starts without a compiler.
 
 - `paged_attention` (csrc/paged_attention.cpp): every query row attends over its block table, read in place;
 - `matvec` (csrc/matvec.cpp): y = x W^T for decode's few rows over a weight packed for AVX-512 BF16
-  (model/cpu_linear.py), bfloat16 or weight-only int8.
+  (model/cpu_linear.py), bfloat16 or weight-only int8;
+- `rms_norm` (csrc/rms_norm.cpp): RMSNorm of a bfloat16 row in one pass (model/cpu_linear.py's `FusedRMSNorm`).
 
 Each kernel's cache key is a hash of its source, the compiler flags, torch's version and this CPU's instruction set
 flags (the build targets the CPU it runs on), so a changed kernel or another machine builds anew. Where no
 compiler is present (or the build fails), `load(name)` returns None and says why once; the caller then keeps its
 plain torch path. `ATTNSERVE_KERNEL_DIR` moves the cache (the Docker image builds into it);
-`ATTNSERVE_PAGED_KERNEL=0` / `ATTNSERVE_MATVEC_KERNEL=0` turn a kernel off."""
+`ATTNSERVE_PAGED_KERNEL=0`, `ATTNSERVE_MATVEC_KERNEL=0`, `ATTNSERVE_NORM_KERNEL=0` turn a kernel off."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ CSRC = Path(__file__).parent / "csrc"
 KERNELS = {  # name: (source, the environment variable that turns it off, what it does)
     "paged_attention": ("paged_attention.cpp", "ATTNSERVE_PAGED_KERNEL", "attending on the plain torch path"),
     "matvec": ("matvec.cpp", "ATTNSERVE_MATVEC_KERNEL", "linears on oneDNN / torch"),
+    "rms_norm": ("rms_norm.cpp", "ATTNSERVE_NORM_KERNEL", "RMSNorm on torch's ops"),
 }
 # -fopenmp: at::parallel_for is inline in ATen's headers, its `omp parallel` compiled into the kernel; without the
 # flag it runs every work item on the calling thread (it did: two threads took as long as one)

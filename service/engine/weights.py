@@ -10,7 +10,8 @@
   gets its weight packed for a faster kernel at decode's few rows: bfloat16 and int8 ones for our matvec kernel
   where the CPU has AVX-512 BF16 (model/cpu_linear.py: 1.5-1.9x oneDNN's rate at one row, as fast up to 64 rows),
   float32 ones (and bfloat16 elsewhere) by oneDNN (model/prepack.py: about twice F.linear's rate). The plain
-  weights stay too (inspection reads them): weights are held twice on a CPU."""
+  weights stay too (inspection reads them): weights are held twice on a CPU. A bfloat16 model's RMSNorms run as one
+  kernel call each there too (model/cpu_linear.py's `FusedRMSNorm`)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import logging
 from torch import nn
 
 from model.attention import MultiHeadAttention
-from model.cpu_linear import PackedInt8Linear, PackedLinear, can_pack
+from model.cpu_linear import FusedRMSNorm, PackedInt8Linear, PackedLinear, can_fuse_norm, can_pack
 from model.layers import FeedForward
 from model.prepack import PrepackedLinear, can_prepack
 from model.quantize import Int8Linear, quantize_int8
@@ -66,7 +67,10 @@ def _prepack(model: nn.Module) -> int:
         for name, child in list(parent.named_children()):
             if name in skip:
                 continue
-            if can_pack(child):
+            if can_fuse_norm(child):
+                assert isinstance(child, nn.RMSNorm)
+                setattr(parent, name, FusedRMSNorm(child))
+            elif can_pack(child):
                 setattr(parent, name, PackedLinear(child) if isinstance(child, nn.Linear)
                         else PackedInt8Linear(child) if isinstance(child, Int8Linear) else child)
                 count += 1

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import cpu_linear
+from model import cpu_kernels, cpu_linear
 from model.config import preset
-from model.cpu_linear import MAX_ROWS, PackedInt8Linear, PackedLinear, pack
+from model.cpu_linear import MAX_ROWS, FusedRMSNorm, PackedInt8Linear, PackedLinear, can_fuse_norm, pack
 from model.quantize import Int8Linear, dequantize, int8_kernel, quantize_weight
 from model.transformer import build_model
 from service.engine.weights import prepare
@@ -107,6 +107,8 @@ def test_serving_packs_bfloat16_and_int8_linears_and_the_logits_stay(kernel: Mod
             kind = PackedLinear if quantization == "none" else PackedInt8Linear
             assert isinstance(layer.self_attn.w_qkv, kind) and isinstance(layer.ffn.w_2, kind)
             assert isinstance(served.generator, PackedLinear)  # the head stays bfloat16 under int8
+            if cpu_kernels.load("rms_norm") is not None:
+                assert isinstance(layer.res_ffn.norm, FusedRMSNorm) and isinstance(served.decoder.norm, FusedRMSNorm)
             ref = plain.logits(plain.decode(ids, pos)).float()
             got = served.logits(served.decode(ids, pos)).float()
             assert float((got - ref).abs().max()) <= 0.03 * float(ref.abs().max()), quantization
@@ -119,3 +121,22 @@ def test_turned_off_the_kernel_leaves_onednn_in_place() -> None:
     env = {**os.environ, "ATTNSERVE_MATVEC_KERNEL": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True False turned off by ATTNSERVE_MATVEC_KERNEL=0"
+
+
+@pytest.mark.parametrize("rows", [1, 7, 300])
+@pytest.mark.parametrize("d", [576, 100])
+def test_fused_rms_norm_equals_torch_to_the_last_bfloat16_bit(rows: int, d: int) -> None:
+    norm = nn.RMSNorm(d, eps=1e-5).to(torch.bfloat16)
+    if not can_fuse_norm(norm):
+        pytest.skip(f"no norm kernel here: {cpu_kernels.why_not('rms_norm')}")
+    torch.manual_seed(rows + d)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(d))
+    x = (torch.randn(2, rows, d) * 3).bfloat16()
+    with torch.inference_mode():
+        ref, got = norm(x), FusedRMSNorm(norm)(x)
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape
+    ulp = ref.float().abs().clamp(min=1e-30) * 2.0**-7  # bfloat16 keeps 8 significant bits
+    assert bool(((got.float() - ref.float()).abs() <= ulp).all())
+    assert float((got != ref).float().mean()) < 0.01  # the sum's order moves a rare last bit, no more
+    assert not can_fuse_norm(nn.RMSNorm(d))  # float32 keeps torch's: its outputs stay equal to the reference's

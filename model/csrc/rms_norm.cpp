@@ -1,0 +1,89 @@
+// RMSNorm over the last dimension, y = x / sqrt(mean(x^2) + eps) * g, for a decode step's few rows in one pass.
+//
+// torch's own (aten::rms_norm) runs as ~10 small ops on a CPU (cast up, square, mean, add, rsqrt, multiply, cast
+// down): ~15 us for one bfloat16 row of 576, against ~1 us of arithmetic; a 30-layer step calls it 61 times.
+// Same arithmetic as torch's for bfloat16 and float32 input: the sum of squares and the scaling in float32, the
+// result rounded once to x's dtype after multiplying by g (g in x's dtype, as nn.RMSNorm's weight is).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+namespace {
+
+#if defined(__AVX512BF16__)
+inline __m512 load16(const at::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// One bfloat16 row, 16 lanes at a time (the compiler does not vectorize at::BFloat16's conversions); the rest
+// of the row, and every other case, in the portable loop below.
+inline int64_t norm_row16(const at::BFloat16* xr, const at::BFloat16* g, at::BFloat16* yr, int64_t d, float eps) {
+  int64_t n = d - d % 16;
+  if (n != d) return 0;
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 v = load16(xr + i);
+    acc = _mm512_fmadd_ps(v, v, acc);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(d) + eps));
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 v = _mm512_mul_ps(_mm512_mul_ps(load16(xr + i), inv), load16(g + i));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(yr + i), (__m256i)_mm512_cvtneps_pbh(v));
+  }
+  return n;
+}
+#endif
+
+template <typename T>
+void norm_rows(const T* x, const T* g, T* y, int64_t rows, int64_t d, float eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * d;
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        if (norm_row16(xr, g, y + r * d, d, eps) == d) continue;
+      }
+#endif
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t i = 0; i < d; ++i) sum += static_cast<float>(xr[i]) * static_cast<float>(xr[i]);
+      const float inv = 1.f / std::sqrt(sum / static_cast<float>(d) + eps);
+      T* yr = y + r * d;
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) {
+        yr[i] = static_cast<T>(static_cast<float>(xr[i]) * inv * static_cast<float>(g[i]));
+      }
+    }
+  });
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& g, double eps) {
+  TORCH_CHECK(x.scalar_type() == g.scalar_type(), "x and g: one dtype");
+  TORCH_CHECK(g.dim() == 1 && x.size(-1) == g.size(0), "g must have x's last dimension");
+  const at::Tensor xc = x.contiguous();
+  auto y = at::empty_like(xc);
+  const int64_t d = g.size(0), rows = d ? xc.numel() / d : 0;
+  if (x.scalar_type() == at::kFloat) {
+    norm_rows(xc.data_ptr<float>(), g.contiguous().data_ptr<float>(), y.data_ptr<float>(), rows, d, eps);
+  } else if (x.scalar_type() == at::kBFloat16) {
+    norm_rows(xc.data_ptr<at::BFloat16>(), g.contiguous().data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(),
+              rows, d, eps);
+  } else {
+    TORCH_CHECK(false, "rms_norm: float32 or bfloat16 only");
+  }
+  return y;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension (CPU)");
+}
