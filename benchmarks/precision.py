@@ -8,10 +8,12 @@ on) in consecutive windows, every token predicted once with up to a window of co
 
 - float32, and bfloat16 (weights and activations);
 - int8 as the service prepares it (`--quantization int8`, service/engine/weights.py: the stacks' linears int8,
-  projections fused), float32 activations, evaluated twice because its two matmul paths round differently:
-  "dequantize" (what prefill chunks of more than a few rows run: the weight dequantized, float32 matmul) and
-  "packed" (what decode rows run: `_weight_int8pack_mm`, bfloat16 activations and outputs); and once more
-  with the LM head in int8 too (not served: see service/engine/weights.py).
+  projections fused), float32 activations, evaluated on each matmul path because they round differently:
+  "dequantize" (what prefill chunks of more than 64 rows run: the weight dequantized, float32 matmul), "matvec"
+  (what decode rows run where the CPU has AVX-512 BF16: our kernel, model/cpu_linear.py, x rounded to bfloat16,
+  float32 sums and output) and "packed" (decode rows elsewhere: `_weight_int8pack_mm`, bfloat16 activations and
+  outputs); once with bfloat16 activations (`--dtype bfloat16 --quantization int8`); and once with the LM head in
+  int8 too (not served: see service/engine/weights.py).
 
 SmolLM2-135M-Instruct comes from `python -m model.fetch smollm2`'s GGUF (Q8_0 tensors dequantized to float32 on
 load, so "float32" here is the GGUF's own weights). The int8 perplexity should be within 1% of float32's."""
@@ -52,13 +54,17 @@ def perplexity(model: DecoderOnlyLM, ids: torch.Tensor, block: int, batch_size: 
 def variants(model: DecoderOnlyLM) -> dict[str, tuple[DecoderOnlyLM, str]]:
     """{name: (model, int8 kernel)}: float32, bfloat16, int8 (both paths)."""
     int8, int8_head = copy.deepcopy(model).eval(), copy.deepcopy(model).eval()
+    int8_bf16 = copy.deepcopy(model).to(torch.bfloat16).eval()
     prepare(int8, "int8")
     prepare(int8_head, "int8", int8_head=True)
+    prepare(int8_bf16, "int8")
     return {
         "float32": (model, "auto"),
         "bfloat16": (copy.deepcopy(model).to(torch.bfloat16).eval(), "auto"),
         "int8, dequantize path (prefill)": (int8, "dequantize"),
-        "int8, packed kernel (decode)": (int8, "packed"),
+        "int8, matvec kernel (decode, AVX-512 BF16)": (int8, "matvec"),
+        "int8, packed kernel (decode elsewhere)": (int8, "packed"),
+        "int8, bfloat16 activations, matvec kernel": (int8_bf16, "matvec"),
         "int8 + LM head int8, packed kernel": (int8_head, "packed"),
     }
 

@@ -98,7 +98,8 @@ class PackedLinear(nn.Module):
 
 class PackedInt8Linear(Int8Linear):
     """An Int8Linear whose few-row products run on the kernel (its int8 weight packed beside the plain one); more
-    rows, or a forced int8 path (`model.quantize.int8_kernel`), take Int8Linear's own."""
+    rows take Int8Linear's own path. `model.quantize.int8_kernel("matvec")` forces the kernel at any row count,
+    another forced path Int8Linear's (to measure each path's accuracy, benchmarks/precision.py)."""
 
     packed: Tensor
     scale_rows: Tensor
@@ -122,8 +123,8 @@ class PackedInt8Linear(Int8Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
-        module = kernel()
-        if x2.size(0) > MAX_ROWS or module is None or int8_kernel_choice() not in ("auto", "matvec"):
+        module, choice = kernel(), int8_kernel_choice()
+        if module is None or not (choice == "matvec" or (choice == "auto" and x2.size(0) <= MAX_ROWS)):
             return super().forward(x)
         y = module.linear(x2, self.packed, self.out_features, self.scale_rows, self.bias_rows)
         return y.reshape(*x.shape[:-1], self.out_features)
