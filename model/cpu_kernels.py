@@ -6,7 +6,7 @@ disk, loaded from the cache on later starts without a compiler.
   (model/cpu_linear.py), bfloat16 or weight-only int8;
 - `rms_norm` (csrc/rms_norm.cpp): RMSNorm of a bfloat16 row in one pass (model/cpu_linear.py's `FusedRMSNorm`).
 
-Each kernel's cache key is a hash of its source, the compiler flags, torch's version and this CPU's instruction set
+Each kernel's cache key is a hash of its source (and csrc's headers), the compiler flags, torch's version and this CPU's instruction set
 flags (the build targets the CPU it runs on), so a changed kernel or another machine builds anew. Where no
 compiler is present (or the build fails), `load(name)` returns None and says why once; the caller then keeps its
 plain torch path. `ATTNSERVE_KERNEL_DIR` moves the cache (the Docker image builds into it);
@@ -63,6 +63,8 @@ def source(name: str) -> Path:
 
 def build_key(name: str) -> str:
     h = hashlib.sha256(source(name).read_bytes())
+    for header in sorted(CSRC.glob("*.h")):  # what a source may include
+        h.update(header.read_bytes())
     for part in (" ".join(CFLAGS + LDFLAGS), torch.__version__, _cpu_flags()):
         h.update(part.encode())
     return h.hexdigest()[:16]

@@ -51,6 +51,8 @@ inline __m512 load16(const at::BFloat16* p) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
+
+#include "paged_attention_avx512.h"
 #endif
 
 // q . k over d values (q in float32, already scaled).
@@ -94,6 +96,9 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
   const int64_t* lp = context_lens.data_ptr<int64_t>();
   const int64_t k_block = bs * h_kv * d, k_token = h_kv * d;  // strides of the pool (contiguous)
   const float fscale = static_cast<float>(scale);
+#if defined(__AVX512F__)
+  const ItemFn fast = avx512_item<T>(bs, d, g);  // the common shapes' path (paged_attention_avx512.h)
+#endif
 
   at::parallel_for(0, N * h_kv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(g * d), acc(g * d), m(g), l(g), s(g * bs);
@@ -105,6 +110,14 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
         const T* src = qp + (n * h + kvh * g + i) * d;
         for (int64_t c = 0; c < d; ++c) qf[i * d + c] = as_float(src[c]) * fscale;
       }
+#if defined(__AVX512F__)
+      if (fast != nullptr) {
+        fast(qf.data(), kp + kvh * d, vp + kvh * d, table, len, k_block, k_token, acc.data());
+        T* dst = op + (n * h + kvh * g) * d;  // the group's g heads are consecutive rows of d
+        for (int64_t c = 0; c < g * d; ++c) dst[c] = static_cast<T>(acc[c]);
+        continue;
+      }
+#endif
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.f);

@@ -36,10 +36,10 @@ def dense(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, table: list[int],
     return F.scaled_dot_product_attention(q[None, :, None].double(), k, v, enable_gqa=True)[0, :, 0]
 
 
-def random_step(h: int, h_kv: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
+def random_step(h: int, h_kv: int, dtype: torch.dtype, seed: int, d: int = 32) -> tuple[torch.Tensor, ...]:
     """A pool of 40 blocks + the null block; 5 sequences, the last three sharing their first two blocks."""
     g = torch.Generator().manual_seed(seed)
-    d, num_blocks = 32, 40
+    num_blocks = 40
     kc = torch.randn(num_blocks + 1, BS, h_kv, d, generator=g).to(dtype)
     vc = torch.randn(num_blocks + 1, BS, h_kv, d, generator=g).to(dtype)
     ids = torch.randperm(num_blocks, generator=g).tolist()
@@ -61,10 +61,11 @@ def random_step(h: int, h_kv: int, dtype: torch.dtype, seed: int) -> tuple[torch
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("h,h_kv", [(4, 4), (8, 2), (6, 1)], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("h,h_kv", [(4, 4), (8, 2), (6, 1), (9, 3), (16, 2)], ids=["mha", "gqa", "mqa", "g3", "g8"])
+@pytest.mark.parametrize("d", [32, 64, 128], ids=["d32-portable", "d64", "d128"])  # 64, 128: the AVX-512 path
 def test_paged_attention_equals_dense_sdpa(kernel: ModuleType, dtype: torch.dtype, tol: float, h: int,
-                                           h_kv: int) -> None:
-    q, kc, vc, tables, row_table, context = random_step(h, h_kv, dtype, seed=h * 10 + h_kv)
+                                           h_kv: int, d: int) -> None:
+    q, kc, vc, tables, row_table, context = random_step(h, h_kv, dtype, seed=h * 10 + h_kv, d=d)
     out = kernel.paged_attention(q, kc, vc, tables, row_table, context, q.size(-1) ** -0.5)
     assert out.dtype == dtype and out.shape == q.shape
     for n in range(q.size(0)):
