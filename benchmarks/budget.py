@@ -48,7 +48,7 @@ def over_budget(plan: Plan, checkpoint: Path, name: str, dtype: str, took: dict[
     if not done:
         return None
     other, seconds = done[0]
-    slower = 1.0  # int8 (weights quantized, float32 activations): predicted from the other run as it is
+    slower = 1.0  # int8 (weights quantized, activations as plan.int8_activations): predicted from the other run
     if dtype in DTYPES and other in DTYPES:
         model = load_checkpoint(checkpoint).model
         slower = probe_step(model, dtype, plan.device) / probe_step(model, other, plan.device)
