@@ -119,9 +119,14 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, cons
   for (const auto& t : {scale, bias})
     TORCH_CHECK(!t.has_value() || (t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == rows),
                 "scale and bias: float32, padded like the weight's rows");
-  // x as bfloat16 pairs, the last feature zero-padded when K is odd
-  auto xb = at::zeros({M, 2 * K2}, x.options().dtype(at::kBFloat16));
-  xb.narrow(1, 0, K).copy_(x);
+  // x as bfloat16 pairs (no copy when it is one already), the last feature zero-padded when K is odd
+  at::Tensor xb;
+  if (K % 2 == 0) {
+    xb = x.to(at::kBFloat16).contiguous();
+  } else {
+    xb = at::zeros({M, 2 * K2}, x.options().dtype(at::kBFloat16));
+    xb.narrow(1, 0, K).copy_(x);
+  }
   auto y = at::empty({M, n}, x.options());
   const auto* xp = reinterpret_cast<const uint32_t*>(xb.data_ptr<at::BFloat16>());
   const float* sp = scale.has_value() ? scale->data_ptr<float>() : nullptr;
