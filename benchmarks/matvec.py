@@ -17,7 +17,8 @@ the best of several rounds counts. Candidates:
   bfloat16 activations, float32 ones fall to a scalar loop), and int8 dequantized to bfloat16 then `F.linear`.
 
 - ours (model/csrc/matvec.cpp): the weight packed in 16-row panels for AVX-512 BF16's pair dot product, read once
-  per call whatever the rows, bfloat16 or int8 (widened in registers), where the CPU has AVX-512 BF16.
+  per call whatever the rows, bfloat16 or int8 (widened in registers), where the CPU has AVX-512 BF16; and int8 on
+  AVX-512 VNNI with x quantized in blocks of 32 features (csrc/matvec_vnni.h), what serving runs where it can.
 
 What serving keeps, the fastest per precision here: our kernel for bfloat16 and int8 up to 64 rows where the CPU
 has AVX-512 BF16 (model/cpu_linear.py); oneDNN prepacked for float32, and for bfloat16 elsewhere
@@ -97,7 +98,11 @@ def candidates(k: int, n: int, m: int) -> dict[str, tuple[int, float]]:
         scales = F.pad(scale, (0, rows - n)).contiguous()
         run("bfloat16 matvec kernel (ours)", 2 * n * k, lambda: cpu_linear.pack(w32.bfloat16()),
             lambda w: mv.linear(x16, w, n, None, None))
-        run("int8 matvec kernel (ours)", n * k, lambda: cpu_linear.pack(q), lambda w: mv.linear(x16, w, n, scales, None))
+        run("int8 matvec kernel (ours, widened to bf16)", n * k, lambda: cpu_linear.pack(q),
+            lambda w: mv.linear(x16, w, n, scales, None))
+        if mv.has_vnni() and k % cpu_linear.Q8_BLOCK == 0:
+            run("int8 VNNI kernel (ours, x in int8 blocks)", n * k, lambda: cpu_linear.pack_quads(q),
+                lambda w: mv.linear_q8(x16, w, n, scales, None))
     return out
 
 

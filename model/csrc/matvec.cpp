@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 
 namespace {
@@ -63,13 +64,30 @@ inline void tile(const uint32_t* x, int64_t K2, const W* w, __m512 (&sums)[MT][N
     for (int p = 0; p < NP; ++p) sums[i][p] = acc[i][p];
 }
 
+// y rows m0 .. m0 + r of the item's 32 outputs from their float32 sums: times the row's scale, plus its bias.
+template <typename Out>
+inline void store_rows(const __m512 (&sums)[MT][NP], int64_t r, int64_t m0, int64_t item, int64_t N,
+                       const float* scale, const float* bias, Out* y) {
+  alignas(64) float out[PANEL];
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t p = 0; p < NP; ++p) {
+      const int64_t n0 = (item * NP + p) * PANEL, count = std::min(PANEL, N - n0);
+      if (count <= 0) break;
+      __m512 v = sums[i][p];
+      if (scale != nullptr) v = _mm512_mul_ps(v, _mm512_loadu_ps(scale + n0));  // scales padded to panels
+      if (bias != nullptr) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + n0));
+      _mm512_store_ps(out, v);
+      Out* dst = y + (m0 + i) * N + n0;
+      for (int64_t j = 0; j < count; ++j) dst[j] = static_cast<Out>(out[j]);
+    }
+}
+
 template <typename W, typename Out>
 void run(const uint32_t* x, int64_t M, int64_t K2, const W* w, int64_t N, const float* scale, const float* bias,
          Out* y) {
   const int64_t items = (N + NP * PANEL - 1) / (NP * PANEL);
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     __m512 sums[MT][NP];
-    alignas(64) float out[PANEL];
     for (int64_t item = begin; item < end; ++item) {
       const W* wi = w + item * NP * K2 * 2 * PANEL;
       for (int64_t m0 = 0; m0 < M; m0 += MT) {
@@ -85,21 +103,16 @@ void run(const uint32_t* x, int64_t M, int64_t K2, const W* w, int64_t N, const 
           case 2: tile<2>(xt, K2, wi, sums); break;
           default: tile<1>(xt, K2, wi, sums); break;
         }
-        for (int64_t i = 0; i < r; ++i)
-          for (int64_t p = 0; p < NP; ++p) {
-            const int64_t n0 = (item * NP + p) * PANEL, count = std::min(PANEL, N - n0);
-            if (count <= 0) break;
-            __m512 v = sums[i][p];
-            if (scale != nullptr) v = _mm512_mul_ps(v, _mm512_loadu_ps(scale + n0));  // scales padded to panels
-            if (bias != nullptr) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + n0));
-            _mm512_store_ps(out, v);
-            Out* dst = y + (m0 + i) * N + n0;
-            for (int64_t j = 0; j < count; ++j) dst[j] = static_cast<Out>(out[j]);
-          }
+        store_rows(sums, r, m0, item, N, scale, bias, y);
       }
     }
   });
 }
+
+#if defined(__AVX512VNNI__)
+#define ATTNSERVE_VNNI 1
+#include "matvec_vnni.h"
+#endif
 #endif
 
 // x (M, K) float32 or bfloat16; packed (N padded to 32, K padded to even) from pack(); scale and bias, if given,
@@ -141,6 +154,54 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, cons
 #endif
 }
 
+// The int8 product on VNNI: x (M, K) float32 or bfloat16, K a multiple of 32; packed (N padded to 32, K / 4, 16, 4)
+// uint8 (q + 128) from pack_quads(); scale float32 padded like the rows; bias likewise or None.
+at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& packed, int64_t n, const at::Tensor& scale,
+                     const c10::optional<at::Tensor>& bias) {
+#if defined(ATTNSERVE_VNNI)
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % QBLOCK == 0, "x must be (M, K), K a multiple of 32");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x: float32 or bfloat16");
+  TORCH_CHECK(packed.dim() == 4 && packed.is_contiguous() && packed.scalar_type() == at::kByte &&
+              packed.size(2) == PANEL && packed.size(3) == 4 && packed.size(0) % NP == 0,
+              "packed must come from pack_quads()");
+  const int64_t M = x.size(0), K = x.size(1), rows = packed.size(0) * PANEL;
+  TORCH_CHECK(packed.size(1) * 4 == K && n <= rows && n > rows - NP * PANEL, "x's features or n do not match");
+  for (const auto& t : {c10::optional<at::Tensor>(scale), bias})
+    TORCH_CHECK(!t.has_value() || (t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == rows),
+                "scale and bias: float32, padded like the weight's rows");
+  const at::Tensor xc = x.contiguous();
+  auto xq = at::empty({M, K}, x.options().dtype(at::kChar));
+  auto xs = at::empty({M, K / QBLOCK}, x.options().dtype(at::kFloat));
+  auto xsum = at::empty({M, K / QBLOCK}, x.options().dtype(at::kInt));
+  if (x.scalar_type() == at::kFloat) {
+    quantize_rows(xc.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), xs.data_ptr<float>(), xsum.data_ptr<int32_t>());
+  } else {
+    quantize_rows(xc.data_ptr<at::BFloat16>(), M, K, xq.data_ptr<int8_t>(), xs.data_ptr<float>(),
+                  xsum.data_ptr<int32_t>());
+  }
+  auto y = at::empty({M, n}, x.options());
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  const auto* wp = packed.data_ptr<uint8_t>();
+  if (x.scalar_type() == at::kFloat)
+    run_q8(xq.data_ptr<int8_t>(), xs.data_ptr<float>(), xsum.data_ptr<int32_t>(), M, K, wp, n,
+           scale.data_ptr<float>(), bp, y.data_ptr<float>());
+  else
+    run_q8(xq.data_ptr<int8_t>(), xs.data_ptr<float>(), xsum.data_ptr<int32_t>(), M, K, wp, n,
+           scale.data_ptr<float>(), bp, y.data_ptr<at::BFloat16>());
+  return y;
+#else
+  TORCH_CHECK(false, "matvec: built without AVX-512 VNNI");
+#endif
+}
+
+bool has_vnni() {
+#if defined(ATTNSERVE_VNNI)
+  return true;
+#else
+  return false;
+#endif
+}
+
 bool available() {
 #if defined(ATTNSERVE_MATVEC)
   return true;
@@ -154,6 +215,8 @@ bool available() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "y = x W^T (* scale) (+ bias) over a packed bfloat16 or int8 weight (CPU)");
   m.def("available", &available, "whether this build has the AVX-512 BF16 kernel");
+  m.def("linear_q8", &linear_q8, "int8 y = x W^T * scale (+ bias), x quantized in blocks of 32, on VNNI (CPU)");
+  m.def("has_vnni", &has_vnni, "whether this build has the AVX-512 VNNI int8 kernel");
   m.attr("panel") = PANEL;
   m.attr("panels") = NP;
 }

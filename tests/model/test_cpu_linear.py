@@ -19,7 +19,15 @@ from torch import nn
 
 from model import cpu_kernels, cpu_linear
 from model.config import preset
-from model.cpu_linear import MAX_ROWS, FusedRMSNorm, PackedInt8Linear, PackedLinear, can_fuse_norm, pack
+from model.cpu_linear import (
+    MAX_ROWS,
+    FusedRMSNorm,
+    PackedInt8Linear,
+    PackedLinear,
+    can_fuse_norm,
+    pack,
+    pack_quads,
+)
 from model.quantize import Int8Linear, dequantize, int8_kernel, quantize_weight
 from model.transformer import build_model
 from service.engine.weights import prepare
@@ -56,6 +64,31 @@ def test_kernel_equals_matmul_on_bfloat16_operands(kernel: ModuleType, m: int, k
     yq = kernel.linear(x, pack(q), n, _rows(scale, packed), None)
     refq = xr @ dequantize(q, scale).double().T
     torch.testing.assert_close(yq.double(), refq, rtol=tol, atol=tol * float(refq.abs().max()))
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 9, 64])
+@pytest.mark.parametrize(("k", "n"), [(64, 96), (576, 37)])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_vnni_kernel_equals_its_quantized_product(kernel: ModuleType, m: int, k: int, n: int,
+                                                  x_dtype: torch.dtype) -> None:
+    """The int8 product on VNNI: x quantized in blocks of 32 (symmetric, round to nearest), int32 sums per block
+    scaled back, times each row's scale; the same arithmetic in float64 here, and within int8's error of x @ W^T."""
+    if not kernel.has_vnni():
+        pytest.skip("this build has no AVX-512 VNNI")
+    torch.manual_seed(m * 100 + k)
+    x, w, b = torch.randn(m, k, dtype=x_dtype) * 2, torch.randn(n, k) / k**0.5, torch.randn(n)
+    q, scale = quantize_weight(w)
+    packed = pack_quads(q)
+    y = kernel.linear_q8(x, packed, n, _rows(scale, packed), _rows(b, packed))
+    assert y.dtype == x_dtype and y.shape == (m, n)
+    blocks = x.double().view(m, k // 32, 32)
+    s = blocks.abs().amax(-1, keepdim=True).float().double() / 127
+    xq = torch.where(s > 0, torch.round(blocks / s), torch.zeros_like(blocks))
+    ref = ((xq * s).view(m, k) @ q.double().T) * scale.double() + b.double()
+    tol = 1e-5 if x_dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
+    exact = x.double() @ dequantize(q, scale).double().T + b.double()
+    assert float((y.double() - exact).abs().max()) <= 0.02 * float(exact.abs().max())
 
 
 def test_a_row_is_the_same_alone_and_batched(kernel: ModuleType) -> None:
