@@ -3,10 +3,10 @@ model/csrc/matvec.cpp, which reads it from memory once per call whatever the num
 
 At one stream every weight is read once per token, so a decode step is as fast as its matrix-vector products read
 memory. Measured with SmolLM2-135M's shapes, two threads (benchmarks/matvec.py): at one row the kernel reads a
-bfloat16 weight at ~30-48 GB/s against oneDNN's prepacked ~17-33 GB/s (1.5-1.9x), and an int8 weight in ~0.6x
-the time of torch's int8 weight-only kernel; it stays at least as fast as oneDNN up to 64 rows, where the int8
-weight costs what bfloat16 does (torch's int8 kernel: 2-4x slower from 8 rows up). Above `MAX_ROWS` rows (prefill
-chunks) the plain paths take over: `F.linear` for bfloat16, the dequantized weight for int8 (model/quantize.py).
+bfloat16 weight at 1.5-2x oneDNN's prepacked rate (~30-45 GB/s against ~15-30), and at 8-64 rows it is about as
+fast (0.85-1.3x: both compute-bound); int8 (below) runs 1.5-2.3x torch's int8 weight-only kernel at one row and 3-5x
+from 8 rows up. Above `MAX_ROWS` rows (prefill chunks) the plain paths take over: `F.linear` for bfloat16, the
+dequantized weight for int8 (model/quantize.py).
 
 Packed layout, rows in panels of 16: packed[panel][k / 2][row][2] = W[panel * 16 + row][k], padded with zero rows
 to a whole number of work items (2 panels) and a zero column to an even K; scales and bias padded alike, float32.
