@@ -71,7 +71,20 @@ def can_pack(linear: nn.Module) -> bool:
     return ok and kernel() is not None
 
 
-class PackedLinear(nn.Module):
+class Repacked(nn.Module):
+    """A layer that keeps packed copies made from its weights (non-persistent buffers): `.to()` and friends move
+    the plain weights, then `_pack` remakes the copies from them."""
+
+    def _pack(self) -> None:
+        raise NotImplementedError
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._pack()
+        return self
+
+
+class PackedLinear(Repacked):
     """y = x W^T + b with a bfloat16 W: the kernel up to MAX_ROWS rows, F.linear above. `weight` keeps the plain
     weight (what readers of W and the parameter count see); the packed copy is a buffer beside it."""
 
@@ -90,12 +103,6 @@ class PackedLinear(nn.Module):
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("bias_rows", _padded(self.bias, packed.size(0) * packed.size(2)), persistent=False)
 
-    def _apply(self, fn, recurse=True):
-        """`.to()` and friends move the plain weight; the packed copies are remade from it."""
-        super()._apply(fn, recurse)
-        self._pack()
-        return self
-
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
         module = kernel()
@@ -109,7 +116,7 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed for the matvec kernel"
 
 
-class PackedInt8Linear(Int8Linear):
+class PackedInt8Linear(Repacked, Int8Linear):
     """An Int8Linear whose few-row products run on the kernel (its int8 weight packed beside the plain one); more
     rows take Int8Linear's own path. `model.quantize.int8_kernel("matvec")` forces the kernel at any row count,
     another forced path Int8Linear's (to measure each path's accuracy, benchmarks/precision.py)."""
@@ -131,11 +138,6 @@ class PackedInt8Linear(Int8Linear):
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("scale_rows", _padded(self.scale, rows), persistent=False)
         self.register_buffer("bias_rows", _padded(self.bias, rows), persistent=False)
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        self._pack()
-        return self
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)

@@ -173,3 +173,22 @@ def test_fused_rms_norm_equals_torch_to_the_last_bfloat16_bit(rows: int, d: int)
     assert bool(((got.float() - ref.float()).abs() <= ulp).all())
     assert float((got != ref).float().mean()) < 0.01  # the sum's order moves a rare last bit, no more
     assert not can_fuse_norm(nn.RMSNorm(d))  # float32 keeps torch's: its outputs stay equal to the reference's
+
+
+def test_a_packed_layer_can_be_moved_again(kernel: ModuleType) -> None:
+    """`.to()` recasts the plain weights and packs them anew: a packed layer then equals F.linear in the new dtype
+    (float32 falls back to it), and packs again on the way back to bfloat16."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48).to(torch.bfloat16)
+    packed = PackedLinear(linear).to(torch.float32)
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x), F.linear(x, packed.weight, packed.bias))
+        packed = packed.to(torch.bfloat16)
+        assert packed.packed.dtype == torch.bfloat16 and packed.bias_rows is not None
+        ref = F.linear(x.bfloat16(), packed.weight, packed.bias).float()
+        torch.testing.assert_close(packed(x.bfloat16()).float(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+        int8 = PackedInt8Linear(Int8Linear.of(linear)).to(torch.float32)  # scales stay float32 for the kernel
+        assert int8.scale_rows.dtype == torch.float32
+        ref8 = F.linear(x, int8.weight, int8.bias.float() if int8.bias is not None else None)
+        torch.testing.assert_close(int8(x), ref8, rtol=2e-2, atol=2e-2 * float(ref8.abs().max()))
