@@ -4,13 +4,16 @@ disk, loaded from the cache on later starts without a compiler.
 - `paged_attention` (csrc/paged_attention.cpp): every query row attends over its block table, read in place;
 - `matvec` (csrc/matvec.cpp): y = x W^T for decode's few rows over a weight packed for AVX-512 BF16
   (model/cpu_linear.py), bfloat16 or weight-only int8;
-- `rms_norm` (csrc/rms_norm.cpp): RMSNorm of a bfloat16 row in one pass (model/cpu_linear.py's `FusedRMSNorm`).
+- `rms_norm` (csrc/rms_norm.cpp): RMSNorm of a bfloat16 row in one pass (model/cpu_linear.py's `FusedRMSNorm`);
+- `decoder_step` (csrc/decoder_step.cpp, the three above linked in): a Llama-shaped stack's whole step in one call
+  (model/fused_step.py).
 
-Each kernel's cache key is a hash of its source (and csrc's headers), the compiler flags, torch's version and this CPU's instruction set
+Each kernel's cache key is a hash of its sources (and csrc's headers), the compiler flags, torch's version and this CPU's instruction set
 flags (the build targets the CPU it runs on), so a changed kernel or another machine builds anew. Where no
 compiler is present (or the build fails), `load(name)` returns None and says why once; the caller then keeps its
 plain torch path. `ATTNSERVE_KERNEL_DIR` moves the cache (the Docker image builds into it);
-`ATTNSERVE_PAGED_KERNEL=0`, `ATTNSERVE_MATVEC_KERNEL=0`, `ATTNSERVE_NORM_KERNEL=0` turn a kernel off."""
+`ATTNSERVE_PAGED_KERNEL=0`, `ATTNSERVE_MATVEC_KERNEL=0`, `ATTNSERVE_NORM_KERNEL=0`, `ATTNSERVE_STEP_KERNEL=0` turn
+a kernel off."""
 
 from __future__ import annotations
 
@@ -29,10 +32,12 @@ import torch
 log = logging.getLogger("attnserve.kernels")
 
 CSRC = Path(__file__).parent / "csrc"
-KERNELS = {  # name: (source, the environment variable that turns it off, what it does)
-    "paged_attention": ("paged_attention.cpp", "ATTNSERVE_PAGED_KERNEL", "attending on the plain torch path"),
-    "matvec": ("matvec.cpp", "ATTNSERVE_MATVEC_KERNEL", "linears on oneDNN / torch"),
-    "rms_norm": ("rms_norm.cpp", "ATTNSERVE_NORM_KERNEL", "RMSNorm on torch's ops"),
+KERNELS = {  # name: (sources, the environment variable that turns it off, what runs instead)
+    "paged_attention": (("paged_attention.cpp",), "ATTNSERVE_PAGED_KERNEL", "attending on the plain torch path"),
+    "matvec": (("matvec.cpp",), "ATTNSERVE_MATVEC_KERNEL", "linears on oneDNN / torch"),
+    "rms_norm": (("rms_norm.cpp",), "ATTNSERVE_NORM_KERNEL", "RMSNorm on torch's ops"),
+    "decoder_step": (("decoder_step.cpp", "matvec.cpp", "paged_attention.cpp", "rms_norm.cpp"),
+                     "ATTNSERVE_STEP_KERNEL", "the eager step (a module call per layer part)"),
 }
 # -fopenmp: at::parallel_for is inline in ATen's headers, its `omp parallel` compiled into the kernel; without the
 # flag it runs every work item on the calling thread (it did: two threads took as long as one)
@@ -57,15 +62,22 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def source(name: str) -> Path:
-    return CSRC / KERNELS[name][0]
+def sources(name: str) -> list[Path]:
+    return [CSRC / file for file in KERNELS[name][0]]
+
+
+def _flags(name: str) -> list[str]:
+    """A kernel linked from several sources keeps only its first source's Python module."""
+    return CFLAGS + (["-DATTNSERVE_NO_BINDINGS"] if len(KERNELS[name][0]) > 1 else [])
 
 
 def build_key(name: str) -> str:
-    h = hashlib.sha256(source(name).read_bytes())
+    h = hashlib.sha256()
+    for file in sources(name):
+        h.update(file.read_bytes())
     for header in sorted(CSRC.glob("*.h")):  # what a source may include
         h.update(header.read_bytes())
-    for part in (" ".join(CFLAGS + LDFLAGS), torch.__version__, _cpu_flags()):
+    for part in (" ".join(_flags(name) + LDFLAGS), torch.__version__, _cpu_flags()):
         h.update(part.encode())
     return h.hexdigest()[:16]
 
@@ -97,7 +109,7 @@ def _build(name: str, verbose: bool) -> ModuleType | None:
         log.info(f"building the {name} kernel (once per machine)", extra={"dir": str(directory)})
         from torch.utils.cpp_extension import load as build
 
-        return build(module_name, [str(source(name))], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+        return build(module_name, [str(f) for f in sources(name)], extra_cflags=_flags(name), extra_ldflags=LDFLAGS,
                      build_directory=str(directory), verbose=verbose)
     except Exception as exc:  # any build or import failure means the plain path
         _reason[name] = f"build failed: {type(exc).__name__}: {str(exc)[:300]}"

@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "a longer prompt is prefilled in chunks of it while the running streams keep decoding "
                    f"(default {d['max_num_batched_tokens'].default})")
     p.add_argument("--enforce-eager", action="store_true", default=None,
-                   help="never capture CUDA graphs for decode steps (on a CPU there are none to capture)")
+                   help="run every step as the model's module calls: no CUDA graphs for decode steps, and on a CPU "
+                        "no fused one-call step for a Llama-shaped bfloat16 model")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse the KV blocks of prompt prefixes already computed, shared between requests and `n` "
                    "choices (default on; --no-enable-prefix-caching computes every prompt in full)")

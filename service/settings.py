@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     max_num_seqs: int = 64
     max_num_batched_tokens: int = Field(default=512, description="token budget of one engine step; longer "
                                         "prompts are prefilled in chunks of it (chunked prefill)")
-    enforce_eager: bool = Field(default=False, description="never capture CUDA graphs (always on CPU)")
+    enforce_eager: bool = Field(default=False, description="module calls for every step: no CUDA graphs, no fused CPU step")
     enable_prefix_caching: bool = Field(default=True, description="reuse the KV blocks of a prompt prefix already "
                                         "computed (automatic prefix caching)")
     max_waiting_requests: int = 512

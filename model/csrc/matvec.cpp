@@ -18,7 +18,7 @@
 // are float32; y comes out in x's dtype. Every output goes through the same operations whatever the number of
 // rows of x, so batching does not change a row's result. Built only where the compiler targets AVX-512 BF16;
 // elsewhere `available()` is false and the caller keeps oneDNN / torch.
-#include <torch/extension.h>
+#include "kernels.h"
 #include <ATen/Parallel.h>
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -115,6 +115,10 @@ void run(const uint32_t* x, int64_t M, int64_t K2, const W* w, int64_t N, const 
 #endif
 #endif
 
+}  // namespace
+
+namespace attnserve {
+
 // x (M, K) float32 or bfloat16; packed (N padded to 32, K padded to even) from pack(); scale and bias, if given,
 // float32 padded to N's padding; n the true number of rows.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, const c10::optional<at::Tensor>& scale,
@@ -210,13 +214,15 @@ bool available() {
 #endif
 }
 
-}  // namespace
+}  // namespace attnserve
 
+#if !defined(ATTNSERVE_NO_BINDINGS)
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear", &linear, "y = x W^T (* scale) (+ bias) over a packed bfloat16 or int8 weight (CPU)");
-  m.def("available", &available, "whether this build has the AVX-512 BF16 kernel");
-  m.def("linear_q8", &linear_q8, "int8 y = x W^T * scale (+ bias), x quantized in blocks of 32, on VNNI (CPU)");
-  m.def("has_vnni", &has_vnni, "whether this build has the AVX-512 VNNI int8 kernel");
+  m.def("linear", &attnserve::linear, "y = x W^T (* scale) (+ bias) over a packed bfloat16 or int8 weight (CPU)");
+  m.def("available", &attnserve::available, "whether this build has the AVX-512 BF16 kernel");
+  m.def("linear_q8", &attnserve::linear_q8, "int8 y = x W^T * scale (+ bias), x quantized in blocks of 32, on VNNI (CPU)");
+  m.def("has_vnni", &attnserve::has_vnni, "whether this build has the AVX-512 VNNI int8 kernel");
   m.attr("panel") = PANEL;
   m.attr("panels") = NP;
 }
+#endif

@@ -10,7 +10,7 @@
 // spread over torch's intra-op threads. With AVX-512 the two inner products (a query with a key, a weight times
 // a value added to the output) are written with intrinsics: the compiler's own reduction of a dot product spilled
 // its 16 lanes and added them one by one, which made this kernel ~7x slower than its memory traffic.
-#include <torch/extension.h>
+#include "kernels.h"
 #include <ATen/Parallel.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -160,6 +160,10 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
   });
 }
 
+}  // namespace
+
+namespace attnserve {
+
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& tables, const at::Tensor& row_table, const at::Tensor& context_lens,
                            double scale) {
@@ -183,8 +187,10 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   return out;
 }
 
-}  // namespace
+}  // namespace attnserve
 
+#if !defined(ATTNSERVE_NO_BINDINGS)
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_attention", &paged_attention, "attention of each query row over its block table (CPU)");
+  m.def("paged_attention", &attnserve::paged_attention, "attention of each query row over its block table (CPU)");
 }
+#endif

@@ -4,7 +4,7 @@
 // down): ~15 us for one bfloat16 row of 576, against ~1 us of arithmetic; a 30-layer step calls it 61 times.
 // Same arithmetic as torch's for bfloat16 and float32 input: the sum of squares and the scaling in float32, the
 // result rounded once to x's dtype after multiplying by g (g in x's dtype, as nn.RMSNorm's weight is).
-#include <torch/extension.h>
+#include "kernels.h"
 #include <ATen/Parallel.h>
 
 #if defined(__AVX512BF16__)
@@ -65,6 +65,10 @@ void norm_rows(const T* x, const T* g, T* y, int64_t rows, int64_t d, float eps)
   });
 }
 
+}  // namespace
+
+namespace attnserve {
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& g, double eps) {
   TORCH_CHECK(x.scalar_type() == g.scalar_type(), "x and g: one dtype");
   TORCH_CHECK(g.dim() == 1 && x.size(-1) == g.size(0), "g must have x's last dimension");
@@ -82,8 +86,10 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& g, double eps) {
   return y;
 }
 
-}  // namespace
+}  // namespace attnserve
 
+#if !defined(ATTNSERVE_NO_BINDINGS)
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension (CPU)");
+  m.def("rms_norm", &attnserve::rms_norm, "RMSNorm over the last dimension (CPU)");
 }
+#endif

@@ -3,18 +3,20 @@
 The only engine files that import the model package are this one and its device-side helpers (inputs,
 sampler, cuda_graphs). A step packs its plan into the persistent input buffers (one host-to-device copy), runs
 the translator's encoder for requests that start, runs one forward over every scheduled token (decode rows and
-prefill chunks together; model/paged_cache.py attends each row over its block table in place), samples the
-rows that end their known tokens, and brings the packed result back in one device-to-host copy."""
+prefill chunks together; model/paged_cache.py attends each row over its block table in place; on a CPU, a
+Llama-shaped bfloat16 model's stack runs as one C++ call, model/fused_step.py), samples the rows that end their
+known tokens, and brings the packed result back in one device-to-host copy."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from model import cpu_kernels
+from model import cpu_kernels, fused_step
 from model.attention import AttentionCapture, MultiHeadAttention
 from model.paged_cache import BlockPool, PagedKVCache
 from model.transformer import DecoderOnlyLM, Transformer, num_parameters
@@ -24,6 +26,8 @@ from service.engine.request import ModelOutput, PromptLogprob, TokenLogprob
 from service.engine.sampler import ERROR_NAN, Sampler
 from service.engine.scheduler import ScheduledRequest
 from service.engine.weights import prepare as prepare_weights
+
+log = logging.getLogger("attnserve.runner")
 
 SMALL_STEP_FLOPS = 5e7
 ERROR_STUCK = "the output's constraint allows no token of this model's vocabulary here"
@@ -65,6 +69,12 @@ class ModelRunner:
         use_graphs = self.device.type == "cuda" and not enforce_eager and not self.config.is_encoder_decoder
         self.graphs: DecodeGraphs | None = (DecodeGraphs(self.forward_decode, self.inputs, max_num_seqs,
                                                          max_blocks * block_size) if use_graphs else None)
+        self.fused: fused_step.FusedStep | None = None  # the CPU's one-call step (not with --enforce-eager)
+        self.why_not_fused = "--enforce-eager" if enforce_eager else "not on a CPU" if not on_cpu else ""
+        if not self.why_not_fused:
+            self.why_not_fused = fused_step.why_not(self.model)
+            self.fused = fused_step.FusedStep(self.model) if not self.why_not_fused else None
+            log.info("decode step", extra={"fused": self.fused is not None, "why_not": self.why_not_fused})
 
     @property
     def transfers(self) -> Transfers:
@@ -112,7 +122,11 @@ class ModelRunner:
             cache = PagedKVCache(self.pool, prep.layout)
             d = self.inputs.d
             tokens, positions = d["tokens"][: prep.num_rows][None], d["positions"][: prep.num_rows][None]
-            hidden = self.model.decode(tokens, positions, cache=cache, capture=self._capture(plan))[0]  # (N, d)
+            capture = self._capture(plan)
+            if self.fused is not None and capture is None and self.fused.accepts(prep.layout, prep.num_rows):
+                hidden = self.fused(tokens[0], positions[0], cache)  # (N, d)
+            else:
+                hidden = self.model.decode(tokens, positions, cache=cache, capture=capture)[0]  # (N, d)
         parts: list[Tensor] = []
         if prep.sampled:
             rows = self.inputs.d["sample_rows"][: len(prep.sampled)]

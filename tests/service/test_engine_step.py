@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 
+from model import fused_step
 from model.checkpoint import load_checkpoint
 from model.generate import GenerationConfig, generate
 from service.engine.cuda_graphs import DecodeGraphs
@@ -157,6 +158,19 @@ def test_bfloat16_engine_stays_close_to_the_float32_reference(build: Any, checkp
         expected = generate(ref.model.eval(), ref.tokenizer.encode(prompt), GenerationConfig(max_new_tokens=12))
         same += sum(a == b for a, b in zip(tokens, expected, strict=True))
     assert same >= 0.8 * 12 * len(PROMPTS), f"only {same} of {12 * len(PROMPTS)} tokens agree in bfloat16"
+
+
+def test_the_fused_cpu_step_gives_the_eager_tokens_for_a_gpt(build: Any) -> None:
+    """bfloat16 on a CPU: GPT-2's shape (LayerNorm, learned positions, GELU) through the one-call step
+    (model/fused_step.py) = `--enforce-eager`, alone and batched."""
+    if fused_step.kernel() is None:
+        pytest.skip("no fused CPU step here (no AVX-512 BF16 or no compiler)")
+    got = {}
+    for eager in (True, False):
+        served = build(dtype="bfloat16", enforce_eager=eager)
+        assert (served.engine.runner.fused is None) == eager, served.engine.runner.why_not_fused
+        got[eager] = [run(served, PROMPTS), [run(served, [p])[0] for p in PROMPTS]]
+    assert got[False] == got[True]
 
 
 def test_preemption_under_chunked_prefill_keeps_the_reference_tokens(build: Any, checkpoints_dir: Path) -> None:

@@ -1,7 +1,8 @@
 """A Llama-shaped model (rotary positions, RMSNorm, SwiGLU, 4 query heads over 2 K/V heads) through the real
 engine: greedy tokens equal the reference decoder alone, batched, with and without prefix caching (decode rows
 over shared blocks), under preemption and chunked prefill; the KV pool holds only the K/V heads; streamed
-attention rows equal the teacher-forced pass per query head; /v1/attention equals transformers'."""
+attention rows equal the teacher-forced pass per query head; /v1/attention equals transformers'; in bfloat16 the
+fused CPU step equals the eager one."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 from support import CORPUS, settings_for
 
+from model import cpu_kernels, fused_step
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import preset
 from model.generate import GenerationConfig, generate
@@ -94,6 +96,23 @@ def test_preemption_and_chunked_prefill_keep_the_reference_tokens(build: Any, ll
     served = build(kv_cache_blocks=32, max_num_batched_tokens=8, max_num_seqs=4, enable_prefix_caching=False)
     assert tokens(run(served, PROMPTS, together=True)) == reference(llama_dir, PROMPTS)
     assert served.engine.scheduler.num_preemptions > 0
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_the_fused_cpu_step_equals_the_eager_step(build: Any, quantization: str) -> None:
+    """bfloat16 on the CPU: the one-call step (model/fused_step.py) gives the same greedy tokens and log-probs as
+    `--enforce-eager`'s module calls, alone and batched, over shared prefix blocks, chunked and preempted."""
+    if fused_step.kernel() is None:
+        pytest.skip(f"no fused step here: {cpu_kernels.why_not('decoder_step') or 'no AVX-512 BF16'}")
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=3)
+    for knobs in ({}, {"kv_cache_blocks": 32, "max_num_batched_tokens": 8, "max_num_seqs": 4}):
+        got: dict[bool, list[Any]] = {}
+        for eager in (True, False):
+            served = build(dtype="bfloat16", quantization=quantization, enforce_eager=eager, **knobs)
+            assert (served.engine.runner.fused is None) == eager, served.engine.runner.why_not_fused
+            got[eager] = [[(o.token_id, o.logprob, o.top_logprobs) for o in out]
+                          for together in (False, True) for out in run(served, PROMPTS, together, params)]
+        assert got[False] == got[True], knobs
 
 
 def test_the_pool_holds_only_the_shared_kv_heads(build: Any) -> None:

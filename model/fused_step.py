@@ -1,0 +1,137 @@
+"""A served decoder-only model's stack as one C++ call per step (model/csrc/decoder_step.cpp).
+
+The eager step calls ~35 torch ops and modules a layer from Python; at one stream a 30-layer SmolLM2 spent about
+as long there (~9 ms a step) as in reading its weights. `FusedStep` binds the stack's packed weights
+(model/cpu_linear.py) once and runs every layer of a step in C++ with the GIL released: the same kernels for the
+products, RMSNorm and the paged attention, and loops over each row for LayerNorm, rotary positions, the K/V write,
+the FFN's activation (and gate) and the residual sums, each rounded to bfloat16 where the eager step's op rounds.
+Embedding, the final norm and the LM head stay in Python (once a step).
+
+It takes the steps it can: a bfloat16 pre-norm decoder-only model whose projections are fused and packed (a CPU
+with AVX-512 BF16): Llama-shaped (RMSNorm, rotary, gated silu: SmolLM2, Llama, Qwen) or GPT-2-shaped (LayerNorm,
+learned positions, GELU); steps of up to `MAX_ROWS` rows whose rows all attend on the paged kernel (no recorded
+attention, no long prefill chunk); int8 weights on the kernel path. Everything else, and `--enforce-eager`, runs
+the model's own modules."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import Tensor, nn
+
+from model import cpu_kernels
+from model.cpu_linear import MAX_ROWS, FusedRMSNorm, PackedInt8Linear, PackedLinear
+from model.layers import DecoderLayer
+from model.paged_cache import PagedKVCache, StepLayout
+from model.quantize import int8_kernel_choice
+from model.transformer import DecoderOnlyLM
+
+
+def kernel() -> ModuleType | None:
+    module = cpu_kernels.load("decoder_step")
+    return module if module is not None and module.available() else None
+
+
+Packed = PackedLinear | PackedInt8Linear
+
+
+ACTIVATIONS = ("silu", "relu", "gelu", "gelu_tanh")  # csrc/decoder_step.cpp's `Activation`, in its order
+
+
+def _layers(model: DecoderOnlyLM) -> list[tuple[list[nn.Module | None], list[nn.Module | None]]]:
+    """Each decoder layer's two norms and four linears (Q/K/V, W_O, gate/up or W_1, W_2), as the C++ step takes
+    them."""
+    out: list[tuple[list[nn.Module | None], list[nn.Module | None]]] = []
+    for layer in model.decoder.layers:
+        assert isinstance(layer, DecoderLayer)
+        attn, ffn = layer.self_attn, layer.ffn
+        w_in = ffn.w_13 if ffn.w_3 is not None else ffn.w_1
+        out.append(([layer.res_self.norm, layer.res_ffn.norm], [attn.w_qkv, attn.w_o, w_in, ffn.w_2]))
+    return out
+
+
+def _is_norm(norm: nn.Module | None, layer_norm: bool) -> bool:
+    if layer_norm:  # torch's LayerNorm on bfloat16 weights (the step computes it)
+        return (type(norm) is nn.LayerNorm and isinstance(norm.weight, Tensor)
+                and norm.weight.dtype == torch.bfloat16)
+    return isinstance(norm, FusedRMSNorm)
+
+
+def why_not(model: nn.Module) -> str:
+    """Why `model` cannot run as a fused step ("" when it can)."""
+    if not isinstance(model, DecoderOnlyLM):
+        return "not a decoder-only model"
+    cfg = model.config
+    if cfg.norm != "pre" or not cfg.final_norm or cfg.activation not in ACTIVATIONS:
+        return "not a pre-norm stack with a final norm and an activation the step has"
+    layer_norm = cfg.norm_kind == "layernorm"
+    for norms, linears in _layers(model):
+        if not all(isinstance(lin, Packed) for lin in linears):
+            return "its projections are not fused and packed for the matvec kernel (bfloat16 or int8 on AVX-512 BF16)"
+        if not all(_is_norm(norm, layer_norm) for norm in norms):
+            return "its norms are not bfloat16 ones the step computes"
+    if kernel() is None:
+        return f"the decoder_step kernel is unavailable ({cpu_kernels.why_not('decoder_step') or 'no AVX-512 BF16'})"
+    return ""
+
+
+class FusedStep:
+    """The decoder stack of `model` (see `why_not`) bound to the C++ step."""
+
+    def __init__(self, model: nn.Module) -> None:
+        reason = why_not(model)
+        module = kernel()
+        if reason or not isinstance(model, DecoderOnlyLM) or module is None:
+            raise ValueError(f"no fused step: {reason}")
+        self.model, cfg = model, model.config
+        self.empty = torch.empty(0, dtype=torch.bfloat16)
+        norms: list[Tensor] = []
+        norm_biases: list[Tensor] = []
+        eps: list[float] = []
+        packed: list[Tensor] = []
+        rows: list[int] = []
+        scales: list[Tensor] = []
+        biases: list[Tensor] = []
+        vnni: list[bool] = []
+        empty = torch.empty(0)
+        self.int8 = False
+        for layer_norms, linears in _layers(model):
+            for norm in layer_norms:
+                assert isinstance(norm, FusedRMSNorm | nn.LayerNorm)
+                norms.append(norm.weight.detach())
+                bias = getattr(norm, "bias", None)
+                norm_biases.append(bias.detach() if isinstance(bias, Tensor) else empty)
+                eps.append(float(norm.eps if norm.eps is not None else torch.finfo(torch.bfloat16).eps))
+            for lin in linears:
+                assert isinstance(lin, Packed)
+                int8 = isinstance(lin, PackedInt8Linear)
+                self.int8 |= int8
+                packed.append(lin.packed)
+                rows.append(lin.out_features)
+                scales.append(lin.scale_rows if isinstance(lin, PackedInt8Linear) else empty)
+                biases.append(lin.bias_rows if lin.bias_rows is not None else empty)
+                vnni.append(isinstance(lin, PackedInt8Linear) and lin.vnni)
+        self.step = module.DecoderStep(norms, norm_biases, eps, cfg.norm_kind == "layernorm", packed, rows, scales,
+                                       biases, vnni, cfg.ffn == "gated", ACTIVATIONS.index(cfg.activation), cfg.h,
+                                       cfg.kv_heads, cfg.d_k)
+
+    def accepts(self, layout: StepLayout, num_rows: int) -> bool:
+        """Whether this step's rows can all run fused: few enough for the matvec kernel, every row on the paged
+        kernel, no attention recorded, int8 products on the kernel path."""
+        if num_rows > MAX_ROWS or layout.capture or layout.plain:
+            return False
+        return not self.int8 or int8_kernel_choice() in ("auto", "matvec")
+
+    def __call__(self, tokens: Tensor, positions: Tensor, cache: PagedKVCache) -> Tensor:
+        """Hidden states (N, d_model) after the final norm for tokens, positions (N,), their K/V written to the
+        pool as the eager step writes them."""
+        model, lay, pool = self.model, cache.layout, cache.pool
+        x = model.embed(tokens[None], positions[None], model.tgt_embed)[0]  # (N, d_model)
+        rotary = model.rotations(positions[None], x.dtype)  # None where positions were added to x
+        cos, sin = (t.reshape(tokens.size(0), -1) for t in rotary) if rotary is not None else (self.empty,) * 2
+        out = self.step.forward(x, cos, sin, pool.k, pool.v, lay.write_slots, lay.tables, lay.row_table,
+                                lay.context_lens)
+        norm = model.decoder.norm
+        assert norm is not None
+        return norm(out)

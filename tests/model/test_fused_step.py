@@ -1,0 +1,109 @@
+"""The fused CPU step (model/fused_step.py, csrc/decoder_step.cpp) against the model's own eager modules on one
+step: decode rows and a prefill chunk over random block tables with shared blocks, Llama shapes (GQA with the
+kernel's head sizes and another) and GPT-2's, bfloat16 and int8 weights. Hidden states and the K/V written to the
+pool agree to the bit but where an activation's polynomial or LayerNorm's sums land a value on the other side of a
+bfloat16 rounding; and which models and steps it takes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from model import cpu_kernels, fused_step
+from model.config import TransformerConfig, preset
+from model.paged_cache import BlockPool, PagedKVCache, StepLayout
+from model.transformer import build_model
+from service.engine.weights import prepare
+
+pytestmark = pytest.mark.skipif(fused_step.kernel() is None,
+                                reason=f"no fused step: {cpu_kernels.why_not('decoder_step') or 'no AVX-512 BF16'}")
+
+BS = 16
+
+
+def config(kind: str, d_k: int, h: int, h_kv: int, layers: int = 3) -> TransformerConfig:
+    """A Llama shape (RMSNorm, rotary, gated silu, GQA) or GPT-2's (LayerNorm, learned positions, biases) with
+    `kind` its activation (gelu_tanh as GPT-2's, gelu as the shipped Shakespeare model's)."""
+    size = dict(vocab_size=96, d_model=d_k * h, h=h, d_ff=3 * d_k * h, n_decoder_layers=layers, max_len=256)
+    if kind == "llama":
+        return preset("tiny-llama", n_kv_heads=h_kv, **size)
+    return preset("tiny-gpt", activation=kind, **size)
+
+
+def layout(lens: list[int], chunk: int, blocks: int, null: int, gen: torch.Generator) -> tuple[StepLayout, torch.Tensor]:
+    """Decode rows for sequences of `lens` keys (each table a random permutation of blocks; the first two share
+    their first block), then one prefill chunk of `chunk` tokens at the start of a last sequence; positions."""
+    tables, rows, ctx, slots, positions = [], [], [], [], []
+    perm = torch.randperm(blocks, generator=gen).tolist()
+    for i, n in enumerate([*lens, chunk]):
+        width = -(-n // BS)
+        table = [perm.pop() for _ in range(width)]
+        if i == 1:
+            table[0] = tables[0][0]  # a shared prefix block, read in place by both rows
+        tables.append(table)
+    width = max(len(t) for t in tables)
+    padded = torch.tensor([t + [null] * (width - len(t)) for t in tables])
+    for i, n in enumerate(lens):  # decode: the row is the sequence's last key
+        rows.append(i), ctx.append(n), positions.append(n - 1)
+        slots.append(tables[i][(n - 1) // BS] * BS + (n - 1) % BS)
+    for p in range(chunk):  # the chunk: causal among its rows
+        rows.append(len(lens)), ctx.append(p + 1), positions.append(p)
+        slots.append(tables[-1][p // BS] * BS + p % BS)
+    lay = StepLayout(torch.tensor(slots), padded, torch.tensor(rows), torch.tensor(ctx), num_decode=len(lens),
+                     decode_len=max(lens))
+    return lay, torch.tensor(positions)
+
+
+@pytest.mark.parametrize("kind,d_k,h,h_kv", [("llama", 64, 4, 2), ("llama", 64, 9, 3), ("llama", 8, 4, 2),
+                                             ("gelu_tanh", 64, 4, 4), ("gelu", 32, 4, 4)])
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_fused_step_equals_the_eager_step(kind: str, d_k: int, h: int, h_kv: int, quantization: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(config(kind, d_k, h, h_kv)).eval()
+    for norm in (m for m in model.modules() if isinstance(m, nn.RMSNorm | nn.LayerNorm)):
+        nn.init.uniform_(norm.weight, 0.5, 1.5)  # not the ones they start as
+        if getattr(norm, "bias", None) is not None:
+            nn.init.uniform_(norm.bias, -0.5, 0.5)
+    model.to(torch.bfloat16)
+    prepare(model, quantization)
+    fused = fused_step.FusedStep(model)
+    cfg, gen = model.config, torch.Generator().manual_seed(1)
+    pool = BlockPool(cfg, 64, BS, dtype=torch.bfloat16, kernel=cpu_kernels.load("paged_attention"))
+    pool.k.normal_(generator=gen), pool.v.normal_(generator=gen)  # earlier tokens' keys and values
+    lay, positions = layout([37, 20, 5, 1], 11, 64, pool.null_block, gen)
+    tokens = torch.randint(0, cfg.vocab_size, positions.shape, generator=gen)
+    assert fused.accepts(lay, len(tokens))
+    before = pool.k.clone(), pool.v.clone()
+    with torch.inference_mode():
+        want = model.decode(tokens[None], positions[None], cache=PagedKVCache(pool, lay))[0]
+        written = pool.k.clone(), pool.v.clone()
+        pool.k.copy_(before[0]), pool.v.copy_(before[1])
+        got = fused(tokens, positions, PagedKVCache(pool, lay))
+    same = got == want
+    assert same.float().mean() > 0.99, f"{int((~same).sum())} of {same.numel()} values differ"
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    for mine, theirs in zip((pool.k, pool.v), written, strict=True):
+        assert torch.equal(mine, theirs), "the K/V written to the pool differ"
+
+
+def test_what_the_fused_step_takes() -> None:
+    torch.manual_seed(0)
+    llama_model = build_model(config("llama", 64, 4, 2)).eval()
+    assert "packed" in fused_step.why_not(llama_model)  # float32, not prepared
+    served = copy.deepcopy(llama_model).to(torch.bfloat16)
+    prepare(served)
+    assert fused_step.why_not(served) == ""
+    translator = build_model(preset("tiny-seq2seq")).eval().to(torch.bfloat16)
+    prepare(translator)
+    assert "decoder-only" in fused_step.why_not(translator)
+    post_norm = build_model(preset("tiny-gpt", norm="post")).eval().to(torch.bfloat16)
+    prepare(post_norm)
+    assert "pre-norm" in fused_step.why_not(post_norm)
+    fused, gen = fused_step.FusedStep(served), torch.Generator().manual_seed(0)
+    lay, _ = layout([3], 40, 16, 16, gen)
+    assert fused.accepts(lay, 41) and not fused.accepts(lay, 65)  # more rows than the matvec kernel takes
+    assert not fused.accepts(StepLayout(lay.write_slots, lay.tables, lay.row_table, lay.context_lens,
+                                        capture=frozenset({0})), 41)  # recorded attention: the explicit path
