@@ -54,8 +54,9 @@ COPY service /app/service
 COPY model /app/model
 RUN chmod -R a+rX,go-w /app && python -m compileall -q /app/service /app/model
 
-# The CPU kernels (model/csrc: paged attention, the decode matvec), built here for this CPU where a compiler can be
-# had (slim bases ship none); the server loads them from /opt/kernels, or keeps its plain torch paths and says so.
+# The CPU kernels (model/csrc: paged attention, the decode matvec, RMSNorm, the one-call decoder step), built here
+# for this CPU where a compiler can be had (slim bases ship none); the server loads them from /opt/kernels, or keeps
+# its plain torch paths and says so.
 RUN mkdir -p /opt/kernels; \
     headers="$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h"; \
     { { command -v c++ >/dev/null && [ -f "$headers" ]; } \

@@ -17,11 +17,13 @@ the best of several rounds counts. Candidates:
   bfloat16 activations, float32 ones fall to a scalar loop), and int8 dequantized to bfloat16 then `F.linear`.
 
 - ours (model/csrc/matvec.cpp): the weight packed in 16-row panels for AVX-512 BF16's pair dot product, read once
-  per call whatever the rows, bfloat16 or int8 (widened in registers), where the CPU has AVX-512 BF16; and int8 on
+  per call whatever the rows, bfloat16 or int8 (widened in registers), where the CPU has AVX-512 BF16; float32 in
+  panels of its own (csrc/matvec_f32.h); and int8 on
   AVX-512 VNNI with x quantized in blocks of 32 features (csrc/matvec_vnni.h), what serving runs where it can.
 
-What serving keeps, the fastest per precision here: our kernel for bfloat16 and int8 up to 64 rows where the CPU
-has AVX-512 BF16 (model/cpu_linear.py); oneDNN prepacked for float32, and for bfloat16 elsewhere
+What serving keeps, the fastest per precision here: our kernel for float32, bfloat16 and int8 up to 64 rows where
+the CPU has AVX-512 BF16 (model/cpu_linear.py; float32 in float32 throughout, csrc/matvec_f32.h); oneDNN prepacked
+for float32 and bfloat16 elsewhere
 (model/prepack.py; about twice F.linear's rate at one row); `_weight_int8pack_mm` with bfloat16 activations for int8
 up to 32 rows elsewhere (model/quantize.py; the row `int8_matmul` is that choice). On a shared machine every number is low and
 noisy: compare rows of one run, not runs; a run takes a few minutes (`--rows 1 --shapes 3,5,6` is quicker)."""
@@ -96,6 +98,8 @@ def candidates(k: int, n: int, m: int) -> dict[str, tuple[int, float]]:
     if mv is not None:  # ours: the weight packed in panels for AVX-512 BF16 (model/cpu_linear.py)
         rows = -(-n // 32) * 32
         scales = F.pad(scale, (0, rows - n)).contiguous()
+        run("float32 matvec kernel (ours)", 4 * n * k, lambda: cpu_linear.pack_f32(w32),
+            lambda w: mv.linear_f32(x32, w, n, None))
         run("bfloat16 matvec kernel (ours)", 2 * n * k, lambda: cpu_linear.pack(w32.bfloat16()),
             lambda w: mv.linear(x16, w, n, None, None))
         run("int8 matvec kernel (ours, widened to bf16)", n * k, lambda: cpu_linear.pack(q),

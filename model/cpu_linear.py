@@ -10,7 +10,8 @@ dequantized weight for int8 (model/quantize.py).
 
 Packed layout, rows in panels of 16: packed[panel][k / 2][row][2] = W[panel * 16 + row][k], padded with zero rows
 to a whole number of work items (2 panels) and a zero column to an even K; scales and bias padded alike, float32.
-bfloat16 weights only (a float32 model keeps oneDNN: this kernel rounds x to bfloat16), and int8 ones. Where the CPU
+bfloat16 weights, and int8 ones. A float32 weight is packed as packed[panel][k][row] and multiplied in float32
+throughout (csrc/matvec_f32.h): at one row it reads the weight at ~1.5-2x oneDNN's prepacked rate. Where the CPU
 also has AVX-512 VNNI (and K is a multiple of 32), an int8 weight is packed as q + 128 in quads of features instead
 and multiplied by x quantized to int8 in blocks of 32 with a scale each (csrc/matvec_vnni.h, llama.cpp's Q8_0 x Q8
 product): 10-30% faster than widening the weight to bfloat16, SmolLM2's perplexity +0.94% over float32 against
@@ -58,14 +59,22 @@ def pack_quads(q: Tensor, panel: int = 16, panels: int = 2) -> Tensor:
     return unsigned.view(rows // panel, panel, k // 4, 4).permute(0, 2, 1, 3).contiguous()
 
 
+def pack_f32(w: Tensor, panel: int = 16, panels: int = 2) -> Tensor:
+    """float32 (N, K) -> (rows / panel, K, panel), rows = N rounded up to panel * panels."""
+    n, k = w.shape
+    rows = -(-n // (panel * panels)) * panel * panels
+    return F.pad(w.detach(), (0, 0, 0, rows - n)).view(rows // panel, panel, k).transpose(1, 2).contiguous()
+
+
 def _padded(v: Tensor | None, rows: int) -> Tensor | None:
     return None if v is None else F.pad(v.detach().float(), (0, rows - v.numel())).contiguous()
 
 
 def can_pack(linear: nn.Module) -> bool:
-    """Whether `linear` can run on the kernel: a bfloat16 nn.Linear or an int8 one, on a CPU that has it."""
+    """Whether `linear` can run on the kernel: a bfloat16 or float32 nn.Linear or an int8 one, on a CPU that has
+    it."""
     if type(linear) is nn.Linear:
-        ok = linear.weight.dtype == torch.bfloat16 and linear.weight.device.type == "cpu"
+        ok = linear.weight.dtype in (torch.bfloat16, torch.float32) and linear.weight.device.type == "cpu"
     else:
         ok = type(linear) is Int8Linear and linear.qweight.device.type == "cpu"
     return ok and kernel() is not None
@@ -73,10 +82,15 @@ def can_pack(linear: nn.Module) -> bool:
 
 class Repacked(nn.Module):
     """A layer that keeps packed copies made from its weights (non-persistent buffers): `.to()` and friends move
-    the plain weights, then `_pack` remakes the copies from them."""
+    the plain weights, then `_pack` remakes the copies from them; so does assigning a new weight or bias."""
 
     def _pack(self) -> None:
         raise NotImplementedError
+
+    def __setattr__(self, name: str, value: Tensor | nn.Module) -> None:
+        super().__setattr__(name, value)
+        if name in ("weight", "bias", "qweight", "scale") and "packed" in self._buffers:
+            self._pack()
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -85,7 +99,7 @@ class Repacked(nn.Module):
 
 
 class PackedLinear(Repacked):
-    """y = x W^T + b with a bfloat16 W: the kernel up to MAX_ROWS rows, F.linear above. `weight` keeps the plain
+    """y = x W^T + b with a bfloat16 or float32 W: the kernel up to MAX_ROWS rows, F.linear above. `weight` keeps the plain
     weight (what readers of W and the parameter count see); the packed copy is a buffer beside it."""
 
     packed: Tensor
@@ -99,17 +113,21 @@ class PackedLinear(Repacked):
         self._pack()
 
     def _pack(self) -> None:
-        packed = pack(self.weight)
+        packed = pack_f32(self.weight) if self.weight.dtype == torch.float32 else pack(self.weight)
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("bias_rows", _padded(self.bias, packed.size(0) * packed.size(2)), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
-        module = kernel()
-        if x2.size(0) > MAX_ROWS or module is None or self.weight.dtype != torch.bfloat16:
+        module, dtype = kernel(), self.weight.dtype
+        if x2.size(0) > MAX_ROWS or module is None or dtype not in (torch.bfloat16, torch.float32) or (
+                dtype == torch.float32 and x.dtype != dtype):
             bias = self.bias.detach() if self.bias is not None else None
             return F.linear(x, self.weight.detach(), bias)
-        y = module.linear(x2, self.packed, self.out_features, None, self.bias_rows)
+        if dtype == torch.float32:
+            y = module.linear_f32(x2, self.packed, self.out_features, self.bias_rows)
+        else:
+            y = module.linear(x2, self.packed, self.out_features, None, self.bias_rows)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -4,11 +4,12 @@ The eager step calls ~35 torch ops and modules a layer from Python; at one strea
 as long there (~9 ms a step) as in reading its weights. `FusedStep` binds the stack's packed weights
 (model/cpu_linear.py) once and runs every layer of a step in C++ with the GIL released: the same kernels for the
 products, RMSNorm and the paged attention, and loops over each row for LayerNorm, rotary positions, the K/V write,
-the FFN's activation (and gate) and the residual sums, each rounded to bfloat16 where the eager step's op rounds.
+the FFN's activation (and gate) and the residual sums, each rounded to bfloat16 where the eager step's op rounds
+(float32: as computed).
 Embedding, the final norm and the LM head stay in Python (once a step).
 
-It takes the steps it can: a bfloat16 pre-norm decoder-only model whose projections are fused and packed (a CPU
-with AVX-512 BF16): Llama-shaped (RMSNorm, rotary, gated silu: SmolLM2, Llama, Qwen) or GPT-2-shaped (LayerNorm,
+It takes the steps it can: a bfloat16 or float32 pre-norm decoder-only model whose projections are fused and
+packed (a CPU with AVX-512 BF16): Llama-shaped (RMSNorm, rotary, gated silu: SmolLM2, Llama, Qwen) or GPT-2-shaped (LayerNorm,
 learned positions, GELU); steps of up to `MAX_ROWS` rows whose rows all attend on the paged kernel (no recorded
 attention, no long prefill chunk); int8 weights on the kernel path. Everything else, and `--enforce-eager`, runs
 the model's own modules."""
@@ -51,11 +52,12 @@ def _layers(model: DecoderOnlyLM) -> list[tuple[list[nn.Module | None], list[nn.
     return out
 
 
-def _is_norm(norm: nn.Module | None, layer_norm: bool) -> bool:
-    if layer_norm:  # torch's LayerNorm on bfloat16 weights (the step computes it)
-        return (type(norm) is nn.LayerNorm and isinstance(norm.weight, Tensor)
-                and norm.weight.dtype == torch.bfloat16)
-    return isinstance(norm, FusedRMSNorm)
+def _is_norm(norm: nn.Module | None, layer_norm: bool, dtype: torch.dtype) -> bool:
+    """A norm the step computes: LayerNorm, or RMSNorm (the bfloat16 kernel's, or a float32 torch one), with
+    weights in the model's dtype."""
+    kinds = (nn.LayerNorm,) if layer_norm else (nn.RMSNorm, FusedRMSNorm)
+    weight = getattr(norm, "weight", None)
+    return type(norm) in kinds and isinstance(weight, Tensor) and weight.dtype == dtype
 
 
 def why_not(model: nn.Module) -> str:
@@ -65,12 +67,14 @@ def why_not(model: nn.Module) -> str:
     cfg = model.config
     if cfg.norm != "pre" or not cfg.final_norm or cfg.activation not in ACTIVATIONS:
         return "not a pre-norm stack with a final norm and an activation the step has"
-    layer_norm = cfg.norm_kind == "layernorm"
+    layer_norm, dtype = cfg.norm_kind == "layernorm", model.tgt_embed.weight.dtype
+    if dtype not in (torch.bfloat16, torch.float32):
+        return f"activations in {dtype} (the step has bfloat16 and float32)"
     for norms, linears in _layers(model):
         if not all(isinstance(lin, Packed) for lin in linears):
-            return "its projections are not fused and packed for the matvec kernel (bfloat16 or int8 on AVX-512 BF16)"
-        if not all(_is_norm(norm, layer_norm) for norm in norms):
-            return "its norms are not bfloat16 ones the step computes"
+            return "its projections are not fused and packed for the matvec kernel (a CPU with AVX-512 BF16)"
+        if not all(_is_norm(norm, layer_norm, dtype) for norm in norms):
+            return "its norms are not ones the step computes"
     if kernel() is None:
         return f"the decoder_step kernel is unavailable ({cpu_kernels.why_not('decoder_step') or 'no AVX-512 BF16'})"
     return ""
@@ -85,7 +89,7 @@ class FusedStep:
         if reason or not isinstance(model, DecoderOnlyLM) or module is None:
             raise ValueError(f"no fused step: {reason}")
         self.model, cfg = model, model.config
-        self.empty = torch.empty(0, dtype=torch.bfloat16)
+        self.empty = torch.empty(0, dtype=model.tgt_embed.weight.dtype)
         norms: list[Tensor] = []
         norm_biases: list[Tensor] = []
         eps: list[float] = []
@@ -98,11 +102,11 @@ class FusedStep:
         self.int8 = False
         for layer_norms, linears in _layers(model):
             for norm in layer_norms:
-                assert isinstance(norm, FusedRMSNorm | nn.LayerNorm)
+                assert isinstance(norm, FusedRMSNorm | nn.LayerNorm | nn.RMSNorm) and isinstance(norm.weight, Tensor)
                 norms.append(norm.weight.detach())
                 bias = getattr(norm, "bias", None)
                 norm_biases.append(bias.detach() if isinstance(bias, Tensor) else empty)
-                eps.append(float(norm.eps if norm.eps is not None else torch.finfo(torch.bfloat16).eps))
+                eps.append(float(norm.eps if norm.eps is not None else torch.finfo(norm.weight.dtype).eps))
             for lin in linears:
                 assert isinstance(lin, Packed)
                 int8 = isinstance(lin, PackedInt8Linear)

@@ -14,6 +14,7 @@
 // Activations and the pool are bfloat16; the weights are packed once (model/cpu_linear.py) and bound to a
 // `DecoderStep` object at load time, so a step passes only its activations and its block tables.
 #include "kernels.h"
+#include "elementwise.h"
 #include <ATen/Parallel.h>
 
 #include <bit>
@@ -24,77 +25,7 @@
 
 namespace {
 
-using bf16 = at::BFloat16;
-
-// bfloat16 <-> float32 on raw bits, in a form the compiler vectorizes (c10's conversions are not): bfloat16 is a
-// float32's high half; rounding to nearest, ties to even, as c10 does (NaN stays a NaN).
-inline float f32(uint16_t b) { return std::bit_cast<float>(static_cast<uint32_t>(b) << 16); }
-inline uint16_t to_bf16(float f) {
-  const uint32_t u = std::bit_cast<uint32_t>(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-inline const uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<bf16>()); }
-inline uint16_t* bits_mut(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<bf16>()); }
-
-// e^x for x <= 0 (Cephes' exp2f polynomial, relative error ~2e-7), as paged_attention.cpp's softmax does.
-inline float exp_nonpositive(float x) {
-  const float y = std::max(x, -87.f) * 1.44269504088896341f;
-  const float n = std::floor(y + 0.5f);
-  const float f = y - n;
-  float p = 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.f;
-  return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-}
-
-// The FFN's activations, in forms the compiler vectorizes (model/layers.py's ACTIVATIONS, same order).
-enum Activation : int64_t { SILU = 0, RELU = 1, GELU = 2, GELU_TANH = 3 };
-
-// silu(x) = x sigmoid(x), with e = e^-|x| <= 1: sigmoid is 1 / (1 + e) for x >= 0 and e / (1 + e) below.
-inline float silu(float x) {
-  const float e = exp_nonpositive(-std::fabs(x));
-  return x * (x >= 0.f ? 1.f : e) / (1.f + e);
-}
-
-// tanh(y) = sign(y) (1 - e) / (1 + e), e = e^-2|y|.
-inline float tanh_(float y) {
-  const float e = exp_nonpositive(-2.f * std::fabs(y));
-  return std::copysign((1.f - e) / (1.f + e), y);
-}
-
-// erf(z) by Abramowitz and Stegun 7.1.26 (absolute error <= 1.5e-7).
-inline float erf_(float z) {
-  const float a = std::fabs(z), t = 1.f / (1.f + 0.3275911f * a);
-  const float p = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
-  return std::copysign(1.f - p * exp_nonpositive(-a * a), z);
-}
-
-template <int64_t Kind>
-inline float activate(float x) {
-  if constexpr (Kind == SILU) return silu(x);
-  else if constexpr (Kind == RELU) return x > 0.f ? x : 0.f;
-  else if constexpr (Kind == GELU) return 0.5f * x * (1.f + erf_(x * 0.70710678118654752f));
-  else return 0.5f * x * (1.f + tanh_(0.79788456080286536f * (x + 0.044715f * x * x * x)));
-}
-
-// One row of the FFN's hidden layer: gated, act(gate) * up with act's output rounded before the product as torch's
-// ops do; else act(x).
-template <int64_t Kind>
-void activate_row(const uint16_t* h, int64_t F, bool gated, uint16_t* o) {
-  if (gated) {
-    const uint16_t* u = h + F;
-#pragma omp simd
-    for (int64_t i = 0; i < F; ++i) o[i] = to_bf16(f32(to_bf16(activate<Kind>(f32(h[i])))) * f32(u[i]));
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < F; ++i) o[i] = to_bf16(activate<Kind>(f32(h[i])));
-  }
-}
+using namespace attnserve::elementwise;
 
 // A linear packed by model/cpu_linear.py: bfloat16, int8 widened in registers, or int8 on VNNI.
 struct Linear {
@@ -103,6 +34,7 @@ struct Linear {
   c10::optional<at::Tensor> scale, bias;
   bool vnni;
   at::Tensor operator()(const at::Tensor& x) const {
+    if (packed.scalar_type() == at::kFloat) return attnserve::linear_f32(x, packed, n, bias);
     return vnni ? attnserve::linear_q8(x, packed, n, *scale, bias) : attnserve::linear(x, packed, n, scale, bias);
   }
 };
@@ -110,35 +42,40 @@ struct Linear {
 c10::optional<at::Tensor> given(const at::Tensor& t) { return t.defined() && t.numel() ? c10::optional(t) : c10::nullopt; }
 
 // LayerNorm of each row: (x - mean) / sqrt(var + eps) * g (+ b), in float32, rounded once.
+template <typename T>
 at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& g, const c10::optional<at::Tensor>& b, double eps) {
+  using E = Elem<T>;
+  using S = typename E::S;
   const int64_t N = x.size(0), d = x.size(1);
   at::Tensor y = at::empty_like(x);
-  const uint16_t *xp = bits(x), *gp = bits(g), *bp = b.has_value() ? bits(*b) : nullptr;
-  uint16_t* yp = bits_mut(y);
+  const S *xp = in<T>(x), *gp = in<T>(g), *bp = b.has_value() ? in<T>(*b) : nullptr;
+  S* yp = out<T>(y);
   for (int64_t n = 0; n < N; ++n) {
-    const uint16_t* xr = xp + n * d;
+    const S* xr = xp + n * d;
     float sum = 0.f, sq = 0.f;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < d; ++i) sum += f32(xr[i]);
+    for (int64_t i = 0; i < d; ++i) sum += E::get(xr[i]);
     const float mean = sum / d;
 #pragma omp simd reduction(+ : sq)
-    for (int64_t i = 0; i < d; ++i) sq += (f32(xr[i]) - mean) * (f32(xr[i]) - mean);
+    for (int64_t i = 0; i < d; ++i) sq += (E::get(xr[i]) - mean) * (E::get(xr[i]) - mean);
     const float rstd = 1.f / std::sqrt(sq / d + static_cast<float>(eps));
-    uint16_t* yr = yp + n * d;
+    S* yr = yp + n * d;
 #pragma omp simd
     for (int64_t i = 0; i < d; ++i)
-      yr[i] = to_bf16((f32(xr[i]) - mean) * rstd * f32(gp[i]) + (bp ? f32(bp[i]) : 0.f));
+      yr[i] = E::put((E::get(xr[i]) - mean) * rstd * E::get(gp[i]) + (bp ? E::get(bp[i]) : 0.f));
   }
   return y;
 }
 
-// x += y, rounded to bfloat16 (the eager step's residual sum).
+// x += y, rounded to x's dtype (the eager step's residual sum).
+template <typename T>
 void add_into(at::Tensor& x, const at::Tensor& y) {
-  uint16_t* xp = bits_mut(x);
-  const uint16_t* yp = bits(y);
+  using E = Elem<T>;
+  typename E::S* xp = out<T>(x);
+  const typename E::S* yp = in<T>(y);
   const int64_t n = x.numel();
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) xp[i] = to_bf16(f32(xp[i]) + f32(yp[i]));
+  for (int64_t i = 0; i < n; ++i) xp[i] = E::put(E::get(xp[i]) + E::get(yp[i]));
 }
 
 }  // namespace
@@ -175,8 +112,19 @@ class DecoderStep {
   at::Tensor forward(const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
                      at::Tensor& v_cache, const at::Tensor& write_slots, const at::Tensor& tables,
                      const at::Tensor& row_table, const at::Tensor& context_lens) const {
-    TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16, "x: (N, D) bfloat16");
-    TORCH_CHECK(k_cache.scalar_type() == at::kBFloat16 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+    TORCH_CHECK(x_in.dim() == 2 && (x_in.scalar_type() == at::kBFloat16 || x_in.scalar_type() == at::kFloat),
+                "x: (N, D) bfloat16 or float32");
+    if (x_in.scalar_type() == at::kFloat)
+      return run<float>(x_in, cos, sin, k_cache, v_cache, write_slots, tables, row_table, context_lens);
+    return run<bf16>(x_in, cos, sin, k_cache, v_cache, write_slots, tables, row_table, context_lens);
+  }
+
+ private:
+  template <typename T>
+  at::Tensor run(const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
+                 at::Tensor& v_cache, const at::Tensor& write_slots, const at::Tensor& tables,
+                 const at::Tensor& row_table, const at::Tensor& context_lens) const {
+    TORCH_CHECK(k_cache.scalar_type() == x_in.scalar_type() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                 k_cache.dim() == 5 && k_cache.size(0) == num_layers() && k_cache.size(3) == h_kv_ &&
                 k_cache.size(4) == d_ && v_cache.sizes() == k_cache.sizes(), "the pool: (L, blocks, bs, h_kv, d)");
     const int64_t N = x_in.size(0);
@@ -189,69 +137,74 @@ class DecoderStep {
     const double scale = 1.0 / std::sqrt(static_cast<double>(d_));
     for (int64_t l = 0; l < num_layers(); ++l) {
       const Linear* w = &linears_[4 * l];
-      at::Tensor qkv = w[0](norm(x, 2 * l));  // (N, (h + 2 h_kv) d)
+      at::Tensor qkv = w[0](norm<T>(x, 2 * l));  // (N, (h + 2 h_kv) d)
       at::Tensor k_l = k_cache.select(0, l), v_l = v_cache.select(0, l);
-      at::Tensor q = rotate_and_store(qkv, rotary, c, s, slots, k_l, v_l);  // (N, h, d)
+      at::Tensor q = rotate_and_store<T>(qkv, rotary, c, s, slots, k_l, v_l);  // (N, h, d)
       at::Tensor o = attnserve::paged_attention(q, k_l, v_l, tables, row_table, context_lens, scale);
-      add_into(x, w[1](o.view({N, h_ * d_})));
-      at::Tensor hidden = w[2](norm(x, 2 * l + 1));  // (N, 2 F) gated, else (N, F)
-      add_into(x, w[3](ffn_activation(hidden)));
+      add_into<T>(x, w[1](o.view({N, h_ * d_})));
+      at::Tensor hidden = w[2](norm<T>(x, 2 * l + 1));  // (N, 2 F) gated, else (N, F)
+      add_into<T>(x, w[3](ffn_activation<T>(hidden)));
     }
     return x;
   }
 
- private:
+  template <typename T>
   at::Tensor norm(const at::Tensor& x, int64_t i) const {
-    return layer_norm_ ? layer_norm(x, norms_[i], norm_biases_[i], eps_[i]) : attnserve::rms_norm(x, norms_[i], eps_[i]);
+    return layer_norm_ ? layer_norm<T>(x, norms_[i], norm_biases_[i], eps_[i])
+                       : attnserve::rms_norm(x, norms_[i], eps_[i]);
   }
 
   // q and k rotated by their rows' angles (x cos + rotate_half(x) sin, each product and the sum rounded as torch
   // rounds them) where positions are rotary, q returned as (N, h, d); k and v written to the rows' slots of this
   // layer's pool.
+  template <typename T>
   at::Tensor rotate_and_store(const at::Tensor& qkv, bool rotary, const at::Tensor& cos, const at::Tensor& sin,
                               const at::Tensor& slots, at::Tensor& k_l, at::Tensor& v_l) const {
+    using E = Elem<T>;
+    using S = typename E::S;
     const int64_t N = qkv.size(0), d = d_, half = d_ / 2, width = qkv.size(1);
     at::Tensor q = at::empty({N, h_, d}, qkv.options());
-    const uint16_t* src = bits(qkv);
-    const uint16_t *cp = rotary ? bits(cos) : nullptr, *sp = rotary ? bits(sin) : nullptr;
-    uint16_t* qp = bits_mut(q);
-    uint16_t *kp = bits_mut(k_l), *vp = bits_mut(v_l);
+    const S* src = in<T>(qkv);
+    const S *cp = rotary ? in<T>(cos) : nullptr, *sp = rotary ? in<T>(sin) : nullptr;
+    S* qp = out<T>(q);
+    S *kp = out<T>(k_l), *vp = out<T>(v_l);
     const int64_t* slot = slots.data_ptr<int64_t>();
     const int64_t token = h_kv_ * d;  // one slot of the pool
-    auto rotate = [&](const uint16_t* x, const uint16_t* cr, const uint16_t* sr, uint16_t* out) {
+    auto rotate = [&](const S* x, const S* cr, const S* sr, S* o) {
       if (cr == nullptr) {
-        std::memcpy(out, x, d * sizeof(uint16_t));
+        std::memcpy(o, x, d * sizeof(S));
         return;
       }
 #pragma omp simd
       for (int64_t i = 0; i < d; ++i) {
         const int64_t j = i < half ? i + half : i - half;  // roll by d / 2
-        out[i] = to_bf16(f32(to_bf16(f32(x[i]) * f32(cr[i]))) + f32(to_bf16(f32(x[j]) * f32(sr[i]))));
+        o[i] = E::put(E::get(E::put(E::get(x[i]) * E::get(cr[i]))) + E::get(E::put(E::get(x[j]) * E::get(sr[i]))));
       }
     };
     for (int64_t n = 0; n < N; ++n) {
-      const uint16_t* row = src + n * width;
-      const uint16_t *cr = rotary ? cp + n * d : nullptr, *sr = rotary ? sp + n * d : nullptr;
+      const S* row = src + n * width;
+      const S *cr = rotary ? cp + n * d : nullptr, *sr = rotary ? sp + n * d : nullptr;
       for (int64_t i = 0; i < h_; ++i) rotate(row + i * d, cr, sr, qp + (n * h_ + i) * d);
       for (int64_t i = 0; i < h_kv_; ++i) rotate(row + (h_ + i) * d, cr, sr, kp + slot[n] * token + i * d);
-      std::memcpy(vp + slot[n] * token, row + (h_ + h_kv_) * d, token * sizeof(uint16_t));
+      std::memcpy(vp + slot[n] * token, row + (h_ + h_kv_) * d, token * sizeof(S));
     }
     return q;
   }
 
   // The FFN's hidden layer: gated (N, 2 F) -> act(gate) * up, else (N, F) -> act(x).
+  template <typename T>
   at::Tensor ffn_activation(const at::Tensor& hidden) const {
-    const int64_t N = hidden.size(0), F = gated_ ? hidden.size(1) / 2 : hidden.size(1);
-    at::Tensor out = at::empty({N, F}, hidden.options());
-    const uint16_t* hp = bits(hidden);
-    uint16_t* op = bits_mut(out);
-    const auto row = activation_ == SILU ? activate_row<SILU> : activation_ == RELU ? activate_row<RELU>
-                     : activation_ == GELU ? activate_row<GELU> : activate_row<GELU_TANH>;
+    const int64_t N = hidden.size(0), F = gated_ ? hidden.size(1) / 2 : hidden.size(1), width = hidden.size(1);
+    at::Tensor result = at::empty({N, F}, hidden.options());
+    const auto* hp = in<T>(hidden);
+    auto* op = out<T>(result);
+    const auto row = activation_ == SILU ? activate_row<SILU, T> : activation_ == RELU ? activate_row<RELU, T>
+                     : activation_ == GELU ? activate_row<GELU, T> : activate_row<GELU_TANH, T>;
     const bool gated = gated_;
     at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) row(hp + n * hidden.size(1), F, gated, op + n * F);
+      for (int64_t n = begin; n < end; ++n) row(hp + n * width, F, gated, op + n * F);
     });
-    return out;
+    return result;
   }
 
   std::vector<at::Tensor> norms_;
@@ -269,7 +222,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           std::vector<at::Tensor>, std::vector<int64_t>, std::vector<at::Tensor>,
                           std::vector<at::Tensor>, std::vector<bool>, bool, int64_t, int64_t, int64_t, int64_t>())
       .def("forward", &DecoderStep::forward, pybind11::call_guard<pybind11::gil_scoped_release>(),
-           "the stack's step over x (N, D): every layer in one call (CPU, bfloat16)")
+           "the stack's step over x (N, D): every layer in one call (CPU, bfloat16 or float32)")
       .def_property_readonly("num_layers", &DecoderStep::num_layers);
   m.def("available", &attnserve::available, "whether the linked matvec kernel has AVX-512 BF16");
   m.def("has_vnni", &attnserve::has_vnni, "whether the linked matvec kernel has AVX-512 VNNI");

@@ -16,8 +16,9 @@
 // Weights: bfloat16, or weight-only int8 with one float32 scale per row (model/quantize.py), widened to bfloat16 in
 // registers (|q| <= 127 is exact in bfloat16). x (float32 or bfloat16) is rounded to bfloat16 once per call; sums
 // are float32; y comes out in x's dtype. Every output goes through the same operations whatever the number of
-// rows of x, so batching does not change a row's result. Built only where the compiler targets AVX-512 BF16;
-// elsewhere `available()` is false and the caller keeps oneDNN / torch.
+// rows of x, so batching does not change a row's result. A float32 weight has its own loop in float32 throughout
+// (matvec_f32.h, `linear_f32`). Built only where the compiler targets AVX-512 BF16; elsewhere `available()` is
+// false and the caller keeps oneDNN / torch.
 #include "kernels.h"
 #include <ATen/Parallel.h>
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
@@ -109,6 +110,7 @@ void run(const uint32_t* x, int64_t M, int64_t K2, const W* w, int64_t N, const 
   });
 }
 
+#include "matvec_f32.h"
 #if defined(__AVX512VNNI__)
 #define ATTNSERVE_VNNI 1
 #include "matvec_vnni.h"
@@ -198,6 +200,26 @@ at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& packed, int64_t n, c
 #endif
 }
 
+// float32 x (M, K) times a float32 weight packed by pack_f32(): (N padded to 32 / 16, K, 16); bias as for linear().
+at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& packed, int64_t n, const c10::optional<at::Tensor>& bias) {
+#if defined(ATTNSERVE_MATVEC)
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be (M, K) float32");
+  TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.scalar_type() == at::kFloat &&
+              packed.size(2) == PANEL && packed.size(0) % NP == 0, "packed must come from pack_f32()");
+  const int64_t M = x.size(0), K = x.size(1), rows = packed.size(0) * PANEL;
+  TORCH_CHECK(packed.size(1) == K && n <= rows && n > rows - NP * PANEL, "x's features or n do not match the weight");
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
+              bias->numel() == rows), "bias: float32, padded like the weight's rows");
+  const at::Tensor xc = x.contiguous();
+  auto y = at::empty({M, n}, x.options());
+  run_f32(xc.data_ptr<float>(), M, K, packed.data_ptr<float>(), n, bias.has_value() ? bias->data_ptr<float>() : nullptr,
+          y.data_ptr<float>());
+  return y;
+#else
+  TORCH_CHECK(false, "matvec: built without AVX-512 BF16");
+#endif
+}
+
 bool has_vnni() {
 #if defined(ATTNSERVE_VNNI)
   return true;
@@ -221,6 +243,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &attnserve::linear, "y = x W^T (* scale) (+ bias) over a packed bfloat16 or int8 weight (CPU)");
   m.def("available", &attnserve::available, "whether this build has the AVX-512 BF16 kernel");
   m.def("linear_q8", &attnserve::linear_q8, "int8 y = x W^T * scale (+ bias), x quantized in blocks of 32, on VNNI (CPU)");
+  m.def("linear_f32", &attnserve::linear_f32, "float32 y = x W^T (+ bias) over a weight packed by pack_f32 (CPU)");
   m.def("has_vnni", &attnserve::has_vnni, "whether this build has the AVX-512 VNNI int8 kernel");
   m.attr("panel") = PANEL;
   m.attr("panels") = NP;

@@ -11,6 +11,7 @@
 // a value added to the output) are written with intrinsics: the compiler's own reduction of a dot product spilled
 // its 16 lanes and added them one by one, which made this kernel ~7x slower than its memory traffic.
 #include "kernels.h"
+#include "elementwise.h"
 #include <ATen/Parallel.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -28,21 +29,7 @@ namespace {
 template <typename T>
 inline float as_float(T x) { return static_cast<float>(x); }
 
-// e^x for the softmax's x <= 0, in a form the compiler vectorizes: 2^(x log2 e) split into 2^n (exponent bits)
-// and 2^f, f in [-1/2, 1/2], by Cephes' exp2f polynomial (relative error ~2e-7). Below -87 it underflows to ~0.
-inline float exp_nonpositive(float x) {
-  const float y = std::max(x, -87.f) * 1.44269504088896341f;
-  const float n = std::floor(y + 0.5f);
-  const float f = y - n;
-  float p = 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.f;
-  return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-}
+using attnserve::elementwise::exp_nonpositive;  // the softmax's e^(s - max), s - max <= 0
 
 #if defined(__AVX512F__)
 // 16 keys' or values' lanes from storage as float32 (bfloat16 is the high half of a float32's bits).

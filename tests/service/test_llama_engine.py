@@ -98,21 +98,28 @@ def test_preemption_and_chunked_prefill_keep_the_reference_tokens(build: Any, ll
     assert served.engine.scheduler.num_preemptions > 0
 
 
-@pytest.mark.parametrize("quantization", ["none", "int8"])
-def test_the_fused_cpu_step_equals_the_eager_step(build: Any, quantization: str) -> None:
-    """bfloat16 on the CPU: the one-call step (model/fused_step.py) gives the same greedy tokens and log-probs as
-    `--enforce-eager`'s module calls, alone and batched, over shared prefix blocks, chunked and preempted."""
+@pytest.mark.parametrize("dtype,quantization", [("bfloat16", "none"), ("bfloat16", "int8"), ("float32", "none")])
+def test_the_fused_cpu_step_equals_the_eager_step(build: Any, dtype: str, quantization: str) -> None:
+    """On the CPU the one-call step (model/fused_step.py) gives the same greedy tokens and log-probs as
+    `--enforce-eager`'s module calls, alone and batched, over shared prefix blocks, chunked and preempted (float32:
+    log-probs to 1e-4, its sums in another order)."""
     if fused_step.kernel() is None:
         pytest.skip(f"no fused step here: {cpu_kernels.why_not('decoder_step') or 'no AVX-512 BF16'}")
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=3)
     for knobs in ({}, {"kv_cache_blocks": 32, "max_num_batched_tokens": 8, "max_num_seqs": 4}):
         got: dict[bool, list[Any]] = {}
         for eager in (True, False):
-            served = build(dtype="bfloat16", quantization=quantization, enforce_eager=eager, **knobs)
+            served = build(dtype=dtype, quantization=quantization, enforce_eager=eager, **knobs)
             assert (served.engine.runner.fused is None) == eager, served.engine.runner.why_not_fused
-            got[eager] = [[(o.token_id, o.logprob, o.top_logprobs) for o in out]
+            got[eager] = [[(o.token_id, o.logprob, [(t.token_id, t.logprob) for t in o.top_logprobs]) for o in out]
                           for together in (False, True) for out in run(served, PROMPTS, together, params)]
-        assert got[False] == got[True], knobs
+        if dtype == "bfloat16":
+            assert got[False] == got[True], knobs
+        else:
+            assert [[o[0] for o in out] for out in got[False]] == [[o[0] for o in out] for out in got[True]]
+            for mine, theirs in zip(got[False], got[True], strict=True):
+                for a, b in zip(mine, theirs, strict=True):
+                    assert a[1] == pytest.approx(b[1], abs=1e-4) if a[1] is not None else b[1] is None
 
 
 def test_the_pool_holds_only_the_shared_kv_heads(build: Any) -> None:

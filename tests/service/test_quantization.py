@@ -12,8 +12,10 @@ import pytest
 import torch
 from support import CORPUS, settings_for
 
+from model import cpu_linear
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import preset
+from model.cpu_linear import PackedLinear
 from model.generate import GenerationConfig, generate
 from model.prepack import PrepackedLinear
 from model.quantize import Int8Linear
@@ -69,8 +71,9 @@ def test_unquantized_serving_fuses_and_prepacks_float_weights(models_dir: Path) 
     served = build_served_model(models_dir / "llama", settings_for(models_dir))
     ref = load_checkpoint(models_dir / "llama").model
     layer = served.model.decoder.layers[0]
-    assert isinstance(layer.self_attn.w_qkv, PrepackedLinear) and isinstance(layer.ffn.w_13, PrepackedLinear)
-    assert isinstance(layer.ffn.w_2, PrepackedLinear) and isinstance(served.model.generator, PrepackedLinear)
+    packed = PackedLinear if cpu_linear.kernel() is not None else PrepackedLinear  # ours where AVX-512 BF16, else oneDNN
+    assert isinstance(layer.self_attn.w_qkv, packed) and isinstance(layer.ffn.w_13, packed)
+    assert isinstance(layer.ffn.w_2, packed) and isinstance(served.model.generator, packed)
     assert type(layer.self_attn.w_q) is torch.nn.Linear  # a part the fused layer replaced: not packed again
     assert served.describe()["quantization"] == "none"
     assert num_parameters(served.model) == num_parameters(ref)
