@@ -11,11 +11,11 @@ dequantized weight for int8 (model/quantize.py).
 Packed layout, rows in panels of 16: packed[panel][k / 2][row][2] = W[panel * 16 + row][k], padded with zero rows
 to a whole number of work items (2 panels) and a zero column to an even K; scales and bias padded alike, float32.
 bfloat16 weights, and int8 ones. A float32 weight is packed as packed[panel][k][row] and multiplied in float32
-throughout (csrc/matvec_f32.h): at one row it reads the weight at ~1.5-2x oneDNN's prepacked rate. Where the CPU
-also has AVX-512 VNNI (and K is a multiple of 32), an int8 weight is packed as q + 128 in quads of features instead
-and multiplied by x quantized to int8 in blocks of 32 with a scale each (csrc/matvec_vnni.h, llama.cpp's Q8_0 x Q8
-product): 10-30% faster than widening the weight to bfloat16, SmolLM2's perplexity +0.94% over float32 against
-+0.63% (benchmarks/precision.py; the limit is 1%).
+throughout (csrc/matvec_f32.h): 1.3-2.3x oneDNN's prepacked rate at 1 and 8 rows (26-34 GB/s at one), 1.0-1.2x at
+32. Where the CPU also has AVX-512 VNNI (and K is a multiple of 32), an int8 weight is packed as q + 128 in quads of
+features instead and multiplied by x quantized to int8 in blocks of 32 with a scale each (csrc/matvec_vnni.h,
+llama.cpp's Q8_0 x Q8 product): 10-30% faster than widening the weight to bfloat16, SmolLM2's perplexity +0.94%
+over float32 against +0.63% (benchmarks/precision.py; the limit is 1%).
 
 `FusedRMSNorm` is a bfloat16 model's RMSNorm in one C++ pass (model/csrc/rms_norm.cpp): torch's runs as ~10 small
 ops, ~15 us a row against ~2 us, 61 times in a 30-layer step. The same arithmetic in float32, rounded once; the sum
