@@ -32,7 +32,7 @@ IMAGE = "attnserve:test"
 DEFAULT_BASE = "python:3.11-slim"
 BUILD_TIMEOUT = 1200  # a cold build installs torch and the dependencies; a warm one reuses cached layers
 DRAIN_TIMEOUT = 60
-LONG_STREAM = 400  # tokens: long enough that SIGTERM lands mid-stream
+LONG_STREAM = 8000  # tokens: seconds of streaming even on the fused step, so SIGTERM lands mid-stream
 
 
 def docker(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -62,12 +62,12 @@ def image() -> str:
 
 @pytest.fixture(scope="module")
 def models_dir(checkpoints_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tiny-gpt and tiny-mt, plus long-gpt (context 512) for streams long enough to stop in the middle."""
+    """tiny-gpt and tiny-mt, plus long-gpt (context 8192) for streams long enough to stop in the middle."""
     root = tmp_path_factory.mktemp("container") / "models"
     shutil.copytree(checkpoints_dir, root)
     torch.manual_seed(0)
     char = load_checkpoint(root / "tiny-gpt").tokenizer
-    save_checkpoint(build_model(preset("tiny-gpt", vocab_size=char.vocab_size, max_len=512)), char, root / "long-gpt")
+    save_checkpoint(build_model(preset("tiny-gpt", vocab_size=char.vocab_size, max_len=8192)), char, root / "long-gpt")
     for path in [root, *root.rglob("*")]:  # the container runs as another user; pytest's folders are 0700
         path.chmod(0o755 if path.is_dir() else 0o644)
     return root
@@ -137,7 +137,7 @@ def mounted(models_dir: Path, **env: str) -> dict[str, Any]:
 def stream_tokens(url: str, body: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     with httpx.Client(timeout=120) as client, connect_sse(client, "POST", f"{url}/v1/generate",
                                                           json={**body, "stream": True}) as events:
-        assert events.response.status_code == 200
+        assert events.response.status_code == 200, events.response.read().decode()
         for event in events.iter_sse():
             yield event.event, json.loads(event.data)
 
@@ -187,7 +187,9 @@ def test_builtin_models_dir_serves_what_ships(run_container: Any) -> None:
 
 
 def test_sigterm_drains_a_stream_then_exits_zero(run_container: Any, models_dir: Path) -> None:
-    c = run_container(**mounted(models_dir, ATTNSERVE_DRAIN_TIMEOUT=str(DRAIN_TIMEOUT)))
+    c = run_container(**mounted(models_dir, ATTNSERVE_DRAIN_TIMEOUT=str(DRAIN_TIMEOUT),
+                                ATTNSERVE_MAX_TOKENS_LIMIT=str(LONG_STREAM), ATTNSERVE_MAX_STREAM_BACKLOG=str(LONG_STREAM),
+                                ATTNSERVE_MAX_MODEL_LEN=str(LONG_STREAM + 64), ATTNSERVE_KV_CACHE_BLOCKS="1024"))
     c.wait_for("/ready")
     seen: dict[str, Any] = {}
 
