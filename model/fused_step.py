@@ -5,14 +5,13 @@ as long there (~9 ms a step) as in reading its weights. `FusedStep` binds the st
 (model/cpu_linear.py) once and runs every layer of a step in C++ with the GIL released: the same kernels for the
 products, RMSNorm and the paged attention, and loops over each row for LayerNorm, rotary positions, the K/V write,
 the FFN's activation (and gate) and the residual sums, each rounded to bfloat16 where the eager step's op rounds
-(float32: as computed).
-Embedding, the final norm and the LM head stay in Python (once a step).
+(float32: as computed). Embedding, the final norm and the LM head stay in Python (once a step).
 
 It takes the steps it can: a bfloat16 or float32 pre-norm decoder-only model whose projections are fused and
-packed (a CPU with AVX-512 BF16): Llama-shaped (RMSNorm, rotary, gated silu: SmolLM2, Llama, Qwen) or GPT-2-shaped (LayerNorm,
-learned positions, GELU); steps of up to `MAX_ROWS` rows whose rows all attend on the paged kernel (no recorded
-attention, no long prefill chunk); int8 weights on the kernel path. Everything else, and `--enforce-eager`, runs
-the model's own modules."""
+packed (a CPU with AVX-512 BF16), Llama-shaped (RMSNorm, rotary, gated silu: SmolLM2, Llama, Qwen) or GPT-2-shaped
+(LayerNorm, learned positions, GELU); steps of up to `MAX_ROWS` rows whose rows all attend on the paged kernel (no
+recorded attention, no long prefill chunk); int8 weights on the kernel path. Everything else, and
+`--enforce-eager`, runs the model's own modules."""
 
 from __future__ import annotations
 
@@ -98,7 +97,7 @@ class FusedStep:
         scales: list[Tensor] = []
         biases: list[Tensor] = []
         vnni: list[bool] = []
-        empty = torch.empty(0)
+        empty = torch.empty(0)  # no scale, no bias
         self.int8 = False
         for layer_norms, linears in _layers(model):
             for norm in layer_norms:
