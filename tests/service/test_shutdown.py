@@ -75,8 +75,8 @@ def test_sigterm_lets_in_flight_streams_finish_and_exits_0(checkpoints_dir: Path
 
 def test_streams_past_the_drain_timeout_end_with_abort(checkpoints_dir: Path, tmp_path: Path) -> None:
     p = ServiceProcess(checkpoints_dir, tmp_path / "server.log", "--max-num-seqs", "1", "--drain-timeout", "0.3")
-    try:
-        results, after = asyncio.run(_sigterm_during_streams(p, 6, 120))
+    try:  # 40 x 120 tokens through one slot: seconds of work even at thousands of tokens a second
+        results, after = asyncio.run(_sigterm_during_streams(p, 40, 120))
         assert after["status"] == 503
         reasons = [reason for _, reason in results]
         assert "abort" in reasons and set(reasons) <= {"length", "abort"}, results
