@@ -16,6 +16,7 @@ from pathlib import Path
 
 from benchmarks.checkpoints import make_model
 from model.checkpoint import DTYPES, load_checkpoint
+from service.engine.blocks import BlockTable
 from service.engine.request import Request, SamplingParams
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import ScheduledRequest
@@ -29,8 +30,8 @@ def step_ms(runner: ModelRunner, rows: int, keys: int, shared_blocks: int, repea
         prompt = [(10 + j) % runner.config.vocab_size for j in range(keys)]
         req = Request(f"r{i}", prompt, SamplingParams(max_tokens=1, temperature=0.0))
         own = list(range(i * per, (i + 1) * per))
-        req.block_ids, req.slot = list(range(shared_blocks)) + own[shared_blocks:], i
-        plan.append(ScheduledRequest(req, keys - 1, 1))
+        table = BlockTable(list(range(shared_blocks)) + own[shared_blocks:], slot=i)
+        plan.append(ScheduledRequest(req, keys - 1, 1, table))
     for _ in range(3):
         runner.execute(plan)
     times = []

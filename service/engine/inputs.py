@@ -130,7 +130,7 @@ class StepInputs:
         tables = self.np_i64[a : a + num_tables * width].reshape(num_tables, width)
         tables[:] = pool.null_block
         for i, s in enumerate((*decodes, *prefills)):
-            ids = s.request.block_ids[: need[i]]
+            ids = s.table.block_ids[: need[i]]
             tables[i if i < s_real else i - s_real + s_rows, : len(ids)] = ids
         longest = 1
         if s_rows:  # one write per field for all decode rows
@@ -159,7 +159,7 @@ class StepInputs:
                 self._fill("context_lens", row, s.num_new, 0)
             else:
                 self._put("context_lens", row, positions + 1)
-            chunks.append(PrefillChunk(row, s.num_new, t, s.start, len(req.source_ids or []), req.slot or 0))
+            chunks.append(PrefillChunk(row, s.num_new, t, s.start, len(req.source_ids or []), s.table.slot or 0))
             row += s.num_new
         table_of = {id(s): i for i, s in enumerate(decodes)} | {id(s): s_rows + j for j, s in enumerate(prefills)}
         sample_index, rows = [-1] * len(plan), []
@@ -209,7 +209,7 @@ class StepInputs:
         """A translator's decode rows: each row's slot and source length; the longest source."""
         if not decodes or decodes[0].request.source_ids is None:
             return 0
-        self._put("cross_slots", 0, [s.request.slot or 0 for s in decodes])
+        self._put("cross_slots", 0, [s.table.slot or 0 for s in decodes])
         lens = [len(s.request.source_ids or []) for s in decodes]
         self._put("cross_lens", 0, lens)
         return max(lens)

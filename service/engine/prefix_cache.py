@@ -36,9 +36,9 @@ def root_name(req: Request) -> bytes:
     return _digest(b"source", req.source_ids) if req.source_ids is not None else b""
 
 
-def block_names(req: Request, block_size: int, count: int) -> list[bytes]:
-    """The names of req's first `count` full blocks (kept on the request, extended as its tokens grow)."""
-    names = req.block_names
+def block_names(req: Request, names: list[bytes], block_size: int, count: int) -> list[bytes]:
+    """The names of req's first `count` full blocks. `names` holds those named so far (its `BlockTable`'s,
+    service/engine/blocks.py) and is extended in place as its tokens grow."""
     if len(names) < count:
         ids = req.all_ids
         root = root_name(req)

@@ -87,12 +87,12 @@ class AttentionSpec:
 
 @dataclass(eq=False)  # identity: the queues test membership by object, never by comparing every field
 class Request:
-    """One generation request and its state inside the engine.
+    """One generation request: what to generate (ids, parameters, limits) and how far it has got.
 
     Decoder tokens are `prompt_ids + output_ids`; `num_computed` of them have K/V in the cache. A translator's
-    request also has `source_ids` for the encoder, whose cross-attention K/V count as `num_cross_blocks`. A
-    running request holds a slot and a block table: `block_ids[j]` holds its tokens of block j, its own from
-    `own_start` on, shared before that with the requests that computed them (service/engine/blocks.py)."""
+    request also has `source_ids` for the encoder. What it holds in the KV pool while it runs (its block table,
+    its slot, its encoder K/V's budget, its blocks' prefix-cache names) is the block manager's, kept per request
+    id (`BlockTable`, service/engine/blocks.py)."""
 
     request_id: str
     prompt_ids: list[int]
@@ -102,14 +102,6 @@ class Request:
     deadline: float | None = None  # monotonic time after which the request is aborted
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
-    block_ids: list[int] = field(default_factory=list)
-    num_cross_blocks: int = 0
-    slot: int | None = None  # its row among the running requests (a translator's encoder K/V are kept per slot)
-    own_start: int = 0  # its first own block; the ones before are shared
-    block_names: list[bytes] = field(default_factory=list)  # prefix-cache names of its full blocks so far
-    num_committed: int = 0  # blocks named in the prefix cache
-    partial_at: int = -1  # the block it is filling, offered for copying (service/engine/prefix_cache.py)
-    encoded: bool = False  # a translator's encoder K/V are in its slot
     num_computed: int = 0
     num_preemptions: int = 0
     scheduled_time: float | None = None  # first time it left the waiting queue

@@ -205,7 +205,7 @@ class ModelRunner:
             assert isinstance(attn, MultiHeadAttention)
             k, v = attn.project_kv(memory)  # (B, h, S, d_k)
             for b, (s, n) in enumerate(zip(prep.encode, lens, strict=True)):
-                self.pool.write_cross(i, s.request.slot or 0, k[b, :, :n].transpose(0, 1), v[b, :, :n].transpose(0, 1))
+                self.pool.write_cross(i, s.table.slot or 0, k[b, :, :n].transpose(0, 1), v[b, :, :n].transpose(0, 1))
 
     # --- what comes back ------------------------------------------------------------------------------------------
 
@@ -227,7 +227,7 @@ class ModelRunner:
                 continue
             if row[1] > 0:
                 errors[i] = ERROR_NAN
-                self.pool.clear(s.request.block_ids[s.request.own_start :], s.request.slot)  # K/V may hold NaN
+                self.pool.clear(s.table.block_ids[s.table.own_start :], s.table.slot)  # K/V may hold NaN
                 continue
             ids[i] = int(row[0])
             n_top = s.request.params.logprobs or 0

@@ -14,17 +14,19 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from service.engine.blocks import BlockManager
+from service.engine.blocks import BlockManager, BlockTable
 from service.engine.request import ModelOutput, Request, RequestStatus, TokenLogprob
 
 
 @dataclass(eq=False)
 class ScheduledRequest:
-    """A request in this step's batch, feeding tokens [start, start + num_new) of its decoder sequence."""
+    """A request in this step's batch, feeding tokens [start, start + num_new) of its decoder sequence, with
+    its block table (the block manager's, for the runner to read)."""
 
     request: Request
     start: int
     num_new: int
+    table: BlockTable
 
     @property
     def samples(self) -> bool:
@@ -38,7 +40,7 @@ class ScheduledRequest:
     @property
     def encode_source(self) -> bool:
         """A translator request whose encoder must run (first time in its slot, or after preemption)."""
-        return self.request.is_encoder_decoder and not self.request.encoded
+        return self.request.is_encoder_decoder and not self.table.encoded
 
 
 @dataclass
@@ -112,7 +114,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
-        self.blocks.free(req)
+        self.blocks.free(req, requeued=True)
         req.num_computed = 0
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
@@ -132,7 +134,7 @@ class Scheduler:
     def _reserve(self, req: Request, num_tokens: int, out: SchedulerOutput) -> bool:
         """Blocks for the first num_tokens of req, preempting the newest running requests while none are free.
         False if req itself was preempted."""
-        need = self.blocks.blocks_for(num_tokens) - len(req.block_ids)
+        need = self.blocks.blocks_for(num_tokens) - len(self.blocks.block_ids(req))
         while need > 0 and not self.blocks.can_allocate(need):
             victim = max(self.running, key=lambda r: r.arrival_time)
             self._preempt(victim)
@@ -159,7 +161,7 @@ class Scheduler:
             if len(out.preempted) > before:  # victims left the plan
                 used = out.num_tokens
             if reserved:
-                out.scheduled.append(ScheduledRequest(req, req.num_computed, n))
+                out.scheduled.append(ScheduledRequest(req, req.num_computed, n, self.blocks.table(req)))
                 used += n
         # 2. Admit waiting requests first come, first served, while slots, blocks and budget last. A request
         # starts after the blocks of its prefix already in the pool; one whose next block a running request is
@@ -183,7 +185,7 @@ class Scheduler:
             self.blocks.allocate_cross(req, cross)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.scheduled.append(ScheduledRequest(req, cached, n))
+            out.scheduled.append(ScheduledRequest(req, cached, n, self.blocks.table(req)))
             budget -= n
         return out
 
@@ -193,14 +195,14 @@ class Scheduler:
         for i, s in enumerate(plan.scheduled):
             req = s.request
             req.num_computed = s.start + s.num_new
-            req.encoded = True
+            s.table.encoded = True
             if not s.samples:
                 self.blocks.commit(req)
                 continue
             error = output.errors[i] if output.errors is not None else None
             token = output.token_ids[i]
             if error is not None or token < 0:
-                if req.slot is not None:  # its K/V may be unusable: none of its own blocks is reused
+                if self.blocks.slot(req) is not None:  # its K/V may be unusable: none of its own is reused
                     self.blocks.forget(req)
                 self.finish(req, RequestStatus.FINISHED_ERROR)
                 results.append(Sampled(req, None, RequestStatus.FINISHED_ERROR, error or "no token was sampled"))

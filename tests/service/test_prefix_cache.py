@@ -4,7 +4,8 @@ A fake runner writes every scheduled token into a simulated pool at the place th
 (block_ids[p // block_size], offset p % block_size), as the real runner writes K/V. Before every step each
 running request's computed positions must still hold its own tokens: a shared block that was overwritten, a
 cached block reused for other tokens, or a block evicted while in use shows up as a wrong token. After
-everything ends, reference counts, the budget and the slots are back to their start."""
+everything ends, reference counts, the budget and the slots are back to their start, and the block manager
+keeps no request's table."""
 
 from __future__ import annotations
 
@@ -23,11 +24,11 @@ class FakePool:
     def check(self, sched: Scheduler) -> None:
         bs = sched.blocks.block_size
         for req in sched.running:
-            ids = req.all_ids
+            ids, table = req.all_ids, sched.blocks.block_ids(req)
             for p in range(req.num_computed):
-                assert self.slots.get((req.block_ids[p // bs], p % bs)) == ids[p], (
-                    f"{req.request_id}: position {p} of block {req.block_ids[p // bs]} lost its token")
-            assert all(sched.blocks.references(b) > 0 for b in req.block_ids)
+                assert self.slots.get((table[p // bs], p % bs)) == ids[p], (
+                    f"{req.request_id}: position {p} of block {table[p // bs]} lost its token")
+            assert all(sched.blocks.references(b) > 0 for b in table)
 
 
 def step(sched: Scheduler, pool: FakePool, token: int | None = None, rng: random.Random | None = None) -> None:
@@ -47,8 +48,8 @@ def run(sched: Scheduler, pool: FakePool, plan: SchedulerOutput, token: int | No
         req = s.request
         ids = req.all_ids
         for p in range(s.start, s.start + s.num_new):
-            block = req.block_ids[p // bs]
-            if p // bs < req.own_start or sched.blocks.references(block) != 1:
+            block = s.table.block_ids[p // bs]
+            if p // bs < s.table.own_start or sched.blocks.references(block) != 1:
                 raise AssertionError(f"{req.request_id} writes position {p} into a block it shares")
             pool.slots[(block, p % bs)] = ids[p]
     tokens = [(token if token is not None else (rng or random).randrange(50, 60)) if s.samples else -1
@@ -63,7 +64,7 @@ def request(rid: str, prompt: list[int], max_tokens: int = 4) -> Request:
 def assert_clean(blocks: BlockManager) -> None:
     assert blocks.num_free == blocks.num_blocks and blocks.num_shared == 0
     assert all(blocks.references(b) == 0 for b in range(blocks.num_blocks))
-    assert blocks.num_free_slots == blocks.num_slots
+    assert blocks.num_free_slots == blocks.num_slots and blocks.num_tables == 0
 
 
 def test_a_later_request_reuses_the_computed_prefix_and_the_hit_counter_counts_it() -> None:
@@ -72,8 +73,8 @@ def test_a_later_request_reuses_the_computed_prefix_and_the_hit_counter_counts_i
     a = request("a", list(range(1, 19)))  # 18 tokens: 4 full blocks
     sched.add(a)
     while sched.has_work():
-        if a.block_ids:
-            a_blocks = list(a.block_ids)
+        if blocks.block_ids(a):
+            a_blocks = list(blocks.block_ids(a))
         step(sched, pool, 7)
     assert blocks.cache is not None and blocks.cache.hits == 0 and blocks.cache.queries == 18
     b = request("b", [*range(1, 15), 99, 98])  # shares the first 3 full blocks (12 tokens) and 2 more
@@ -81,7 +82,8 @@ def test_a_later_request_reuses_the_computed_prefix_and_the_hit_counter_counts_i
     plan = sched.schedule()
     assert [(s.start, s.num_new) for s in plan.scheduled] == [(14, 2)], "only the new tokens are computed"
     assert blocks.cache.hits == 14 and blocks.cache.queries == 18 + 16
-    assert b.own_start == 3 and b.block_ids[:3] == a_blocks[:3], "the cached blocks are b's first three"
+    table = blocks.table(b)
+    assert table.own_start == 3 and table.block_ids[:3] == a_blocks[:3], "the cached blocks are b's first three"
     run(sched, pool, plan, 7)
     while sched.has_work():
         step(sched, pool, 7)
@@ -99,8 +101,8 @@ def test_n_choices_hold_the_prompt_once() -> None:
     assert [r.status for r in choices] == [RequestStatus.RUNNING] + [RequestStatus.WAITING] * 3
     step(sched, pool, 5)
     assert all(r.status == RequestStatus.RUNNING for r in choices)
-    held = {b for r in choices for b in r.block_ids}
-    assert sum(len(r.block_ids) for r in choices) == 4 * 3
+    held = {b for r in choices for b in blocks.block_ids(r)}
+    assert sum(len(blocks.block_ids(r)) for r in choices) == 4 * 3
     assert len(held) == 2 + 4, "the prompt's 2 full blocks once, a last block per choice"
     assert blocks.num_shared == 2 and blocks.num_free == 64 - 6
     while sched.has_work():
@@ -141,7 +143,8 @@ def test_without_prefix_caching_nothing_is_shared() -> None:
     for i in range(3):
         sched.add(request(f"r{i}", list(range(1, 14))))
     step(sched, pool, 3)
-    assert all(r.own_start == 0 and r.num_computed == 13 for r in sched.running) and blocks.num_shared == 0
+    assert all(blocks.table(r).own_start == 0 and r.num_computed == 13 for r in sched.running)
+    assert blocks.num_shared == 0
     while sched.has_work():
         step(sched, pool, 3)
     assert_clean(blocks)

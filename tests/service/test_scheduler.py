@@ -12,7 +12,9 @@ import subprocess
 import sys
 from collections.abc import Iterable
 
-from service.engine.blocks import BlockManager
+import pytest
+
+from service.engine.blocks import BlockManager, BlockTable
 from service.engine.request import ModelOutput, Request, RequestStatus, SamplingParams
 from service.engine.scheduler import Scheduler, SchedulerOutput
 
@@ -28,15 +30,15 @@ def check_blocks(sched: Scheduler) -> None:
     """Running requests hold disjoint blocks and slots; held + free = the budget."""
     blocks = sched.blocks
     held: list[int] = []
-    slots = [r.slot for r in sched.running]
+    slots = [blocks.slot(r) for r in sched.running]
     assert None not in slots and len(set(slots)) == len(slots), f"slots {slots}"
     for req in sched.running:
-        assert all(0 <= b < blocks.num_blocks for b in req.block_ids)
-        held += req.block_ids
+        assert all(0 <= b < blocks.num_blocks for b in blocks.block_ids(req))
+        held += blocks.block_ids(req)
     for req in sched.waiting:
-        assert not req.block_ids and not req.num_cross_blocks and req.slot is None, f"{req.request_id} waits holding"
+        assert not blocks.holds(req), f"{req.request_id} waits holding"
     assert len(held) == len(set(held)), f"two requests share a block: {sorted(held)}"
-    cross = sum(r.num_cross_blocks for r in sched.running)
+    cross = sum(blocks.table(r).num_cross_blocks for r in sched.running)
     assert len(held) + cross + blocks.num_free == blocks.num_blocks
     assert blocks.num_free_slots + len(sched.running) == blocks.num_slots
 
@@ -44,7 +46,8 @@ def check_blocks(sched: Scheduler) -> None:
 def fake_execute(sched: Scheduler, plan: SchedulerOutput, token: int = 7) -> list[Request]:
     """What the engine does after a forward: the scheduler's update with one token per sampling request."""
     for s in plan.scheduled:
-        assert len(s.request.block_ids) * sched.blocks.block_size >= s.start + s.num_new, "blocks do not cover it"
+        assert s.table is sched.blocks.table(s.request)
+        assert len(s.table.block_ids) * sched.blocks.block_size >= s.start + s.num_new, "blocks do not cover it"
         assert s.start == s.request.num_computed
     output = ModelOutput([token if s.samples else -1 for s in plan.scheduled])
     return [r.request for r in sched.update(plan, output) if r.finished is not None]
@@ -80,7 +83,7 @@ def test_admission_stops_when_blocks_run_out() -> None:
     assert ids(plan) == ["r0", "r1", "r2"] and all(s.start == 0 and s.num_new == 10 for s in plan.scheduled)
     assert [r.request_id for r in sched.waiting] == ["r3"] and sched.blocks.num_free == 1
     assert all(r.status == RequestStatus.RUNNING for r in reqs[:3]) and reqs[3].status == RequestStatus.WAITING
-    assert [r.slot for r in reqs[:3]] == [0, 1, 2]
+    assert [sched.blocks.slot(r) for r in reqs[:3]] == [0, 1, 2]
     check_blocks(sched)
 
 
@@ -104,7 +107,7 @@ def test_the_lowest_free_slot_is_taken_first() -> None:
     d = make_request("d", 3, arrival=5)
     sched.add(d)
     sched.schedule()
-    assert (d.slot, b.slot, c.slot) == (0, 1, 2)
+    assert [sched.blocks.slot(r) for r in (d, b, c)] == [0, 1, 2]
     check_blocks(sched)
 
 
@@ -139,9 +142,9 @@ def test_preempts_the_most_recent_request_when_blocks_run_out() -> None:
     fake_execute(sched, plan)
     plan = sched.schedule()  # position 8 needs a third block each; only the older keeps running
     assert plan.preempted == [new] and [s.request for s in plan.scheduled] == [old]
-    assert new.status == RequestStatus.PREEMPTED and new.num_computed == 0 and not new.block_ids
-    assert new.num_preemptions == 1 and sched.num_preemptions == 1 and new.slot is None
-    assert list(sched.waiting) == [new] and len(old.block_ids) == 3
+    assert new.status == RequestStatus.PREEMPTED and new.num_computed == 0 and not sched.blocks.holds(new)
+    assert new.num_preemptions == 1 and sched.num_preemptions == 1 and sched.blocks.slot(new) is None
+    assert list(sched.waiting) == [new] and len(sched.blocks.block_ids(old)) == 3
     check_blocks(sched)
     fake_execute(sched, plan)
     while sched.running:  # it waits while the older one runs on, then recomputes prompt + its 2 tokens
@@ -163,7 +166,8 @@ def test_encoder_decoder_requests_hold_cross_attention_blocks() -> None:
     assert sched.blocks_needed(req) == 4
     sched.add(req)
     plan = sched.schedule()
-    assert plan.scheduled[0].encode_source and req.num_cross_blocks == 3 and len(req.block_ids) == 1
+    table = sched.blocks.table(req)
+    assert plan.scheduled[0].encode_source and table.num_cross_blocks == 3 and len(table.block_ids) == 1
     check_blocks(sched)
     run_to_end(sched)
     assert sched.blocks.num_free == 8
@@ -181,7 +185,7 @@ def test_update_applies_eos_stop_ids_max_tokens_and_context() -> None:
         ("eos", 2, RequestStatus.FINISHED_STOPPED), ("stop", 9, RequestStatus.FINISHED_STOPPED),
         ("ignore", 2, None), ("len", 5, RequestStatus.FINISHED_LENGTH), ("ctx", 5, RequestStatus.FINISHED_LENGTH)]
     assert eos.output_ids == [2] and ignore.output_ids == [2] and [r.request_id for r in sched.running] == ["ignore"]
-    assert sched.blocks.num_free == 100 - len(ignore.block_ids)
+    assert sched.blocks.num_free == 100 - len(sched.blocks.block_ids(ignore))
 
 
 def test_update_fails_only_the_row_with_an_error() -> None:
@@ -202,10 +206,36 @@ def test_blocks_come_back_after_finish_and_abort() -> None:
     sched.finish(running, RequestStatus.FINISHED_ABORTED)  # abort while running
     sched.finish(waiting, RequestStatus.FINISHED_ABORTED)  # abort while waiting
     assert running.status == waiting.status == RequestStatus.FINISHED_ABORTED
-    assert not running.block_ids and running not in sched.running and waiting not in sched.waiting
+    assert not sched.blocks.holds(running) and running not in sched.running and waiting not in sched.waiting
     check_blocks(sched)
     run_to_end(sched)
     assert sched.blocks.num_free == 16 and not sched.running and not sched.waiting
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_the_block_manager_keeps_nothing_of_requests_that_left(prefix_caching: bool) -> None:
+    """Requests run to the end (some after a preemption) or are aborted while running, waiting or preempted:
+    once all have left, the block manager holds no table, no block and no slot."""
+    blocks = BlockManager(6, 4, num_slots=4, prefix_caching=prefix_caching)
+    sched = Scheduler(blocks, max_num_seqs=4)
+    reqs = [Request(f"r{i}", [100 * i + j for j in range(7)], SamplingParams(max_tokens=8), arrival_time=i)
+            for i in range(6)]  # no prefix in common: check_blocks holds
+    add_all(sched, reqs)
+    while sched.num_preemptions < 2:
+        fake_execute(sched, sched.schedule())
+    running, preempted, waiting = ([r for r in reqs if r.status == st] for st in
+                                   (RequestStatus.RUNNING, RequestStatus.PREEMPTED, RequestStatus.WAITING))
+    assert running and preempted and waiting
+    for req in preempted:  # it holds nothing; its table keeps only its block names, for when it comes back
+        assert not blocks.holds(req) and blocks.table(req) == BlockTable(block_names=blocks.table(req).block_names)
+    for req in (running[-1], preempted[-1], waiting[0]):
+        sched.finish(req, RequestStatus.FINISHED_ABORTED)
+    run_to_end(sched)
+    assert [r.status for r in reqs].count(RequestStatus.FINISHED_ABORTED) == 3
+    assert any(r.num_preemptions and r.status == RequestStatus.FINISHED_LENGTH for r in reqs)
+    assert blocks.num_tables == 0, "a request that left still has a table"
+    assert blocks.num_free == blocks.num_blocks and blocks.num_free_slots == blocks.num_slots
+    assert blocks.num_shared == 0 and all(blocks.references(b) == 0 for b in range(blocks.num_blocks))
 
 
 def test_random_load_never_shares_blocks_and_returns_them_all() -> None:
@@ -234,10 +264,10 @@ def test_random_load_never_shares_blocks_and_returns_them_all() -> None:
         check_blocks(sched)
         step += 1
     assert not sched.has_work(), "requests were left behind"
-    assert sched.blocks.num_free == 24 and sched.blocks.num_free_slots == 6
+    assert sched.blocks.num_free == 24 and sched.blocks.num_free_slots == 6 and sched.blocks.num_tables == 0
     assert sched.num_preemptions > 0, "the load was meant to cause preemptions"
     for req in arrived:
-        assert req.status.is_finished and not req.block_ids and not req.num_cross_blocks and req.slot is None
+        assert req.status.is_finished and not sched.blocks.holds(req)
         if req.status == RequestStatus.FINISHED_LENGTH:
             assert len(req.output_ids) == req.params.max_tokens
 
