@@ -1,6 +1,6 @@
 """The engine core process against the engine thread, and against a baseline checkout, on the same weights in one
 run: time per output token at one stream against the engine's own decode step (the hand-off's cost), and output
-throughput at 32 streams.
+throughput at 32 streams; the core process with one HTTP frontend and with two (--api-server-count 2).
 
     python -m benchmarks.engine_process --model ~/.cache/attnserve/smollm2-135m-instruct.gguf \\
         --baseline ../attnserve-before --out benchmarks/results/<date>-cpu
@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,9 @@ def serve(tree: Path, model: Path, dtype: str, extra: list[str], spec: dict[str,
     cmd = [sys.executable, "-m", "service", "--no-default-models", "--model", str(model), "--dtype", dtype,
            "--port", str(port), "--max-num-seqs", "64", "--kv-cache-blocks", "2048", *extra]
     with running(cmd, port, log, cwd=tree) as url:
+        frontends = int(extra[extra.index("--api-server-count") + 1]) if "--api-server-count" in extra else 1
+        while log.read_text().count('"msg": "ready"') < frontends:  # every frontend listens before the load
+            time.sleep(0.25)
         load = LoadSpec(url, model.stem, "native", spec["input_len"], spec["output_len"])
         return asyncio.run(run_sweep(load, spec["concurrency"], spec["num_prompts"], progress=False))
 
@@ -59,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.baseline is not None:
         runs.append(("baseline (engine thread)", a.baseline.resolve(), []))
     runs += [("engine thread (--engine-in-process)", ROOT, ["--engine-in-process"]),
-             ("engine core process (default)", ROOT, [])]
+             ("engine core process (default)", ROOT, []),
+             ("engine core process, --api-server-count 2", ROOT, ["--api-server-count", "2"])]
     a.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
     for label, tree, extra in tqdm(runs, desc="servers"):

@@ -39,8 +39,11 @@ class PrepackedLinear(nn.Module):
         packed = None
         w = self.weight
         if w.device.type == "cpu" and w.dtype in PACKABLE and torch.backends.mkldnn.is_available():
-            with torch.no_grad():
-                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+            try:
+                with torch.no_grad():
+                    packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+            except RuntimeError:  # bfloat16 on a CPU without AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT: F.linear
+                packed = None
         self.register_buffer("packed", packed, persistent=False)
 
     def _apply(self, fn, recurse=True):

@@ -19,98 +19,26 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import argparse
-import asyncio
 import logging
+import shutil
 import signal
-import socket
 import sys
+import tempfile
 from pathlib import Path
-from types import FrameType
-from typing import Any, NoReturn, cast
+from typing import Any
 
 import uvicorn
-from fastapi import FastAPI
 
 from model.checkpoint import CheckpointError
-from service.app import create_app, drain_engines
+from service.app import create_app
+from service.frontends import Frontends
 from service.logs import log_config
+from service.metrics import share_across_processes
+from service.server import DrainingServer, check_port, die_of
 from service.settings import Settings, SettingsError
 
 log = logging.getLogger("attnserve.server")
 ENGINE_DIED = 3  # the exit status when an engine core process died and --on-engine-death exit stops the server
-
-
-class DrainingServer(uvicorn.Server):
-    """uvicorn, but the first SIGTERM/SIGINT drains the engines before the server stops, and a second one stops at
-    once: `stopped_by` is then that signal, for the process to die of once the engines are stopped."""
-
-    def __init__(self, config: uvicorn.Config, settings: Settings) -> None:
-        super().__init__(config)
-        self.app = cast(FastAPI, config.app)
-        self.settings = settings
-        self._draining = False
-        self.stopped_by: int | None = None
-        self.engine_died = False  # an engine core died and --on-engine-death is exit
-
-    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
-        """Run the app's lifespan around uvicorn (not inside it), so that a model that cannot load ends the start
-        with its own error instead of a lifespan traceback, and before the port opens."""
-        async with self.app.router.lifespan_context(self.app):
-            await super().serve(sockets)
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if not hasattr(self.config, "loaded_app"):
-            return super().handle_exit(sig, frame)
-        name = signal.Signals(sig).name
-        if self.stopped_by is not None:  # a third signal: the stop is under way
-            return None
-        if self._draining:
-            # not passed on to uvicorn, which would re-raise it inside asyncio.run: a SIGINT there cancels the
-            # lifespan's cleanup and ends in a KeyboardInterrupt traceback; main() dies of it after the cleanup
-            log.warning("second signal: stopping now", extra={"signal": name})
-            self.stopped_by = sig
-            self.should_exit = self.force_exit = True
-            return None
-        self._draining = True
-        extra = {"signal": name, "timeout_s": self.settings.drain_timeout}
-        if sig == signal.SIGINT:  # a person at a terminal: tell them how not to wait
-            log.info("draining: in-flight requests get up to %g s to finish; press Ctrl-C again to stop at once",
-                     self.settings.drain_timeout, extra=extra)
-        else:
-            log.info("draining", extra=extra)
-        asyncio.get_event_loop().create_task(self._drain())
-        return None
-
-    async def _drain(self) -> None:
-        await drain_engines(self.app, self.settings.drain_timeout)
-        await asyncio.sleep(0.2)  # let the last events of aborted streams go out
-        self.should_exit = True
-
-
-def check_port(host: str, port: int) -> None:
-    """Refuse at once a host:port this process cannot listen on (another server has it, or no such address),
-    rather than after the models load, when uvicorn binds it. Each address the host resolves to is bound and
-    released, as uvicorn will bind them."""
-    try:
-        for family, kind, proto, _, address in socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                                                   flags=socket.AI_PASSIVE):
-            with socket.socket(family, kind, proto) as sock:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a TIME_WAIT port is free
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio binds each family
-                sock.bind(address)
-    except OSError as e:
-        raise SettingsError(f"cannot listen on {host}:{port}: {e.strerror or e}; is another server using port "
-                            f"{port}? Pick another with --port") from e
-
-
-def die_of(sig: int) -> NoReturn:
-    """End the process as killed by `sig` (exit status 128 + sig in a shell: 130 for Ctrl-C, 143 for SIGTERM),
-    the convention that lets a calling script see the interruption, with no KeyboardInterrupt traceback."""
-    logging.shutdown()  # flush the log lines before the signal ends the process
-    signal.signal(sig, signal.SIG_DFL)
-    os.kill(os.getpid(), sig)
-    sys.exit(128 + sig)  # only where the signal did not end the process
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-in-process", action="store_true", default=None,
                    help="run each model's engine on a thread of the server process instead of in its own engine "
                    "core process (the default: the step loop and the HTTP side then never wait for one GIL)")
+    p.add_argument("--api-server-count", type=int, metavar="N", help="HTTP frontend processes (vLLM's flag): they "
+                   "share the port and every model's engine core, and each tokenizes, detokenizes and streams its "
+                   "own requests (default 1; more helps where cores are left after the engine's threads)")
     p.add_argument("--on-engine-death", choices=["restart", "exit"], help="when an engine core process dies, its "
                    "in-flight requests end with an error and /ready is false until: restart, a new core is loaded "
                    "(the default); exit, the server stops with exit status 3 for its supervisor to restart it")
@@ -195,13 +126,22 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings(**overrides)
     if no_dir:
         settings.models_dir = None
+    shared = None
     try:
+        if settings.api_server_count > 1:
+            if settings.engine_in_process:
+                raise SettingsError("--api-server-count above 1 needs the engine core processes: drop "
+                                    "--engine-in-process")
+            shared = tempfile.mkdtemp(prefix="attnserve-metrics-")
+            share_across_processes(shared)  # before the first series is created
         app = create_app(settings)
         check_port(settings.host, settings.port)
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                                 log_config=log_config(settings.log_level, settings.log_json),
                                 access_log=False, timeout_graceful_shutdown=5, lifespan="off")
         server = DrainingServer(config, settings)
+        if shared is not None:
+            app.state.frontends = Frontends(settings)
 
         def stop_on_engine_death() -> None:  # called from an engine client's thread: uvicorn polls should_exit
             server.engine_died = server.should_exit = True
@@ -214,6 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:  # Ctrl-C while the models load, before the server's own handlers are installed
         log.warning("interrupted", extra={"signal": "SIGINT"})
         die_of(signal.SIGINT)
+    finally:
+        if shared is not None:
+            shutil.rmtree(shared, ignore_errors=True)
     if server.stopped_by is not None:
         die_of(server.stopped_by)
     sys.exit(ENGINE_DIED if server.engine_died else 0)

@@ -19,7 +19,7 @@ from service.errors import install
 from service.gatekeeper import BodyLimit, Gatekeeper
 from service.loading import load_models
 from service.logs import setup_logging
-from service.metrics import CONTENT_TYPE, Metrics
+from service.metrics import CONTENT_TYPE, Metrics, shared_metrics
 from service.registry import ServedModel, discover
 from service.routes import attention, chat, generate, health, models, openai, pages, vllm
 from service.routes.pages import DOCS_ASSETS, STATIC, VIEWER_ASSETS
@@ -56,6 +56,14 @@ def engine_failed(app: FastAPI, reason: str) -> None:
         stop()
 
 
+async def sample_engines(app: FastAPI, every: float = 1.0) -> None:
+    """With several frontends: each one's counts that its engine snapshots carry (streams overflowed, restarts)
+    and the engine gauges reach the shared metrics files whichever frontend is scraped."""
+    while True:
+        await asyncio.sleep(every)
+        app.state.metrics.sample_engines(app.state.models)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     setup_logging(settings.log_level, settings.log_json)
@@ -72,7 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise SettingsError(f"default model '{settings.default_model}' is not among the served models "
                                 f"{sorted(found)}")
         app.state.models = load_models(settings, metrics.record_step, metrics.record_finish,
-                                       lambda reason: engine_failed(app, reason))
+                                       lambda reason: engine_failed(app, reason), app.state.core_addresses)
         for name, served in app.state.models.items():
             metrics.add_model(name, served.describe())
         names = list(app.state.models)
@@ -82,13 +90,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                         extra={"models_dir": str(settings.models_dir), "models": [str(p) for p in settings.models]})
         async with anyio.create_task_group():  # load anyio's backend now, not in the first stream's response
             pass
+        frontends = app.state.frontends
+        if frontends is not None:
+            frontends.start(app.state.models)
+        sampler = asyncio.create_task(sample_engines(app)) if shared_metrics() else None
         app.state.ready = True
-        log.info("ready", extra={"models": names, "default_model": app.state.default_model})
+        log.info("ready", extra={"models": names, "default_model": app.state.default_model,
+                                 "frontend": app.state.frontend})
         try:
             yield
         finally:
             app.state.ready = False
             await drain_engines(app, 0 if app.state.draining else settings.drain_timeout)
+            if frontends is not None:  # they drain too (a signal reached them) before their cores stop
+                await asyncio.to_thread(frontends.stop, settings.drain_timeout + 5)
+            if sampler is not None:
+                sampler.cancel()
             for served in app.state.models.values():
                 served.engine.stop()
                 metrics.set_engine_up(served.name, False)
@@ -108,6 +125,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.ready = False
     app.state.draining = False
     app.state.started = time.time()
+    app.state.frontends = None  # the other frontends, where this process starts them (service/frontends.py)
+    app.state.frontend = 0  # which frontend this process is (--api-server-count)
+    app.state.core_addresses = None  # a frontend after the first: the sockets of the cores it attaches to
     install(app)
     # each router included once, with its one tag: /docs lists an operation under every tag it carries
     for router in (health.router, models.router, vllm.router, generate.router, openai.router, chat.router,

@@ -5,6 +5,7 @@ weights, warms up and runs the busy loop (service/engine/core.py), spoken to by 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
@@ -12,16 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from model.checkpoint import Checkpoint, load_checkpoint
-from service.engine.client import EngineCoreClient
+from service.engine.client import EngineCoreClient, Frontend
 from service.settings import Settings
 
 
-def spawner(path: Path, settings: Settings) -> Callable[[str, str], BaseProcess]:
+def spawner(path: Path, settings: Settings) -> Callable[[list[Frontend]], BaseProcess]:
     """Start a core process for `path` (spawned: a fresh interpreter, no inherited OpenMP or event-loop threads)."""
     context = multiprocessing.get_context("spawn")
 
-    def spawn(to_core: str, from_core: str) -> BaseProcess:
-        proc = context.Process(target=run_core, args=(str(path), settings.model_dump_json(), to_core, from_core),
+    def spawn(frontends: list[Frontend]) -> BaseProcess:
+        proc = context.Process(target=run_core, args=(str(path), settings.model_dump_json(), frontends),
                                name=f"engine-core-{path.stem}", daemon=True)
         proc.start()
         return proc
@@ -29,7 +30,7 @@ def spawner(path: Path, settings: Settings) -> Callable[[str, str], BaseProcess]
     return spawn
 
 
-def run_core(path: str, settings_json: str, to_core: str, from_core: str) -> None:
+def run_core(path: str, settings_json: str, frontends: list[Frontend]) -> None:
     """The core process: load, warm up, loop. A signal to the server's whole process group (Ctrl-C in a terminal,
     a supervisor's stop) reaches the core too; the server drains and stops its cores itself (SIGKILL: a core
     holds nothing to save), so the core ignores SIGINT and SIGTERM."""
@@ -61,9 +62,9 @@ def run_core(path: str, settings_json: str, to_core: str, from_core: str) -> Non
 
         return Grammars(served.tokenizer, served.checkpoint.config.vocab_size)
 
-    core = EngineCore(engine, to_core, from_core, grammars)
+    core = EngineCore(engine, frontends, grammars)
     ready = wire.Ready(engine.config, served.device, str(served.dtype).removeprefix("torch."),
-                       served.parameters)
+                       served.parameters, os.getpid())
     try:
         core.run(ready)
     finally:
@@ -73,7 +74,7 @@ def run_core(path: str, settings_json: str, to_core: str, from_core: str) -> Non
 def launch_core(path: Path, name: str, settings: Settings, on_step: Any, on_finish: Any,
                 on_fatal: Callable[[str], None] | None) -> EngineCoreClient:
     client = EngineCoreClient(name, spawner(path, settings), settings.on_engine_death == "restart",
-                              settings.max_stream_backlog, on_step, on_finish, on_fatal)
+                              settings.max_stream_backlog, on_step, on_finish, on_fatal, settings.api_server_count)
     client.launch()
     return client
 

@@ -12,7 +12,8 @@ import torch
 
 from model.checkpoint import CheckpointError
 from service.core_process import launch_core, server_side_checkpoint
-from service.engine.client import EngineCoreClient
+from service.engine.attached import AttachedCoreClient
+from service.engine.client import EngineCoreClient, Frontend
 from service.registry import ServedModel, build_served_model, discover, model_name, warm_up
 from service.settings import Settings
 
@@ -24,10 +25,14 @@ def load_models(
     on_step: Any = None,
     on_finish: Any = None,
     on_fatal: Any = None,
+    attach: dict[str, Frontend] | None = None,
 ) -> dict[str, ServedModel]:
     """Every discovered checkpoint, warmed up and with its engine started. A bad checkpoint stops the start.
-    Each engine core runs in its own process (service/core_process.py) unless settings.engine_in_process."""
-    if settings.engine_in_process:
+    Each engine core runs in its own process (service/core_process.py) unless settings.engine_in_process;
+    `attach` (a frontend after the first, service/frontends.py) names the sockets of cores another process owns."""
+    if attach is not None:
+        models = load_attached(settings, attach, on_step, on_finish, on_fatal)
+    elif settings.engine_in_process:
         models = load_in_process(settings, on_step, on_finish)
     else:
         models = load_in_core_processes(settings, on_step, on_finish, on_fatal)
@@ -49,20 +54,42 @@ def load_in_core_processes(settings: Settings, on_step: Any, on_finish: Any, on_
                 raise CheckpointError(f"model {name}: two models share this name")
             clients[name] = path, launch_core(path, name, settings, on_step, on_finish, on_fatal)
         for name, (path, client) in clients.items():
-            try:
-                ckpt = server_side_checkpoint(path)
-            except CheckpointError as e:
-                raise CheckpointError(f"model {name}: {e}") from e
-            client.decode = ckpt.tokenizer.decode
-            ready = client.wait_ready()
-            models[name] = ServedModel(name, ckpt, client, ready.device, getattr(torch, ready.dtype),
-                                       settings.quantization, ready.parameters)
+            models[name] = _served(name, path, client, settings)
     except BaseException:
         for _, client in clients.values():
             client.stop()
         raise
     torch.set_num_threads(1)  # this process runs no model: its event loop's thread keeps one intra-op thread
     return models
+
+
+def load_attached(settings: Settings, attach: dict[str, Frontend], on_step: Any, on_finish: Any,
+                  on_fatal: Any) -> dict[str, ServedModel]:
+    """The tokenizer and configuration of every model here, over the cores the first frontend started."""
+    models: dict[str, ServedModel] = {}
+    try:
+        for path in discover(settings):
+            name = model_name(path)
+            client = AttachedCoreClient(name, attach[name], settings.max_stream_backlog, on_step, on_finish, on_fatal)
+            models[name] = _served(name, path, client, settings)
+    except BaseException:
+        for served in models.values():
+            served.engine.stop()
+        raise
+    torch.set_num_threads(1)
+    return models
+
+
+def _served(name: str, path: Path, client: EngineCoreClient, settings: Settings) -> ServedModel:
+    """The server's side of a model whose core runs elsewhere, once that core says it is ready."""
+    try:
+        ckpt = server_side_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"model {name}: {e}") from e
+    client.decode = ckpt.tokenizer.decode
+    ready = client.wait_ready()
+    return ServedModel(name, ckpt, client, ready.device, getattr(torch, ready.dtype), settings.quantization,
+                       ready.parameters)
 
 
 def load_in_process(settings: Settings, on_step: Any, on_finish: Any) -> dict[str, ServedModel]:

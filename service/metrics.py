@@ -7,6 +7,7 @@ idle engine never leaves a stale value behind (an abort taken while idle runs no
 
 from __future__ import annotations
 
+import os
 import platform
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -20,8 +21,11 @@ from prometheus_client import (
     Info,
     disable_created_metrics,
     generate_latest,
+    multiprocess,
+    values,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from service import __version__
 from service.engine.engine import RequestStats, StepStats
@@ -30,6 +34,7 @@ if TYPE_CHECKING:
     from service.registry import ServedModel
 
 PREFIX = "attnserve"
+SHARED_DIR = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 FINISH_REASONS = ("stop", "length", "abort", "error")
 REJECT_REASONS = ("overload", "too_long", "invalid")
@@ -50,8 +55,8 @@ class Metrics:
         m = ["model"]
         self._models: set[str] = set()
 
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(f"{PREFIX}_{name}", doc, m, registry=r)
+        def gauge(name: str, doc: str) -> Gauge:  # across frontends: the value the last one to sample it saw
+            return Gauge(f"{PREFIX}_{name}", doc, m, registry=r, multiprocess_mode="livemostrecent")
 
         def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
             return Counter(f"{PREFIX}_{name}", doc, [*m, *extra], registry=r)
@@ -112,8 +117,9 @@ class Metrics:
         self.iteration_tokens = histogram("iteration_tokens", "Tokens computed per engine step (prompt tokens "
                                           "prefilled + one per decoding request)", TOKEN_BUCKETS)
 
-        self.model_info = Info(f"{PREFIX}_model", "Served model", m, registry=r)
-        self.build_info = Info(f"{PREFIX}_build", "Service build", registry=r)
+        self.info_registry = CollectorRegistry()  # Info series are per process even across frontends
+        self.model_info = Info(f"{PREFIX}_model", "Served model", m, registry=self.info_registry)
+        self.build_info = Info(f"{PREFIX}_build", "Service build", registry=self.info_registry)
         self.build_info.info({"version": __version__, "torch_version": torch.__version__,
                               "python_version": platform.python_version()})
         self._seen: dict[str, tuple[int, int]] = {}  # each engine's (overflows, restarts) at the last scrape
@@ -217,4 +223,29 @@ class Metrics:
         self.engine_up.labels(model).set(1 if up else 0)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """Every series; with several frontends (`share_across_processes`), each one's counters and histograms
+        summed from the files all of them write."""
+        registry = self.registry
+        if SHARED_DIR in os.environ:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+        return generate_latest(registry) + generate_latest(self.info_registry)
+
+
+def share_across_processes(path: str) -> None:
+    """Keep every series created from now on in files under `path` (prometheus_client's multiprocess mode), so
+    that any frontend's /metrics shows all of them: requests counted where they were served, step histograms by
+    the frontend that owns the engine cores, gauges as last sampled. Processes started later inherit it."""
+    os.environ[SHARED_DIR] = path
+    values.ValueClass = values.MultiProcessValue()
+
+
+def shared_metrics() -> bool:
+    """Whether this process's series are shared with other frontends' (`share_across_processes`)."""
+    return SHARED_DIR in os.environ
+
+
+def forget_process(pid: int) -> None:
+    """A frontend that exited: its gauges no longer count."""
+    if SHARED_DIR in os.environ:
+        multiprocess.mark_process_dead(pid)

@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     warmup: bool = True
     engine_in_process: bool = Field(default=False, description="run each engine on a thread of the server "
                                     "process instead of in its own core process")
+    api_server_count: int = Field(default=1, ge=1, le=64, description="HTTP frontend processes sharing the "
+                                  "listening socket and every model's engine core (vLLM's --api-server-count)")
     on_engine_death: Literal["restart", "exit"] = Field(default="restart", description="when an engine core "
                                                         "process dies: start a new one, or stop the server "
                                                         "(exit status 3) for its supervisor to restart")

@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 log = logging.getLogger("attnserve.engine")
-Spawn = Callable[[str, str], BaseProcess]  # (to_core, from_core addresses) -> the started core process
+Frontend = wire.Frontend
+Spawn = Callable[[list[Frontend]], BaseProcess]  # every frontend's addresses -> the started core process
 
 
 class CoreStartError(RuntimeError):
@@ -49,10 +50,14 @@ class CoreStartError(RuntimeError):
 class EngineCoreClient:
     """One model's engine core in its own process, seen from the server process."""
 
-    def __init__(self, name: str, spawn: Spawn, restart: bool = True, backlog: int = 1024,
+    def __init__(self, name: str, spawn: Spawn | None, restart: bool = True, backlog: int = 1024,
                  on_step: Callable[[StepStats], None] | None = None,
                  on_finish: Callable[[RequestStats], None] | None = None,
-                 on_fatal: Callable[[str], None] | None = None) -> None:
+                 on_fatal: Callable[[str], None] | None = None, frontends: int = 1,
+                 address: Frontend | None = None) -> None:
+        """`frontends`: how many servers share the core (--api-server-count); this client is the first, and
+        `frontends` lists every one's addresses for the others (service/frontends.py). `address`: this client's
+        sockets, where another client owns the core (service/engine/attached.py)."""
         self.name, self.spawn, self.restart, self.backlog = name, spawn, restart, backlog
         self.on_step, self.on_finish, self.on_fatal = on_step, on_finish, on_fatal
         self.decode: Decode | None = None  # the tokenizer's, for the streams' text (set once it is read)
@@ -66,8 +71,10 @@ class EngineCoreClient:
         self._captures: dict[int, asyncio.Future[dict[tuple[str, int], Tensor]]] = {}
         self._call_ids = itertools.count()
         self._snapshot: EngineSnapshot | None = None
-        self._dir = tempfile.mkdtemp(prefix="attnserve-core-")
-        self.to_core, self.from_core = f"ipc://{self._dir}/in", f"ipc://{self._dir}/out"
+        self._dir = tempfile.mkdtemp(prefix="attnserve-core-") if address is None else ""
+        self.frontends: list[Frontend] = [address] if address is not None else [
+            (f"ipc://{self._dir}/in{i}", f"ipc://{self._dir}/out{i}") for i in range(frontends)]
+        self.to_core, self.from_core = self.frontends[0]
         self._context = zmq.Context()
         self._out = self._context.socket(zmq.PUSH)
         self._out.bind(self.to_core)
@@ -83,7 +90,8 @@ class EngineCoreClient:
 
     def launch(self) -> None:
         """Start the core process (it loads and warms its model; `wait_ready` waits for that)."""
-        self._proc = self.spawn(self.to_core, self.from_core)
+        assert self.spawn is not None
+        self._proc = self.spawn(self.frontends)
 
     def wait_ready(self, timeout: float = 900.0) -> wire.Ready:
         assert self._proc is not None
@@ -120,7 +128,8 @@ class EngineCoreClient:
         if self._reader is not None:
             self._reader.join(5)
         self._context.destroy(linger=0)
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if self._dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
 
     def _exiting(self) -> None:
         self._closing = True
@@ -163,7 +172,7 @@ class EngineCoreClient:
 
     def snapshot(self) -> EngineSnapshot:
         s = self._snapshot or EngineSnapshot(False, 0, 0, self.config.num_blocks, self.config.num_blocks)
-        return EngineSnapshot(self.dead is None and self._proc is not None and self._proc.is_alive(), s.num_running,
+        return EngineSnapshot(self.dead is None and self._alive(), s.num_running,
                               s.num_waiting, s.blocks_total, s.blocks_free, s.blocks_shared, self.overflows,
                               self.restarts)
 
@@ -187,21 +196,31 @@ class EngineCoreClient:
 
     def _read(self) -> None:
         while not self._closing:
-            proc = self._proc
-            assert proc is not None
             poller = zmq.Poller()
             poller.register(self._in, zmq.POLLIN)
-            poller.register(proc.sentinel, zmq.POLLIN)
+            poller.register(self._watched(), zmq.POLLIN)
             while not self._closing:
                 events = dict(poller.poll(200))
                 if self._in in events:
                     self._take()
                 elif events and not self._closing:  # the process ended (its last batches were taken above)
-                    proc.join(1)
-                    self._died(f"the engine process exited with code {proc.exitcode}")
+                    self._died(self._ended())
                     break
             if self._closing or not self._recover():
                 return
+
+    def _watched(self) -> int:
+        """A file descriptor that becomes readable when the core process ends."""
+        assert self._proc is not None
+        return self._proc.sentinel
+
+    def _ended(self) -> str:
+        assert self._proc is not None
+        self._proc.join(1)
+        return f"the engine process exited with code {self._proc.exitcode}"
+
+    def _alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive()
 
     def _take(self) -> None:
         for frame in wire.waiting(self._in):

@@ -1,6 +1,6 @@
 """The records between the server process and an engine core process, as typed msgpack (msgspec) over ZMQ.
 
-Client -> core: `AddRequest`, `Abort`, `Capture`. Core -> client: `Ready` once, then one `Batch` per step that
+Client -> core: `AddRequest`, `Abort`, `Capture`, `Hello`. Core -> client: `Ready` once, then one `Batch` per step that
 produced anything (the step's outputs, the requests finished, the step's stats and the engine's state after it),
 and a `Captured` for each capture. Records are typed at both ends: a decoder refuses what does not match."""
 
@@ -60,6 +60,11 @@ class Capture(msgspec.Struct, tag=True):
     layers: dict[str, list[int]]
 
 
+class Hello(msgspec.Struct, tag=True):
+    """A frontend that attached to a running core (service/engine/attached.py): the core answers with its `Ready`,
+    and aborts whatever an earlier process in that frontend's place had left running."""
+
+
 class Ready(msgspec.Struct, tag=True):
     """The core has loaded and warmed its model and runs its loop: what it serves, as it chose it."""
 
@@ -67,6 +72,7 @@ class Ready(msgspec.Struct, tag=True):
     device: str
     dtype: str  # "float32", "bfloat16", ...
     parameters: int
+    pid: int = 0  # the core process's, which a frontend that does not own it watches
 
 
 class Batch(msgspec.Struct, tag=True):
@@ -100,7 +106,8 @@ class Captured(msgspec.Struct, tag=True):
                 for w in self.weights}
 
 
-ToCore = AddRequest | Abort | Capture
+Frontend = tuple[str, str]  # the addresses of one frontend's sockets: (to the core, from the core)
+ToCore = AddRequest | Abort | Capture | Hello
 FromCore = Ready | Batch | Captured
 
 encoder = msgspec.msgpack.Encoder()
