@@ -17,13 +17,14 @@ the best of several rounds counts. Candidates:
   bfloat16 activations, float32 ones fall to a scalar loop), and int8 dequantized to bfloat16 then `F.linear`.
 
 - ours (model/csrc/matvec.cpp): the weight packed in 16-row panels for AVX-512 BF16's pair dot product, read once
-  per call whatever the rows, bfloat16 or int8 (widened in registers), where the CPU has AVX-512 BF16; float32 in
+  per call whatever the rows, bfloat16 or int8 (widened in registers), where the CPU has AVX-512 BF16 or AVX2 +
+  FMA (csrc/matvec_avx2.h, the same layouts in 8-lane registers; the table's header says which); float32 in
   panels of its own (csrc/matvec_f32.h); and int8 on
   AVX-512 VNNI with x quantized in blocks of 32 features (csrc/matvec_vnni.h), what serving runs where it can.
 
 What serving keeps, the fastest per precision here: our kernel for float32, bfloat16 and int8 up to 64 rows where
-the CPU has AVX-512 BF16 (model/cpu_linear.py; float32 in float32 throughout, csrc/matvec_f32.h); oneDNN prepacked
-for float32 and bfloat16 elsewhere
+the CPU has AVX-512 BF16 or AVX2 + FMA (model/cpu_linear.py; float32 in float32 throughout, csrc/matvec_f32.h);
+oneDNN prepacked for float32 and bfloat16 elsewhere
 (model/prepack.py; about twice F.linear's rate at one row); `_weight_int8pack_mm` with bfloat16 activations for int8
 up to 32 rows elsewhere (model/quantize.py; the row `int8_matmul` is that choice). On a shared machine every number is low and
 noisy: compare rows of one run, not runs; a run takes a few minutes (`--rows 1 --shapes 3,5,6` is quicker)."""
@@ -73,7 +74,10 @@ def candidates(k: int, n: int, m: int) -> dict[str, tuple[int, float]]:
 
     def run(name: str, nbytes: int, make: Callable[[], Tensor | tuple[Tensor, ...]],
             call: Callable[[Tensor | tuple[Tensor, ...]], Tensor]) -> None:
-        out[name] = (nbytes, _time(call, _weights(make, nbytes)))
+        try:
+            out[name] = (nbytes, _time(call, _weights(make, nbytes)))
+        except RuntimeError as exc:  # e.g. oneDNN's bfloat16 reorder without AVX-512 (BW, VL, DQ): not a row
+            print(f"(skipped {name}: {str(exc).splitlines()[0][:100]})", flush=True)
 
     run("float32 F.linear", 4 * n * k, lambda: w32.clone(), lambda w: F.linear(x32, w))  # type: ignore[arg-type]
     run("bfloat16 F.linear", 2 * n * k, lambda: w32.bfloat16(), lambda w: F.linear(x16, w))  # type: ignore[arg-type]
@@ -95,7 +99,7 @@ def candidates(k: int, n: int, m: int) -> dict[str, tuple[int, float]]:
     run("int8 model.quantize.int8_matmul", n * k, lambda: (q.clone(), scale.clone()),
         lambda w: int8_matmul(x32, *w))
     mv = cpu_linear.kernel()
-    if mv is not None:  # ours: the weight packed in panels for AVX-512 BF16 (model/cpu_linear.py)
+    if mv is not None:  # ours: the weight packed in panels (model/cpu_linear.py), AVX-512 BF16 or AVX2 build
         rows = -(-n // 32) * 32
         scales = F.pad(scale, (0, rows - n)).contiguous()
         run("float32 matvec kernel (ours)", 4 * n * k, lambda: cpu_linear.pack_f32(w32),
@@ -123,8 +127,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     rows = [int(r) for r in args.rows.split(",")]
     names = list(SHAPES)
+    mv = cpu_linear.kernel()
     lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-             f"{torch.backends.cpu.get_cpu_capability()}; GB/s = weight bytes / time of one call; "
+             f"{torch.backends.cpu.get_cpu_capability()}, matvec kernel {mv.isa() if mv is not None else 'none'}; "
+             "GB/s = weight bytes / time of one call; "
              f"weights cycled through {WORKING_SET // 2**20} MiB of copies (from memory, not cache)", "",
              "| shape | M | kernel | GB/s | us / call |", "|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)

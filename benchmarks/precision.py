@@ -10,8 +10,8 @@ on) in consecutive windows, every token predicted once with up to a window of co
 - int8 as the service prepares it (`--quantization int8`, service/engine/weights.py: the stacks' linears int8,
   projections fused), float32 activations, evaluated on each matmul path because they round differently:
   "dequantize" (what prefill chunks of more than 64 rows run: the weight dequantized, float32 matmul), "matvec"
-  (what decode rows run where the CPU has AVX-512 BF16: our kernel, model/cpu_linear.py; with VNNI, x quantized to
-  int8 in blocks of 32 features with a scale each, as llama.cpp's Q8_0 product does; without, x rounded to bfloat16) and "packed" (decode rows elsewhere: `_weight_int8pack_mm`, bfloat16 activations and
+  (what decode rows run where the CPU has AVX-512 BF16 or AVX2 + FMA: our kernel, model/cpu_linear.py; with VNNI,
+  x quantized to int8 in blocks of 32 features with a scale each, as llama.cpp's Q8_0 product does; without, x rounded to bfloat16) and "packed" (decode rows elsewhere: `_weight_int8pack_mm`, bfloat16 activations and
   outputs); once with bfloat16 activations (`--dtype bfloat16 --quantization int8`); and once with the LM head in
   int8 too (not served: see service/engine/weights.py).
 

@@ -2,9 +2,10 @@
 disk, loaded from the cache on later starts without a compiler.
 
 - `paged_attention` (csrc/paged_attention.cpp): every query row attends over its block table, read in place;
-- `matvec` (csrc/matvec.cpp): y = x W^T for decode's few rows over a weight packed for AVX-512 BF16
-  (model/cpu_linear.py), bfloat16 or weight-only int8;
-- `rms_norm` (csrc/rms_norm.cpp): RMSNorm of a bfloat16 row in one pass (model/cpu_linear.py's `FusedRMSNorm`);
+- `matvec` (csrc/matvec.cpp): y = x W^T for decode's few rows over a weight packed in panels (model/cpu_linear.py),
+  float32, bfloat16 or weight-only int8, built for AVX-512 BF16 or else AVX2 + FMA (csrc/matvec_avx2.h);
+- `rms_norm` (csrc/rms_norm.cpp): RMSNorm of a bfloat16 row in one pass, in AVX-512 BF16 or AVX2 registers
+  (model/cpu_linear.py's `FusedRMSNorm`);
 - `decoder_step` (csrc/decoder_step.cpp, the three above linked in): a Llama-shaped stack's whole step in one call
   (model/fused_step.py).
 

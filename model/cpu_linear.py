@@ -1,21 +1,28 @@
-"""Linear layers for a CPU decode step: the weight packed once for AVX-512 BF16's pair dot product and multiplied by
-model/csrc/matvec.cpp, which reads it from memory once per call whatever the number of rows.
+"""Linear layers for a CPU decode step: the weight packed once in panels of 16 rows and multiplied by
+model/csrc/matvec.cpp, which reads it from memory once per call whatever the number of rows. Two builds of the
+kernel, by the CPU it is built on: AVX-512 BF16 (the packed layout is the operand layout of its pair dot product)
+and AVX2 + FMA (csrc/matvec_avx2.h: the same layout and arithmetic in 8-lane registers); `kernel().isa()` says
+which. Elsewhere `kernel()` is None and the linears stay on oneDNN / torch.
 
 At one stream every weight is read once per token, so a decode step is as fast as its matrix-vector products read
-memory. Measured with SmolLM2-135M's shapes, two threads (benchmarks/matvec.py): at one row the kernel reads a
-bfloat16 weight at 1.5-2x oneDNN's prepacked rate (~30-45 GB/s against ~15-30), and at 8-64 rows it is about as
-fast (0.85-1.3x: both compute-bound); int8 (below) runs 1.5-2.3x torch's int8 weight-only kernel at one row and 3-5x
-from 8 rows up. Above `MAX_ROWS` rows (prefill chunks) the plain paths take over: `F.linear` for bfloat16, the
-dequantized weight for int8 (model/quantize.py).
+memory. Measured with SmolLM2-135M's shapes, two threads (benchmarks/matvec.py), on AVX-512 BF16: at one row the
+kernel reads a bfloat16 weight at 1.5-2x oneDNN's prepacked rate (~30-45 GB/s against ~15-30), and at 8-64 rows it
+is about as fast (0.85-1.3x: both compute-bound); int8 (below) runs 1.5-2.3x torch's int8 weight-only kernel at one
+row and 3-5x from 8 rows up. On AVX2 + FMA (a 2-core Zen 3, where oneDNN packs no bfloat16 weight): float32 at
+1.3-1.5x oneDNN's prepacked float32 rate at one row (~27-36 GB/s), 1.2-1.4x at 8 rows, about even at 32;
+bfloat16 in 0.45-0.65x our float32's time at one row, int8 in 0.3-0.4x. Above `MAX_ROWS` rows (prefill chunks)
+the plain paths take over: `F.linear` for bfloat16, the dequantized weight for int8 (model/quantize.py).
 
 Packed layout, rows in panels of 16: packed[panel][k / 2][row][2] = W[panel * 16 + row][k], padded with zero rows
 to a whole number of work items (2 panels) and a zero column to an even K; scales and bias padded alike, float32.
-bfloat16 weights, and int8 ones. A float32 weight is packed as packed[panel][k][row] and multiplied in float32
-throughout (csrc/matvec_f32.h): 1.3-2.3x oneDNN's prepacked rate at 1 and 8 rows (26-34 GB/s at one), 1.0-1.2x at
-32. Where the CPU also has AVX-512 VNNI (and K is a multiple of 32), an int8 weight is packed as q + 128 in quads of
-features instead and multiplied by x quantized to int8 in blocks of 32 with a scale each (csrc/matvec_vnni.h,
-llama.cpp's Q8_0 x Q8 product): 10-30% faster than widening the weight to bfloat16, SmolLM2's perplexity +0.94%
-over float32 against +0.63% (benchmarks/precision.py; the limit is 1%).
+bfloat16 weights, and int8 ones (widened in registers; on AVX2 converted to float32). x is rounded to bfloat16 on
+both builds; sums are float32. A float32 weight is packed as packed[panel][k][row] and multiplied in float32
+throughout (csrc/matvec_f32.h, csrc/matvec_avx2.h): on AVX-512 1.3-2.3x oneDNN's prepacked rate at 1 and 8 rows
+(26-34 GB/s at one), 1.0-1.2x at 32. Where the CPU also has AVX-512 VNNI (and K is a multiple of 32), an int8
+weight is packed as q + 128 in quads of features instead and multiplied by x quantized to int8 in blocks of 32 with
+a scale each (csrc/matvec_vnni.h, llama.cpp's Q8_0 x Q8 product): 10-30% faster than widening the weight to
+bfloat16, SmolLM2's perplexity +0.94% over float32 against +0.63% (benchmarks/precision.py; the limit is 1%). The
+AVX2 build has no VNNI product (`has_vnni()` is false): int8 stays in the pair layout there.
 
 `FusedRMSNorm` is a bfloat16 model's RMSNorm in one C++ pass (model/csrc/rms_norm.cpp): torch's runs as ~10 small
 ops, ~15 us a row against ~2 us, 61 times in a 30-layer step. The same arithmetic in float32, rounded once; the sum
@@ -38,7 +45,8 @@ Q8_BLOCK = 32  # features per scale of x in the VNNI int8 product
 
 
 def kernel() -> ModuleType | None:
-    """The matvec kernel where it is built and this CPU has AVX-512 BF16, else None."""
+    """The matvec kernel where it is built and this CPU has AVX-512 BF16 or AVX2 + FMA (`isa()` says which), else
+    None. Either build takes every dtype `can_pack` accepts: bfloat16, float32 and int8."""
     module = cpu_kernels.load("matvec")
     return module if module is not None and module.available() else None
 

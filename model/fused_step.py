@@ -8,7 +8,7 @@ the FFN's activation (and gate) and the residual sums, each rounded to bfloat16 
 (float32: as computed). Embedding, the final norm and the LM head stay in Python (once a step).
 
 It takes the steps it can: a bfloat16 or float32 pre-norm decoder-only model whose projections are fused and
-packed (a CPU with AVX-512 BF16), Llama-shaped (RMSNorm, rotary, gated silu: SmolLM2, Llama, Qwen) or GPT-2-shaped
+packed (a CPU with AVX-512 BF16, or AVX2 + FMA), Llama-shaped (RMSNorm, rotary, gated silu: SmolLM2, Llama, Qwen) or GPT-2-shaped
 (LayerNorm, learned positions, GELU); steps of up to `MAX_ROWS` rows whose rows all attend on the paged kernel (no
 recorded attention, no long prefill chunk); int8 weights on the kernel path. Everything else, and
 `--enforce-eager`, runs the model's own modules."""
@@ -71,11 +71,11 @@ def why_not(model: nn.Module) -> str:
         return f"activations in {dtype} (the step has bfloat16 and float32)"
     for norms, linears in _layers(model):
         if not all(isinstance(lin, Packed) for lin in linears):
-            return "its projections are not fused and packed for the matvec kernel (a CPU with AVX-512 BF16)"
+            return "its projections are not fused and packed for the matvec kernel (a CPU with AVX-512 BF16 or AVX2 + FMA)"
         if not all(_is_norm(norm, layer_norm, dtype) for norm in norms):
             return "its norms are not ones the step computes"
     if kernel() is None:
-        return f"the decoder_step kernel is unavailable ({cpu_kernels.why_not('decoder_step') or 'no AVX-512 BF16'})"
+        return f"the decoder_step kernel is unavailable ({cpu_kernels.why_not('decoder_step') or 'neither AVX-512 BF16 nor AVX2 + FMA'})"
     return ""
 
 

@@ -12,8 +12,9 @@ The matmul (`int8_matmul`), chosen by benchmarks/matvec.py's measurements:
   `F.linear`. The kernel above re-reads the weight for every 4 rows and slows with rows (measured on SmolLM2's
   shapes: 2-3x a float32 oneDNN matmul's time at 8-32 rows), but up to 32 rows it still beat dequantizing.
   So int8 pays at one to a few streams; at many streams float is faster (benchmarks/matvec.py).
-Where the CPU has AVX-512 BF16, serving replaces both for up to 64 rows by model/cpu_linear.py's kernel, which
-reads the int8 weight once per call whatever the rows (`PackedInt8Linear`, made by service/engine/weights.py).
+Where the CPU has AVX-512 BF16 or AVX2 + FMA, serving replaces both for up to 64 rows by model/cpu_linear.py's
+kernel, which reads the int8 weight once per call whatever the rows (`PackedInt8Linear`, made by
+service/engine/weights.py).
 
 Per-output-channel rows stack: quantizing a fused W_QKV equals stacking the quantized W_Q, W_K, W_V, so
 quantization and fusion (model/fusion.py) commute."""

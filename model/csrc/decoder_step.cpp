@@ -224,6 +224,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("forward", &DecoderStep::forward, pybind11::call_guard<pybind11::gil_scoped_release>(),
            "the stack's step over x (N, D): every layer in one call (CPU, bfloat16 or float32)")
       .def_property_readonly("num_layers", &DecoderStep::num_layers);
-  m.def("available", &attnserve::available, "whether the linked matvec kernel has AVX-512 BF16");
+  m.def("available", &attnserve::available, "whether the linked matvec kernel is built (AVX-512 BF16 or AVX2 + FMA)");
   m.def("has_vnni", &attnserve::has_vnni, "whether the linked matvec kernel has AVX-512 VNNI");
 }

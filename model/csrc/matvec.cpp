@@ -17,13 +17,25 @@
 // registers (|q| <= 127 is exact in bfloat16). x (float32 or bfloat16) is rounded to bfloat16 once per call; sums
 // are float32; y comes out in x's dtype. Every output goes through the same operations whatever the number of
 // rows of x, so batching does not change a row's result. A float32 weight has its own loop in float32 throughout
-// (matvec_f32.h, `linear_f32`). Built only where the compiler targets AVX-512 BF16; elsewhere `available()` is
-// false and the caller keeps oneDNN / torch.
+// (matvec_f32.h, `linear_f32`).
+//
+// Two builds of the same entry points, by what the compiler targets (-march=native):
+// - AVX-512 BF16 (and BW): the loops here, matvec_f32.h, and with AVX-512 VNNI the int8 x int8 product
+//   (matvec_vnni.h, `linear_q8`);
+// - else AVX2 + FMA: matvec_avx2.h, the same layouts and arithmetic in 8-lane registers (bfloat16 pairs split
+//   into two float32 values by a shift and a mask, two FMAs; int8 converted to float32; float32 as is); no
+//   `linear_q8` (has_vnni() is false, so int8 weights stay in the pair layout).
+// Elsewhere `available()` is false and the caller keeps oneDNN / torch.
 #include "kernels.h"
 #include <ATen/Parallel.h>
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define ATTNSERVE_MATVEC 1
+#define ATTNSERVE_MATVEC_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define ATTNSERVE_MATVEC 1
+#define ATTNSERVE_MATVEC_AVX2 1
 #endif
 
 #include <algorithm>
@@ -37,7 +49,7 @@ constexpr int64_t PANEL = 16;  // rows per panel: one register of float32 sums
 constexpr int64_t NP = 2;      // panels per work item (32 rows)
 constexpr int64_t MT = 8;      // rows of x per tile: NP x MT sums, NP weight and 1 x register of 32
 
-#if defined(ATTNSERVE_MATVEC)
+#if defined(ATTNSERVE_MATVEC_AVX512)
 // 16 rows x 2 features of the packed weight as bfloat16 pairs.
 inline __m512bh load_pairs(const at::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); }
 inline __m512bh load_pairs(const int8_t* p) {
@@ -115,6 +127,8 @@ void run(const uint32_t* x, int64_t M, int64_t K2, const W* w, int64_t N, const 
 #define ATTNSERVE_VNNI 1
 #include "matvec_vnni.h"
 #endif
+#elif defined(ATTNSERVE_MATVEC_AVX2)
+#include "matvec_avx2.h"
 #endif
 
 }  // namespace
@@ -156,7 +170,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, cons
   else run(xp, M, K2, packed.data_ptr<at::BFloat16>(), n, sp, bp, y.data_ptr<at::BFloat16>());
   return y;
 #else
-  TORCH_CHECK(false, "matvec: built without AVX-512 BF16");
+  TORCH_CHECK(false, "matvec: built without AVX-512 BF16 or AVX2 + FMA");
 #endif
 }
 
@@ -216,7 +230,7 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& packed, int64_t n, 
           y.data_ptr<float>());
   return y;
 #else
-  TORCH_CHECK(false, "matvec: built without AVX-512 BF16");
+  TORCH_CHECK(false, "matvec: built without AVX-512 BF16 or AVX2 + FMA");
 #endif
 }
 
@@ -236,12 +250,23 @@ bool available() {
 #endif
 }
 
+const char* isa() {
+#if defined(ATTNSERVE_MATVEC_AVX512)
+  return "avx512bf16";
+#elif defined(ATTNSERVE_MATVEC_AVX2)
+  return "avx2";
+#else
+  return "";
+#endif
+}
+
 }  // namespace attnserve
 
 #if !defined(ATTNSERVE_NO_BINDINGS)
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &attnserve::linear, "y = x W^T (* scale) (+ bias) over a packed bfloat16 or int8 weight (CPU)");
-  m.def("available", &attnserve::available, "whether this build has the AVX-512 BF16 kernel");
+  m.def("available", &attnserve::available, "whether this build has the kernel (AVX-512 BF16, or AVX2 + FMA)");
+  m.def("isa", &attnserve::isa, "which build: 'avx512bf16', 'avx2', or '' (none)");
   m.def("linear_q8", &attnserve::linear_q8, "int8 y = x W^T * scale (+ bias), x quantized in blocks of 32, on VNNI (CPU)");
   m.def("linear_f32", &attnserve::linear_f32, "float32 y = x W^T (+ bias) over a weight packed by pack_f32 (CPU)");
   m.def("has_vnni", &attnserve::has_vnni, "whether this build has the AVX-512 VNNI int8 kernel");

@@ -6,7 +6,9 @@
 // packed[panel][k][row] (one 64-byte load per feature and panel). x's value for feature k is broadcast and
 // multiplied into 16 rows' float32 sums with one FMA; each thread takes 32 rows (two panels) at a time and up to
 // 8 rows of x while they are in cache. Sums run over k in order, so a row's result does not depend on the other
-// rows of x. Included by matvec.cpp inside its anonymous namespace.
+// rows of x. This is the AVX-512 loop (16 rows a register); on AVX2 + FMA without AVX-512 BF16 matvec_avx2.h's
+// `run_f32` does the same over the same layout, a panel in two 8-lane registers. Included by matvec.cpp inside its
+// anonymous namespace.
 #pragma once
 
 template <int R>

@@ -4,11 +4,16 @@
 // down): ~15 us for one bfloat16 row of 576, against ~1 us of arithmetic; a 30-layer step calls it 61 times.
 // Same arithmetic as torch's for bfloat16 and float32 input: the sum of squares and the scaling in float32, the
 // result rounded once to x's dtype after multiplying by g (g in x's dtype, as nn.RMSNorm's weight is).
+// A bfloat16 row whose length is a multiple of 16 (or 8) runs in registers: AVX-512 BF16, or AVX2 + FMA (rounded to
+// bfloat16 on the bits, nearest even, as c10 rounds); other rows in the portable loop.
 #include "kernels.h"
 #include <ATen/Parallel.h>
 
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define ATTNSERVE_NORM_AVX2 1
 #endif
 
 #include <cmath>
@@ -40,6 +45,39 @@ inline int64_t norm_row16(const at::BFloat16* xr, const at::BFloat16* g, at::BFl
   }
   return n;
 }
+#elif defined(ATTNSERVE_NORM_AVX2)
+inline __m256 load8(const at::BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+// 8 float32 lanes rounded to bfloat16, nearest even (a NaN stays one), stored as 8 bfloat16.
+inline void store8(at::BFloat16* p, __m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                         _mm256_set1_epi32(0x7f800000));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+
+// One bfloat16 row, 8 lanes at a time, where its length is a multiple of 8 (else 0: the portable loop).
+inline int64_t norm_row8(const at::BFloat16* xr, const at::BFloat16* g, at::BFloat16* yr, int64_t d, float eps) {
+  if (d % 8 != 0) return 0;
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t i = 0; i < d; i += 8) {
+    const __m256 v = load8(xr + i);
+    acc = _mm256_fmadd_ps(v, v, acc);
+  }
+  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  const __m128 h = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  const float sum = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+  const __m256 inv = _mm256_set1_ps(1.f / std::sqrt(sum / static_cast<float>(d) + eps));
+  for (int64_t i = 0; i < d; i += 8) store8(yr + i, _mm256_mul_ps(_mm256_mul_ps(load8(xr + i), inv), load8(g + i)));
+  return d;
+}
 #endif
 
 template <typename T>
@@ -50,6 +88,10 @@ void norm_rows(const T* x, const T* g, T* y, int64_t rows, int64_t d, float eps)
 #if defined(__AVX512BF16__)
       if constexpr (std::is_same_v<T, at::BFloat16>) {
         if (norm_row16(xr, g, y + r * d, d, eps) == d) continue;
+      }
+#elif defined(ATTNSERVE_NORM_AVX2)
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        if (norm_row8(xr, g, y + r * d, d, eps) == d) continue;
       }
 #endif
       float sum = 0.f;

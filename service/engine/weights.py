@@ -8,11 +8,11 @@
   Q/K/V and a gated FFN's gate/up. Outputs are unchanged; at one stream a step makes fewer, larger calls.
 - On a CPU, every linear that runs (the fused ones, W_O, W_2, the LM head; not the parts a fused layer replaced)
   gets its weight packed for a faster kernel at decode's few rows: bfloat16, float32 and int8 ones for our matvec
-  kernel where the CPU has AVX-512 BF16 (model/cpu_linear.py: 1.5-2x oneDNN's rate at one row, about as fast up to
-  64 rows), elsewhere by oneDNN (model/prepack.py: about twice F.linear's rate). The plain weights stay too
-  (inspection reads them): weights are held twice on a CPU. A bfloat16 model's RMSNorms run as one kernel call each
-  there too (model/cpu_linear.py's `FusedRMSNorm`), and the runner binds the packed stack to the one-call step
-  (model/fused_step.py)."""
+  kernel where the CPU has AVX-512 BF16 or AVX2 + FMA (model/cpu_linear.py: on AVX-512 1.5-2x oneDNN's rate at
+  one row, about as fast up to 64 rows), elsewhere by oneDNN (model/prepack.py: about twice F.linear's rate). The
+  plain weights stay too (inspection reads them): weights are held twice on a CPU. A bfloat16 model's RMSNorms
+  run as one kernel call each there too (model/cpu_linear.py's `FusedRMSNorm`), and the runner binds the packed
+  stack to the one-call step (model/fused_step.py)."""
 
 from __future__ import annotations
 

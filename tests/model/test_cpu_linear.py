@@ -1,5 +1,6 @@
-"""The decode matvec kernel (model/csrc/matvec.cpp) against torch's matmul on the same bfloat16-rounded operands,
-and the packed layers that serving puts in place of bfloat16 and int8 linears (model/cpu_linear.py).
+"""The decode matvec kernel (model/csrc/matvec.cpp) against torch's matmul on the same bfloat16-rounded operands
+(float32 ones for the float32 kernel), and the packed layers that serving puts in place of float32, bfloat16 and
+int8 linears (model/cpu_linear.py). They run on whichever build this CPU has, AVX-512 BF16 or AVX2 + FMA.
 
 Shapes cover what a panel layout gets wrong: rows of W not a multiple of the 32-row work item, an odd number of
 input features, rows of x not a multiple of the 8-row tile, up to the layers' row limit and past it."""
@@ -26,6 +27,7 @@ from model.cpu_linear import (
     PackedLinear,
     can_fuse_norm,
     pack,
+    pack_f32,
     pack_quads,
 )
 from model.quantize import Int8Linear, dequantize, int8_kernel, quantize_weight
@@ -37,7 +39,7 @@ from service.engine.weights import prepare
 def kernel() -> ModuleType:
     module = cpu_linear.kernel()
     if module is None:
-        pytest.skip("no matvec kernel here (no compiler, or no AVX-512 BF16)")
+        pytest.skip(f"no matvec kernel here: {cpu_kernels.why_not('matvec') or 'neither AVX-512 BF16 nor AVX2 + FMA'}")
     return module
 
 
@@ -91,13 +93,34 @@ def test_vnni_kernel_equals_its_quantized_product(kernel: ModuleType, m: int, k:
     assert float((y.double() - exact).abs().max()) <= 0.02 * float(exact.abs().max())
 
 
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 9, 33, MAX_ROWS])
+@pytest.mark.parametrize(("k", "n"), [(64, 96), (101, 37), (576, 960)])
+def test_float32_kernel_equals_matmul(kernel: ModuleType, m: int, k: int, n: int) -> None:
+    torch.manual_seed(m * 1000 + k + 7)
+    x, w, b = torch.randn(m, k), torch.randn(n, k) / k**0.5, torch.randn(n)
+    packed = pack_f32(w)
+    assert packed.shape == (-(-n // 32) * 2, k, 16)
+    y = kernel.linear_f32(x, packed, n, _rows(b, packed))
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    ref = x.double() @ w.double().T + b.double()
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    torch.testing.assert_close(kernel.linear_f32(x, packed, n, None), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
 def test_a_row_is_the_same_alone_and_batched(kernel: ModuleType) -> None:
     torch.manual_seed(0)
     x, w = torch.randn(40, 200, dtype=torch.bfloat16), torch.randn(70, 200, dtype=torch.bfloat16)
-    packed = pack(w)
+    packed, packed32 = pack(w), pack_f32(w.float())
+    q, scale = quantize_weight(w.float())
+    packed8, scales = pack(q), _rows(scale, packed)
     batched = kernel.linear(x, packed, 70, None, None)
-    for i in (0, 7, 8, 39):
+    batched8 = kernel.linear(x, packed8, 70, scales, None)
+    batched32 = kernel.linear_f32(x.float(), packed32, 70, None)
+    for i in (0, 1, 7, 8, 37):
         assert torch.equal(kernel.linear(x[i:i + 1], packed, 70, None, None)[0], batched[i])
+        assert torch.equal(kernel.linear(x[i:i + 1], packed8, 70, scales, None)[0], batched8[i])
+        assert torch.equal(kernel.linear_f32(x[i:i + 1].float(), packed32, 70, None)[0], batched32[i])
+        assert torch.equal(kernel.linear_f32(x[i:i + 3].float(), packed32, 70, None)[0], batched32[i])
 
 
 def test_kernel_refuses_what_does_not_fit(kernel: ModuleType) -> None:
@@ -115,7 +138,9 @@ def test_packed_layers_equal_the_layers_they_replace(kernel: ModuleType, rows: i
     torch.manual_seed(rows)
     linear = nn.Linear(96, 80).to(torch.bfloat16)
     x = torch.randn(2, rows, 96, dtype=torch.bfloat16)
+    linear32, x32 = nn.Linear(97, 80), torch.randn(2, rows, 97)
     with torch.inference_mode():
+        torch.testing.assert_close(PackedLinear(linear32)(x32), linear32(x32), rtol=1e-5, atol=1e-5)
         packed = PackedLinear(linear)
         ref = linear(x).float()
         torch.testing.assert_close(packed(x).float(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
@@ -157,7 +182,7 @@ def test_turned_off_the_kernel_leaves_onednn_in_place() -> None:
 
 
 @pytest.mark.parametrize("rows", [1, 7, 300])
-@pytest.mark.parametrize("d", [576, 100])
+@pytest.mark.parametrize("d", [576, 40, 100])
 def test_fused_rms_norm_equals_torch_to_the_last_bfloat16_bit(rows: int, d: int) -> None:
     norm = nn.RMSNorm(d, eps=1e-5).to(torch.bfloat16)
     if not can_fuse_norm(norm):

@@ -2,7 +2,8 @@
 step: decode rows and a prefill chunk over random block tables with shared blocks, Llama shapes (GQA with the
 kernel's head sizes and another) and GPT-2's, bfloat16, int8 and float32 weights. In bfloat16 hidden states and the
 K/V written to the pool agree to the bit but where an activation's polynomial or LayerNorm's sums land a value on
-the other side of a rounding; in float32 to ~1e-6; and which models and steps it takes."""
+the other side of a rounding (and, with int8 products that keep x in bfloat16, what such a flip carries into); in
+float32 to ~1e-6; and which models and steps it takes. Runs on either build of the kernels, AVX-512 BF16 or AVX2."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from torch import nn
 
 from model import cpu_kernels, fused_step
 from model.config import TransformerConfig, preset
+from model.cpu_linear import PackedInt8Linear
 from model.paged_cache import BlockPool, PagedKVCache, StepLayout
 from model.transformer import build_model
 from service.engine.weights import prepare
 
 pytestmark = pytest.mark.skipif(fused_step.kernel() is None,
-                                reason=f"no fused step: {cpu_kernels.why_not('decoder_step') or 'no AVX-512 BF16'}")
+                                reason=f"no fused step: {cpu_kernels.why_not('decoder_step') or 'no AVX-512 BF16 or AVX2'}")
 
 BS = 16
 
@@ -84,12 +86,21 @@ def test_fused_step_equals_the_eager_step(kind: str, d_k: int, h: int, h_kv: int
         written = pool.k.clone(), pool.v.clone()
         pool.k.copy_(before[0]), pool.v.copy_(before[1])
         got = fused(tokens, positions, PagedKVCache(pool, lay))
+    # A rare last-bit flip (LayerNorm's sums in another order, an activation's polynomial) carries on through x
+    # in bfloat16: into its row's next products, and through that row's K/V into the chunk's later rows. int8 on
+    # VNNI (x quantized in blocks) absorbs it; int8 without VNNI (AVX2: x in bfloat16, as for bfloat16 weights)
+    # does not: on AVX2 one LayerNorm flip in the GELU model's second layer left ~72% of its outputs bit-equal.
+    carries = quantization == "int8" and not any(getattr(m, "vnni", True) for m in model.modules()
+                                                 if isinstance(m, PackedInt8Linear))
     if dtype == torch.bfloat16:  # the same roundings: equal but for a rare last bit
         same = got == want
-        assert same.float().mean() > 0.99, f"{int((~same).sum())} of {same.numel()} values differ"
+        assert same.float().mean() > (0.5 if carries else 0.99), f"{int((~same).sum())} of {same.numel()} differ"
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
         for mine, theirs in zip((pool.k, pool.v), written, strict=True):
-            assert torch.equal(mine, theirs), "the K/V written to the pool differ"
+            if carries:
+                torch.testing.assert_close(mine.float(), theirs.float(), rtol=2e-2, atol=2e-2)
+            else:
+                assert torch.equal(mine, theirs), "the K/V written to the pool differ"
     else:  # float32: RMSNorm's and the activations' sums and polynomials differ from torch's in the last bits
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         for mine, theirs in zip((pool.k, pool.v), written, strict=True):

@@ -164,7 +164,7 @@ def test_the_fused_cpu_step_gives_the_eager_tokens_for_a_gpt(build: Any) -> None
     """bfloat16 on a CPU: GPT-2's shape (LayerNorm, learned positions, GELU) through the one-call step
     (model/fused_step.py) = `--enforce-eager`, alone and batched."""
     if fused_step.kernel() is None:
-        pytest.skip("no fused CPU step here (no AVX-512 BF16 or no compiler)")
+        pytest.skip("no fused CPU step here (neither AVX-512 BF16 nor AVX2 + FMA, or no compiler)")
     got = {}
     for eager in (True, False):
         served = build(dtype="bfloat16", enforce_eager=eager)

@@ -104,7 +104,7 @@ def test_the_fused_cpu_step_equals_the_eager_step(build: Any, dtype: str, quanti
     `--enforce-eager`'s module calls, alone and batched, over shared prefix blocks, chunked and preempted (float32:
     log-probs to 1e-4, its sums in another order)."""
     if fused_step.kernel() is None:
-        pytest.skip(f"no fused step here: {cpu_kernels.why_not('decoder_step') or 'no AVX-512 BF16'}")
+        pytest.skip(f"no fused step here: {cpu_kernels.why_not('decoder_step') or 'no AVX-512 BF16 or AVX2'}")
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=3)
     for knobs in ({}, {"kv_cache_blocks": 32, "max_num_batched_tokens": 8, "max_num_seqs": 4}):
         got: dict[bool, list[Any]] = {}

@@ -71,7 +71,7 @@ def test_unquantized_serving_fuses_and_prepacks_float_weights(models_dir: Path) 
     served = build_served_model(models_dir / "llama", settings_for(models_dir))
     ref = load_checkpoint(models_dir / "llama").model
     layer = served.model.decoder.layers[0]
-    packed = PackedLinear if cpu_linear.kernel() is not None else PrepackedLinear  # ours where AVX-512 BF16, else oneDNN
+    packed = PackedLinear if cpu_linear.kernel() is not None else PrepackedLinear  # ours where AVX-512 BF16 or AVX2, else oneDNN
     assert isinstance(layer.self_attn.w_qkv, packed) and isinstance(layer.ffn.w_13, packed)
     assert isinstance(layer.ffn.w_2, packed) and isinstance(served.model.generator, packed)
     assert type(layer.self_attn.w_q) is torch.nn.Linear  # a part the fused layer replaced: not packed again
