@@ -10,18 +10,23 @@ import signal
 import socket
 import sys
 from types import FrameType
-from typing import TYPE_CHECKING, NoReturn, cast
+from typing import NoReturn, Protocol, cast
 
 import uvicorn
 from fastapi import FastAPI
 
 from service.app import drain_engines
-
-if TYPE_CHECKING:
-    from service.frontends import Frontends
 from service.settings import Settings, SettingsError
 
 log = logging.getLogger("attnserve.server")
+
+
+class OtherFrontends(Protocol):
+    """What this server asks of the frontends it started (service/frontends.py's `Frontends`)."""
+
+    def signal(self, sig: int) -> None: ...
+
+    def wait(self, timeout: float) -> None: ...
 
 
 class DrainingServer(uvicorn.Server):
@@ -39,7 +44,7 @@ class DrainingServer(uvicorn.Server):
         self.shared_port = settings.api_server_count > 1  # several frontends listen on the port
 
     @property
-    def frontends(self) -> Frontends | None:
+    def frontends(self) -> OtherFrontends | None:
         """The other frontends, where this process is the first of several (--api-server-count)."""
         return getattr(self.app.state, "frontends", None)
 

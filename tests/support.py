@@ -3,6 +3,7 @@ real `python -m service` process), a free port, one Server-Sent Events parser an
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -165,3 +166,15 @@ def slow_steps(engine: Any, seconds: float) -> None:
         step()
 
     engine.step = slow
+
+
+async def stream_completion(url: str, body: dict[str, Any], started: asyncio.Event) -> tuple[list[str], float]:
+    """A streamed /v1/completions: its SSE data lines (set `started` at the first) and when it ended."""
+    async with httpx.AsyncClient(timeout=30) as client, client.stream("POST", url + "/v1/completions",
+                                                                       json=body) as r:
+        events: list[str] = []
+        async for line in r.aiter_lines():
+            if line.startswith("data:"):
+                events.append(line[5:].strip())
+                started.set()
+        return events, time.monotonic()

@@ -18,7 +18,7 @@ import psutil
 import pytest
 import torch
 from protocol_cases import COMPARED, parsed, same
-from support import CORPUS, LiveServer, ServiceProcess, make_checkpoints, settings_for
+from support import CORPUS, LiveServer, ServiceProcess, make_checkpoints, settings_for, stream_completion
 
 from model.checkpoint import save_checkpoint
 from model.config import preset
@@ -103,17 +103,6 @@ def test_two_frontends_answer_as_the_in_process_engine_and_count_each_request_on
         server.stop()
 
 
-async def _stream(url: str, body: dict[str, Any], started: asyncio.Event) -> tuple[list[str], float]:
-    async with httpx.AsyncClient(timeout=30) as client, client.stream("POST", url + "/v1/completions",
-                                                                       json=body) as r:
-        events: list[str] = []
-        async for line in r.aiter_lines():
-            if line.startswith("data:"):
-                events.append(line[5:].strip())
-                started.set()
-        return events, time.monotonic()
-
-
 def test_a_killed_core_ends_the_streams_of_both_frontends_and_both_come_back(long_model: Path, tmp_path: Path) -> None:
     server = ServiceProcess(long_model, tmp_path / "log.txt", *TWO, "--max-model-len", "4096",
                             "--kv-cache-blocks", "8192")
@@ -124,7 +113,7 @@ def test_a_killed_core_ends_the_streams_of_both_frontends_and_both_come_back(lon
 
         async def run() -> tuple[list[tuple[list[str], float]], float, list[int]]:
             flags = [asyncio.Event() for _ in range(8)]
-            tasks = [asyncio.create_task(_stream(server.url, body, f)) for f in flags]
+            tasks = [asyncio.create_task(stream_completion(server.url, body, f)) for f in flags]
             await asyncio.wait_for(asyncio.gather(*(f.wait() for f in flags)), 30)
             killed = time.monotonic()
             core.kill()
@@ -167,7 +156,7 @@ def test_a_killed_frontend_is_restarted_and_sigterm_drains_both(long_model: Path
 
         async def run() -> list[tuple[list[str], float]]:
             flags = [asyncio.Event() for _ in range(8)]
-            tasks = [asyncio.create_task(_stream(server.url, body, f)) for f in flags]
+            tasks = [asyncio.create_task(stream_completion(server.url, body, f)) for f in flags]
             await asyncio.wait_for(asyncio.gather(*(f.wait() for f in flags)), 30)
             server.proc.send_signal(signal.SIGTERM)
             return await asyncio.gather(*tasks)

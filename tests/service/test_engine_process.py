@@ -19,7 +19,7 @@ import psutil
 import pytest
 import torch
 from protocol_cases import COMPARED, parsed, same
-from support import CORPUS, LiveServer, ServiceProcess, make_checkpoints, settings_for
+from support import CORPUS, LiveServer, ServiceProcess, make_checkpoints, settings_for, stream_completion
 
 from model.checkpoint import save_checkpoint
 from model.config import preset
@@ -81,17 +81,6 @@ def test_streamed_events_are_the_same_from_a_core_process(pair: Any) -> None:
     assert same(a, b), (a, b)
 
 
-async def _stream_until_error(url: str, body: dict[str, Any], started: asyncio.Event) -> tuple[list[Any], float]:
-    async with httpx.AsyncClient(timeout=30) as client, client.stream("POST", url + "/v1/completions",
-                                                                       json=body) as r:
-        events: list[Any] = []
-        async for line in r.aiter_lines():
-            if line.startswith("data:"):
-                events.append(line[5:].strip())
-                started.set()
-        return events, time.monotonic()
-
-
 def test_a_killed_core_ends_every_stream_within_a_second_and_is_restarted(long_model: Path) -> None:
     server = LiveServer(settings_for(long_model, engine_in_process=False, **LONG))
     try:
@@ -102,7 +91,7 @@ def test_a_killed_core_ends_every_stream_within_a_second_and_is_restarted(long_m
 
         async def run() -> tuple[list[tuple[list[Any], float]], float, int]:
             flags = [asyncio.Event() for _ in range(3)]
-            tasks = [asyncio.create_task(_stream_until_error(server.url, body, f)) for f in flags]
+            tasks = [asyncio.create_task(stream_completion(server.url, body, f)) for f in flags]
             await asyncio.wait_for(asyncio.gather(*(f.wait() for f in flags)), 30)
             killed = time.monotonic()
             os.kill(client.pid, signal.SIGKILL)  # type: ignore[arg-type]
