@@ -98,6 +98,24 @@ def smollm2_gguf() -> Path:
     return fetch("smollm2", progress=False)
 
 
+@pytest.fixture(scope="session")
+def long_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A character model with a 4096-token context, so that a stream is still running when a test acts on it."""
+    from support import CORPUS
+
+    from model.checkpoint import save_checkpoint
+    from model.config import preset
+    from model.tokenizer import Tokenizer
+    from model.transformer import build_model
+
+    root = tmp_path_factory.mktemp("long")
+    torch.manual_seed(0)
+    char = Tokenizer.train_char(CORPUS)
+    model = build_model(preset("tiny-gpt", vocab_size=char.vocab_size, max_len=4096, d_model=64))
+    save_checkpoint(model, char, root / "long-gpt")
+    return root
+
+
 # --- tiers ----------------------------------------------------------------------------------------------------
 # Every test gets one tier marker, so `pytest -m fast` (make test-fast) runs the first tier alone and `make test`
 # still runs them all: fast (units, and the engine in-process without HTTP), live (a real uvicorn server or

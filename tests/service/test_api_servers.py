@@ -15,15 +15,8 @@ from typing import Any
 
 import httpx
 import psutil
-import pytest
-import torch
 from protocol_cases import COMPARED, parsed, same
-from support import CORPUS, LiveServer, ServiceProcess, make_checkpoints, settings_for, stream_completion
-
-from model.checkpoint import save_checkpoint
-from model.config import preset
-from model.tokenizer import Tokenizer
-from model.transformer import build_model
+from support import LiveServer, ServiceProcess, make_checkpoints, settings_for, stream_completion
 
 TWO = ("--api-server-count", "2")
 
@@ -65,16 +58,6 @@ def totals(url: str) -> dict[str, float]:
     wanted = ("attnserve_requests_finished_total", "attnserve_prompt_tokens_total", "attnserve_generation_tokens_total")
     lines = httpx.get(url + "/metrics", timeout=10).text.splitlines()
     return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in lines if line.startswith(wanted))}
-
-
-@pytest.fixture(scope="module")
-def long_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("long")
-    torch.manual_seed(0)
-    char = Tokenizer.train_char(CORPUS)
-    model = build_model(preset("tiny-gpt", vocab_size=char.vocab_size, max_len=4096, d_model=64))
-    save_checkpoint(model, char, root / "long-gpt")
-    return root
 
 
 def test_two_frontends_answer_as_the_in_process_engine_and_count_each_request_once(tmp_path: Path) -> None:

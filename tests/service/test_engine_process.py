@@ -17,14 +17,9 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-import torch
 from protocol_cases import COMPARED, parsed, same
-from support import CORPUS, LiveServer, ServiceProcess, make_checkpoints, settings_for, stream_completion
+from support import LiveServer, ServiceProcess, make_checkpoints, settings_for, stream_completion
 
-from model.checkpoint import save_checkpoint
-from model.config import preset
-from model.tokenizer import Tokenizer
-from model.transformer import build_model
 from service.engine.client import EngineCoreClient
 
 
@@ -37,17 +32,6 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Any:
     yield proc, inproc
     proc.stop()
     inproc.stop()
-
-
-@pytest.fixture(scope="module")
-def long_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A character model with a long context, so that a stream is still running when the test acts on it."""
-    root = tmp_path_factory.mktemp("long")
-    torch.manual_seed(0)
-    char = Tokenizer.train_char(CORPUS)
-    model = build_model(preset("tiny-gpt", vocab_size=char.vocab_size, max_len=4096, d_model=64))
-    save_checkpoint(model, char, root / "long-gpt")
-    return root
 
 
 LONG = {"max_model_len": 4096, "kv_cache_blocks": 4096}
