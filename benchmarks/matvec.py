@@ -19,8 +19,8 @@ the best of several rounds counts. Candidates:
 - ours (model/csrc/matvec.cpp): the weight packed in 16-row panels for AVX-512 BF16's pair dot product, read once
   per call whatever the rows, bfloat16 or int8 (widened in registers), where the CPU has AVX-512 BF16 or AVX2 +
   FMA (csrc/matvec_avx2.h, the same layouts in 8-lane registers; the table's header says which); float32 in
-  panels of its own (csrc/matvec_f32.h); and int8 on
-  AVX-512 VNNI with x quantized in blocks of 32 features (csrc/matvec_vnni.h), what serving runs where it can.
+  panels of its own (csrc/matvec_f32.h); and int8 x int8, x quantized in blocks of 32 features, on AVX-512 VNNI
+  (csrc/matvec_vnni.h) or AVX2 (csrc/matvec_q8_avx2.h), what serving runs where K is a multiple of 32.
 
 What serving keeps, the fastest per precision here: our kernel for float32, bfloat16 and int8 up to 64 rows where
 the CPU has AVX-512 BF16 or AVX2 + FMA (model/cpu_linear.py; float32 in float32 throughout, csrc/matvec_f32.h);
@@ -108,8 +108,8 @@ def candidates(k: int, n: int, m: int) -> dict[str, tuple[int, float]]:
             lambda w: mv.linear(x16, w, n, None, None))
         run("int8 matvec kernel (ours, widened to bf16)", n * k, lambda: cpu_linear.pack(q),
             lambda w: mv.linear(x16, w, n, scales, None))
-        if mv.has_vnni() and k % cpu_linear.Q8_BLOCK == 0:
-            run("int8 VNNI kernel (ours, x in int8 blocks)", n * k, lambda: cpu_linear.pack_quads(q),
+        if mv.has_q8() and k % cpu_linear.Q8_BLOCK == 0:
+            run("int8 x int8 kernel (ours, x in int8 blocks)", n * k, lambda: cpu_linear.pack_quads(q),
                 lambda w: mv.linear_q8(x16, w, n, scales, None))
     return out
 

@@ -10,10 +10,12 @@ on) in consecutive windows, every token predicted once with up to a window of co
 - int8 as the service prepares it (`--quantization int8`, service/engine/weights.py: the stacks' linears int8,
   projections fused), float32 activations, evaluated on each matmul path because they round differently:
   "dequantize" (what prefill chunks of more than 64 rows run: the weight dequantized, float32 matmul), "matvec"
-  (what decode rows run where the CPU has AVX-512 BF16 or AVX2 + FMA: our kernel, model/cpu_linear.py; with VNNI,
-  x quantized to int8 in blocks of 32 features with a scale each, as llama.cpp's Q8_0 product does; without, x rounded to bfloat16) and "packed" (decode rows elsewhere: `_weight_int8pack_mm`, bfloat16 activations and
-  outputs); once with bfloat16 activations (`--dtype bfloat16 --quantization int8`); and once with the LM head in
-  int8 too (not served: see service/engine/weights.py).
+  (what decode rows run where the CPU has AVX-512 BF16 or AVX2 + FMA: our kernel, model/cpu_linear.py; x
+  quantized to int8 in blocks of 32 features with a scale each, as llama.cpp's Q8_0 product does, on AVX-512 VNNI
+  or AVX2) and "packed" (decode rows elsewhere: `_weight_int8pack_mm`, bfloat16 activations and outputs); once
+  with bfloat16 activations (`--dtype bfloat16 --quantization int8`); and once with the LM head in int8 too (not
+  served: see service/engine/weights.py). As served, a float32 model's LM head is read as bfloat16 where the
+  matvec kernel is (service/engine/weights.py's `HEAD_BF16`).
 
 SmolLM2-135M-Instruct comes from `python -m model.fetch smollm2`'s GGUF (Q8_0 tensors dequantized to float32 on
 load, so "float32" here is the GGUF's own weights). The int8 perplexity should be within 1% of float32's."""
@@ -62,7 +64,7 @@ def variants(model: DecoderOnlyLM) -> dict[str, tuple[DecoderOnlyLM, str]]:
         "float32": (model, "auto"),
         "bfloat16": (copy.deepcopy(model).to(torch.bfloat16).eval(), "auto"),
         "int8, dequantize path (prefill)": (int8, "dequantize"),
-        "int8, matvec kernel (decode; x in int8 blocks of 32 on VNNI)": (int8, "matvec"),
+        "int8, matvec kernel (decode; x in int8 blocks of 32)": (int8, "matvec"),
         "int8, packed kernel (decode elsewhere)": (int8, "packed"),
         "int8, bfloat16 activations, matvec kernel": (int8_bf16, "matvec"),
         "int8 + LM head int8, packed kernel": (int8_head, "packed"),

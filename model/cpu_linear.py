@@ -18,11 +18,12 @@ to a whole number of work items (2 panels) and a zero column to an even K; scale
 bfloat16 weights, and int8 ones (widened in registers; on AVX2 converted to float32). x is rounded to bfloat16 on
 both builds; sums are float32. A float32 weight is packed as packed[panel][k][row] and multiplied in float32
 throughout (csrc/matvec_f32.h, csrc/matvec_avx2.h): on AVX-512 1.3-2.3x oneDNN's prepacked rate at 1 and 8 rows
-(26-34 GB/s at one), 1.0-1.2x at 32. Where the CPU also has AVX-512 VNNI (and K is a multiple of 32), an int8
-weight is packed as q + 128 in quads of features instead and multiplied by x quantized to int8 in blocks of 32 with
-a scale each (csrc/matvec_vnni.h, llama.cpp's Q8_0 x Q8 product): 10-30% faster than widening the weight to
-bfloat16, SmolLM2's perplexity +0.94% over float32 against +0.63% (benchmarks/precision.py; the limit is 1%). The
-AVX2 build has no VNNI product (`has_vnni()` is false): int8 stays in the pair layout there.
+(26-34 GB/s at one), 1.0-1.2x at 32. Where K is a multiple of 32, an int8 weight is packed as q + 128 in quads of
+features instead and multiplied by x quantized to int8 in blocks of 32 with a scale each (llama.cpp's Q8_0 x Q8
+product; `has_q8()`): with AVX-512 VNNI's vpdpbusd (csrc/matvec_vnni.h) 10-30% faster than widening the weight to
+bfloat16; on AVX2 with vpmaddubsw (csrc/matvec_q8_avx2.h) 1.1-1.2x the widened kernel at one row and 1.6-1.9x at 8
+and 32 (float32 conversions of every weight, redone per 2 rows of x, had bound it). SmolLM2's perplexity +0.94-0.98%
+over float32 against +0.63% with x in bfloat16 (benchmarks/precision.py; the limit is 1%).
 
 `FusedRMSNorm` is a bfloat16 model's RMSNorm in one C++ pass (model/csrc/rms_norm.cpp): torch's runs as ~10 small
 ops, ~15 us a row against ~2 us, 61 times in a 30-layer step. The same arithmetic in float32, rounded once; the sum
@@ -41,7 +42,7 @@ from model import cpu_kernels
 from model.quantize import Int8Linear, int8_kernel_choice
 
 MAX_ROWS = 64  # up to this many rows the kernel was at least as fast as oneDNN / torch (benchmarks/matvec.py)
-Q8_BLOCK = 32  # features per scale of x in the VNNI int8 product
+Q8_BLOCK = 32  # features per scale of x in the int8 x int8 product
 
 
 def kernel() -> ModuleType | None:
@@ -60,7 +61,7 @@ def pack(w: Tensor, panel: int = 16, panels: int = 2) -> Tensor:
 
 
 def pack_quads(q: Tensor, panel: int = 16, panels: int = 2) -> Tensor:
-    """int8 (N, K), K a multiple of 4 -> uint8 q + 128 as (rows / panel, K / 4, panel, 4): the VNNI kernel's form."""
+    """int8 (N, K), K a multiple of 4 -> uint8 q + 128 as (rows / panel, K / 4, panel, 4): the int8 x int8 kernel's form."""
     n, k = q.shape
     rows = -(-n // (panel * panels)) * panel * panels
     unsigned = (F.pad(q.detach(), (0, 0, 0, rows - n)).to(torch.int16) + 128).to(torch.uint8)
@@ -131,7 +132,7 @@ class PackedLinear(Repacked):
         if x2.size(0) > MAX_ROWS or module is None or dtype not in (torch.bfloat16, torch.float32) or (
                 dtype == torch.float32 and x.dtype != dtype):
             bias = self.bias.detach() if self.bias is not None else None
-            return F.linear(x, self.weight.detach(), bias)
+            return F.linear(x.to(dtype), self.weight.detach(), bias).to(x.dtype)  # y in x's dtype, as the kernel's
         if dtype == torch.float32:
             y = module.linear_f32(x2, self.packed, self.out_features, self.bias_rows)
         else:
@@ -150,7 +151,7 @@ class PackedInt8Linear(Repacked, Int8Linear):
     packed: Tensor
     scale_rows: Tensor
     bias_rows: Tensor | None
-    vnni: bool
+    q8: bool
 
     def __init__(self, linear: Int8Linear) -> None:
         super().__init__(linear.qweight.detach(), linear.scale, linear.bias)
@@ -158,8 +159,8 @@ class PackedInt8Linear(Repacked, Int8Linear):
 
     def _pack(self) -> None:
         module = kernel()
-        self.vnni = bool(module is not None and module.has_vnni() and self.in_features % Q8_BLOCK == 0)
-        packed = pack_quads(self.qweight) if self.vnni else pack(self.qweight)
+        self.q8 = bool(module is not None and module.has_q8() and self.in_features % Q8_BLOCK == 0)
+        packed = pack_quads(self.qweight) if self.q8 else pack(self.qweight)
         rows = packed.size(0) * packed.size(2)
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("scale_rows", _padded(self.scale, rows), persistent=False)
@@ -170,7 +171,7 @@ class PackedInt8Linear(Repacked, Int8Linear):
         module, choice = kernel(), int8_kernel_choice()
         if module is None or not (choice == "matvec" or (choice == "auto" and x2.size(0) <= MAX_ROWS)):
             return super().forward(x)
-        if self.vnni:
+        if self.q8:
             y = module.linear_q8(x2, self.packed, self.out_features, self.scale_rows, self.bias_rows)
         else:
             y = module.linear(x2, self.packed, self.out_features, self.scale_rows, self.bias_rows)

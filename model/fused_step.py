@@ -96,7 +96,7 @@ class FusedStep:
         rows: list[int] = []
         scales: list[Tensor] = []
         biases: list[Tensor] = []
-        vnni: list[bool] = []
+        q8: list[bool] = []
         empty = torch.empty(0)  # no scale, no bias
         self.int8 = False
         for layer_norms, linears in _layers(model):
@@ -114,9 +114,9 @@ class FusedStep:
                 rows.append(lin.out_features)
                 scales.append(lin.scale_rows if isinstance(lin, PackedInt8Linear) else empty)
                 biases.append(lin.bias_rows if lin.bias_rows is not None else empty)
-                vnni.append(isinstance(lin, PackedInt8Linear) and lin.vnni)
+                q8.append(isinstance(lin, PackedInt8Linear) and lin.q8)
         self.step = module.DecoderStep(norms, norm_biases, eps, cfg.norm_kind == "layernorm", packed, rows, scales,
-                                       biases, vnni, cfg.ffn == "gated", ACTIVATIONS.index(cfg.activation), cfg.h,
+                                       biases, q8, cfg.ffn == "gated", ACTIVATIONS.index(cfg.activation), cfg.h,
                                        cfg.kv_heads, cfg.d_k)
 
     def accepts(self, layout: StepLayout, num_rows: int) -> bool:

@@ -27,15 +27,15 @@ namespace {
 
 using namespace attnserve::elementwise;
 
-// A linear packed by model/cpu_linear.py: bfloat16, int8 widened in registers, or int8 on VNNI.
+// A linear packed by model/cpu_linear.py: bfloat16, int8 widened in registers, or int8 x int8 (`linear_q8`).
 struct Linear {
   at::Tensor packed;
   int64_t n;
   c10::optional<at::Tensor> scale, bias;
-  bool vnni;
+  bool q8;
   at::Tensor operator()(const at::Tensor& x) const {
     if (packed.scalar_type() == at::kFloat) return attnserve::linear_f32(x, packed, n, bias);
-    return vnni ? attnserve::linear_q8(x, packed, n, *scale, bias) : attnserve::linear(x, packed, n, scale, bias);
+    return q8 ? attnserve::linear_q8(x, packed, n, *scale, bias) : attnserve::linear(x, packed, n, scale, bias);
   }
 };
 
@@ -85,22 +85,22 @@ class DecoderStep {
  public:
   // norms (and their biases, empty for RMSNorm or none): 2 per layer (before attention, before the FFN), RMSNorm
   // or LayerNorm; linears: 4 per layer (Q/K/V fused, W_O, gate/up fused or W_1, W_2), each given as (packed,
-  // rows, scale or empty, bias or empty, vnni); the FFN gated or not, its activation (`Activation`).
+  // rows, scale or empty, bias or empty, whether int8 x int8); the FFN gated or not, its activation (`Activation`).
   DecoderStep(std::vector<at::Tensor> norms, std::vector<at::Tensor> norm_biases, std::vector<double> eps,
               bool layer_norm, std::vector<at::Tensor> packed, std::vector<int64_t> rows,
-              std::vector<at::Tensor> scales, std::vector<at::Tensor> biases, std::vector<bool> vnni, bool gated,
+              std::vector<at::Tensor> scales, std::vector<at::Tensor> biases, std::vector<bool> q8, bool gated,
               int64_t activation, int64_t heads, int64_t kv_heads, int64_t head_dim)
       : norms_(std::move(norms)), eps_(std::move(eps)), layer_norm_(layer_norm), gated_(gated),
         activation_(activation), h_(heads), h_kv_(kv_heads), d_(head_dim) {
     TORCH_CHECK(packed.size() % 4 == 0 && norms_.size() * 2 == packed.size() && eps_.size() == norms_.size() &&
                 norm_biases.size() == norms_.size(), "4 linears and 2 norms per layer");
     TORCH_CHECK(rows.size() == packed.size() && scales.size() == packed.size() && biases.size() == packed.size() &&
-                vnni.size() == packed.size(), "one entry per linear");
+                q8.size() == packed.size(), "one entry per linear");
     TORCH_CHECK(d_ % 2 == 0 && h_ % h_kv_ == 0, "an even head size, heads that group evenly");
     TORCH_CHECK(activation_ >= SILU && activation_ <= GELU_TANH, "an activation of model/layers.py");
     for (const auto& b : norm_biases) norm_biases_.push_back(given(b));
     for (size_t i = 0; i < packed.size(); ++i)
-      linears_.push_back({packed[i], rows[i], given(scales[i]), given(biases[i]), vnni[i]});
+      linears_.push_back({packed[i], rows[i], given(scales[i]), given(biases[i]), q8[i]});
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(linears_.size() / 4); }
@@ -225,5 +225,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "the stack's step over x (N, D): every layer in one call (CPU, bfloat16 or float32)")
       .def_property_readonly("num_layers", &DecoderStep::num_layers);
   m.def("available", &attnserve::available, "whether the linked matvec kernel is built (AVX-512 BF16 or AVX2 + FMA)");
-  m.def("has_vnni", &attnserve::has_vnni, "whether the linked matvec kernel has AVX-512 VNNI");
+  m.def("has_q8", &attnserve::has_q8, "whether the linked matvec kernel has the int8 x int8 product");
 }

@@ -12,7 +12,7 @@ at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& packed, int64_t n, c
                      const c10::optional<at::Tensor>& bias);
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& packed, int64_t n, const c10::optional<at::Tensor>& bias);
 bool available();
-bool has_vnni();
+bool has_q8();
 
 // paged_attention.cpp: every query row over its block table.
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,

@@ -23,8 +23,8 @@
 // - AVX-512 BF16 (and BW): the loops here, matvec_f32.h, and with AVX-512 VNNI the int8 x int8 product
 //   (matvec_vnni.h, `linear_q8`);
 // - else AVX2 + FMA: matvec_avx2.h, the same layouts and arithmetic in 8-lane registers (bfloat16 pairs split
-//   into two float32 values by a shift and a mask, two FMAs; int8 converted to float32; float32 as is); no
-//   `linear_q8` (has_vnni() is false, so int8 weights stay in the pair layout).
+//   into two float32 values by a shift and a mask, two FMAs; int8 converted to float32; float32 as is), and the
+//   int8 x int8 product with vpmaddubsw (matvec_q8_avx2.h, the same `linear_q8`).
 // Elsewhere `available()` is false and the caller keeps oneDNN / torch.
 #include "kernels.h"
 #include <ATen/Parallel.h>
@@ -124,11 +124,13 @@ void run(const uint32_t* x, int64_t M, int64_t K2, const W* w, int64_t N, const 
 
 #include "matvec_f32.h"
 #if defined(__AVX512VNNI__)
-#define ATTNSERVE_VNNI 1
+#define ATTNSERVE_Q8 1
 #include "matvec_vnni.h"
 #endif
 #elif defined(ATTNSERVE_MATVEC_AVX2)
 #include "matvec_avx2.h"
+#define ATTNSERVE_Q8 1
+#include "matvec_q8_avx2.h"
 #endif
 
 }  // namespace
@@ -174,11 +176,12 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, cons
 #endif
 }
 
-// The int8 product on VNNI: x (M, K) float32 or bfloat16, K a multiple of 32; packed (N padded to 32, K / 4, 16, 4)
-// uint8 (q + 128) from pack_quads(); scale float32 padded like the rows; bias likewise or None.
+// The int8 x int8 product (VNNI, or AVX2's vpmaddubsw): x (M, K) float32 or bfloat16, K a multiple of 32; packed
+// (N padded to 32, K / 4, 16, 4) uint8 (q + 128) from pack_quads(); scale float32 padded like the rows; bias
+// likewise or None.
 at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& packed, int64_t n, const at::Tensor& scale,
                      const c10::optional<at::Tensor>& bias) {
-#if defined(ATTNSERVE_VNNI)
+#if defined(ATTNSERVE_Q8)
   TORCH_CHECK(x.dim() == 2 && x.size(1) % QBLOCK == 0, "x must be (M, K), K a multiple of 32");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x: float32 or bfloat16");
   TORCH_CHECK(packed.dim() == 4 && packed.is_contiguous() && packed.scalar_type() == at::kByte &&
@@ -210,7 +213,7 @@ at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& packed, int64_t n, c
            scale.data_ptr<float>(), bp, y.data_ptr<at::BFloat16>());
   return y;
 #else
-  TORCH_CHECK(false, "matvec: built without AVX-512 VNNI");
+  TORCH_CHECK(false, "matvec: built without AVX-512 VNNI or AVX2");
 #endif
 }
 
@@ -234,8 +237,8 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& packed, int64_t n, 
 #endif
 }
 
-bool has_vnni() {
-#if defined(ATTNSERVE_VNNI)
+bool has_q8() {
+#if defined(ATTNSERVE_Q8)
   return true;
 #else
   return false;
@@ -267,9 +270,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &attnserve::linear, "y = x W^T (* scale) (+ bias) over a packed bfloat16 or int8 weight (CPU)");
   m.def("available", &attnserve::available, "whether this build has the kernel (AVX-512 BF16, or AVX2 + FMA)");
   m.def("isa", &attnserve::isa, "which build: 'avx512bf16', 'avx2', or '' (none)");
-  m.def("linear_q8", &attnserve::linear_q8, "int8 y = x W^T * scale (+ bias), x quantized in blocks of 32, on VNNI (CPU)");
+  m.def("linear_q8", &attnserve::linear_q8, "int8 y = x W^T * scale (+ bias), x quantized in blocks of 32 (CPU)");
   m.def("linear_f32", &attnserve::linear_f32, "float32 y = x W^T (+ bias) over a weight packed by pack_f32 (CPU)");
-  m.def("has_vnni", &attnserve::has_vnni, "whether this build has the AVX-512 VNNI int8 kernel");
+  m.def("has_q8", &attnserve::has_q8, "whether this build has the int8 x int8 product (AVX-512 VNNI or AVX2)");
   m.attr("panel") = PANEL;
   m.attr("panels") = NP;
 }

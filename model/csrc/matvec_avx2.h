@@ -64,8 +64,8 @@ inline void tile(const uint32_t* x, int64_t K2, const W* w, __m256 (&sums)[MT2][
 }
 
 // y rows m0 .. m0 + r of the item's 32 outputs from their float32 sums: times the row's scale, plus its bias.
-template <typename Out>
-inline void store_rows(const __m256 (&sums)[MT2][SUB], int64_t r, int64_t m0, int64_t item, int64_t N,
+template <int T, typename Out>
+inline void store_rows(const __m256 (&sums)[T][SUB], int64_t r, int64_t m0, int64_t item, int64_t N,
                        const float* scale, const float* bias, Out* y) {
   alignas(32) float out[PANEL];
   for (int64_t i = 0; i < r; ++i)

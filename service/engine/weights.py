@@ -1,9 +1,11 @@
 """The served form of a model's weights, made once when the engine loads it: `--quantization`, fusion, packing.
 
 - `--quantization int8`: every linear of the encoder/decoder stacks becomes weight-only int8 with one scale per
-  output channel (model/quantize.py). The LM head stays in the serving dtype (`INT8_HEAD`): in int8 it adds
-  ~0.3% perplexity on SmolLM2, which takes the total past 1% (benchmarks/precision.py). Activations, norms,
-  embeddings and the KV cache stay in the serving dtype too.
+  output channel (model/quantize.py). The LM head is not int8 (`INT8_HEAD`): in int8 it adds ~0.3% perplexity on
+  SmolLM2, which takes the total past 1% (benchmarks/precision.py). It stays in the serving dtype, but for float32
+  on a CPU with our matvec kernel, where it becomes a bfloat16 copy (`HEAD_BF16`): at one stream a float32 head
+  read half of an int8 SmolLM2's step bytes (113 of 250 MB), and bfloat16 costs no measurable perplexity there.
+  Activations, norms, embeddings and the KV cache stay in the serving dtype.
 - Then the projections that read the same input become one matmul each (model/fusion.py): self-attention's
   Q/K/V and a gated FFN's gate/up. Outputs are unchanged; at one stream a step makes fewer, larger calls.
 - On a CPU, every linear that runs (the fused ones, W_O, W_2, the LM head; not the parts a fused layer replaced)
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import nn
 
 from model.attention import MultiHeadAttention
@@ -30,6 +33,7 @@ log = logging.getLogger("attnserve.weights")
 
 QUANTIZATIONS = ("none", "int8")
 INT8_HEAD = False  # the LM head (vocab x d_model, SmolLM2's largest matrix) in int8 too: benchmarks/precision.py
+HEAD_BF16 = True  # with int8, a float32 LM head read as bfloat16 where the matvec kernel is (the module docstring)
 
 
 def prepare(model: nn.Module, quantization: str | None = None, int8_head: bool = INT8_HEAD,
@@ -40,6 +44,8 @@ def prepare(model: nn.Module, quantization: str | None = None, int8_head: bool =
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
     quantized = quantize_int8(model, include_head=int8_head) if quantization == "int8" else 0
+    if quantization == "int8" and not int8_head and HEAD_BF16:
+        _head_to_bfloat16(model)
     fused = 0
     for module in model.modules():
         if isinstance(module, MultiHeadAttention | FeedForward):
@@ -50,6 +56,20 @@ def prepare(model: nn.Module, quantization: str | None = None, int8_head: bool =
     counts = {"quantized_linears": quantized, "fused_projections": fused, "prepacked_linears": packed}
     log.info("weights prepared", extra={"quantization": quantization, **counts})
     return counts
+
+
+def _head_to_bfloat16(model: nn.Module) -> None:
+    """A float32 LM head on a CPU with the matvec kernel becomes its own bfloat16 copy (untied from the embedding,
+    which stays float32); its outputs stay float32."""
+    head = getattr(model, "generator", None)
+    if type(head) is not nn.Linear or head.weight.dtype != torch.float32 or head.weight.device.type != "cpu":
+        return
+    copy = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, dtype=torch.bfloat16)
+    copy.weight = nn.Parameter(head.weight.detach().bfloat16(), requires_grad=False)
+    if head.bias is not None:
+        copy.bias = nn.Parameter(head.bias.detach().bfloat16(), requires_grad=False)
+    if can_pack(copy):
+        model.generator = copy
 
 
 def _replaced(parent: nn.Module) -> set[str]:

@@ -71,12 +71,12 @@ def test_kernel_equals_matmul_on_bfloat16_operands(kernel: ModuleType, m: int, k
 @pytest.mark.parametrize("m", [1, 3, 4, 9, 64])
 @pytest.mark.parametrize(("k", "n"), [(64, 96), (576, 37)])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
-def test_vnni_kernel_equals_its_quantized_product(kernel: ModuleType, m: int, k: int, n: int,
+def test_q8_kernel_equals_its_quantized_product(kernel: ModuleType, m: int, k: int, n: int,
                                                   x_dtype: torch.dtype) -> None:
-    """The int8 product on VNNI: x quantized in blocks of 32 (symmetric, round to nearest), int32 sums per block
+    """The int8 x int8 product (AVX-512 VNNI, or AVX2): x quantized in blocks of 32 (symmetric, round to nearest), int32 sums per block
     scaled back, times each row's scale; the same arithmetic in float64 here, and within int8's error of x @ W^T."""
-    if not kernel.has_vnni():
-        pytest.skip("this build has no AVX-512 VNNI")
+    if not kernel.has_q8():
+        pytest.skip("this build has no int8 x int8 product")
     torch.manual_seed(m * 100 + k)
     x, w, b = torch.randn(m, k, dtype=x_dtype) * 2, torch.randn(n, k) / k**0.5, torch.randn(n)
     q, scale = quantize_weight(w)

@@ -171,7 +171,7 @@ def test_int8_perplexity_of_the_shipped_model_is_within_one_percent() -> None:
     for kernel in ("packed", "dequantize"):
         with int8_kernel(kernel):
             assert abs(ppl(int8) / base - 1) < 0.01, kernel
-    if matvec_kernel() is not None:  # the decode kernel's product too (on VNNI: x in int8 blocks of 32)
+    if matvec_kernel() is not None:  # the decode kernel's product too (x in int8 blocks of 32 where has_q8())
         for parent in list(int8.modules()):
             for name, child in list(parent.named_children()):
                 if type(child) is Int8Linear:

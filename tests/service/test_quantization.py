@@ -67,6 +67,29 @@ def test_int8_engine_tokens_equal_the_int8_model_alone(models_dir: Path) -> None
     assert got == want
 
 
+def test_int8_serving_reads_a_float32_head_as_bfloat16() -> None:
+    """With int8, a float32 LM head becomes a bfloat16 copy where our matvec kernel is (half the bytes a step reads
+    there); the tied embedding stays float32, logits stay float32 and within bfloat16's error of the float32 head,
+    on the kernel's few rows and on a prefill's many (F.linear)."""
+    if cpu_linear.kernel() is None:
+        pytest.skip("no matvec kernel on this CPU: the head stays float32")
+    torch.manual_seed(0)
+    model = build_model(preset("tiny-llama", vocab_size=300, max_len=128, tie_embeddings=True)).eval()
+    assert model.generator.weight is model.tgt_embed.weight
+    served = copy.deepcopy(model)
+    prepare(served, "int8")
+    head = served.generator
+    assert isinstance(head, PackedLinear) and head.weight.dtype == torch.bfloat16
+    assert served.tgt_embed.weight.dtype == torch.float32
+    torch.testing.assert_close(served.tgt_embed.weight, model.tgt_embed.weight, rtol=0, atol=0)
+    for rows in (1, 5, cpu_linear.MAX_ROWS + 1):
+        hidden = torch.randn(rows, model.config.d_model)
+        with torch.inference_mode():
+            got, want = served.logits(hidden), model.logits(hidden)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
+
+
 def test_unquantized_serving_fuses_and_prepacks_float_weights(models_dir: Path) -> None:
     served = build_served_model(models_dir / "llama", settings_for(models_dir))
     ref = load_checkpoint(models_dir / "llama").model

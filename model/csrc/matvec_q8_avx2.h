@@ -1,0 +1,125 @@
+// The int8 x int8 matvec on AVX2 (no VNNI): the same packed weight and the same quantized x as matvec_vnni.h, so
+// the int32 sums of a block are exactly those of the VNNI build, and only their float32 accumulation may differ in
+// a last bit. Widening every int8 weight to float32 (matvec_avx2.h's `linear`) cost ~6 instructions per 16 weights,
+// redone for every 2 rows of x: the int8 step was bound by the widening, not by memory.
+//
+// AVX2's int8 product is vpmaddubsw (unsigned x signed bytes, adjacent pairs summed into saturating int16), then
+// vpmaddwd by ones (pairs of int16 into int32). Its unsigned operand here is |q| (the weight, at most 128) and its
+// signed one xq with the weight's sign applied (vpsignb: |xq| <= 127, zero where q is zero), so each product is
+// q * xq and a pair sum is at most 2 * 128 * 127 = 32512: nothing saturates (llama.cpp's AVX2 Q8_0 product uses the
+// same identity). The packed weight is q + 128 (the VNNI operand), flipped back to q by one xor per load.
+//
+// One 32-byte load is 8 rows x 4 features; a block of 32 features is 8 loads per 8 rows; per block, each row of x
+// and each 8 rows of weight add one int32 register of sums, converted and scaled by the block's x scale into
+// float32 sums. Included by matvec.cpp inside its anonymous namespace after matvec_avx2.h.
+#pragma once
+
+constexpr int64_t QBLOCK = 32;  // features per x scale
+constexpr int64_t MQ = 2;       // rows of x per tile
+
+inline __m256 floats8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 floats8(const at::BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+inline int32_t hsum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
+// x (M, K) -> xq (M, K) int8, scale (M, K / 32) float32 and 128 * sum(xq) per block (M, K / 32), as the VNNI build
+// computes them (rounded to nearest even; the last output is unused here but kept for one interface).
+template <typename In>
+void quantize_rows(const In* x, int64_t M, int64_t K, int8_t* xq, float* xs, int32_t* xc) {
+  const int64_t nb = K / QBLOCK;
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  at::parallel_for(0, M * nb, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t m = j / nb, b = j % nb;
+      const In* src = x + m * K + b * QBLOCK;
+      __m256 v[4];
+      for (int h = 0; h < 4; ++h) v[h] = floats8(src + 8 * h);
+      const __m256 a = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                                     _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+      const float amax = hmax(a);
+      const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+      __m256i q[4];
+      for (int h = 0; h < 4; ++h) q[h] = _mm256_cvtps_epi32(_mm256_mul_ps(v[h], inv));
+      // int32 -> int8 in order: the packs interleave 128-bit lanes, the permute puts them back
+      const __m256i w16 = _mm256_packs_epi32(q[0], q[1]), w16b = _mm256_packs_epi32(q[2], q[3]);
+      const __m256i b8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w16, w16b),
+                                                     _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + m * K + b * QBLOCK), b8);
+      xs[j] = amax / 127.f;
+      xc[j] = 128 * hsum(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
+    }
+  });
+}
+
+// sums[i][s]: 8 float32 outputs for x row i of the tile and 8-row group s of the item at `w` (K4 quads per panel).
+// A tile is at most MQ = 2 rows of x: 8 int32 sums, the rows' broadcasts and a weight with its absolute value fit
+// the 16 registers (the float32 sums, touched once a block, may live in memory). Tiles of 4 rows over one 8-row
+// group at a time measured 5-10% slower at 8 and 32 rows on a 2-core Zen 3, where the loop is bound by the
+// integer multiplies (two per 32 products).
+template <int R>
+inline void tile_q8(const int32_t* xq, const float* xs, int64_t K4, const uint8_t* w, __m256 (&sums)[MQ][SUB]) {
+  const int64_t nb = K4 / (QBLOCK / 4);
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
+  __m256 acc[R][SUB];
+  for (int i = 0; i < R; ++i)
+    for (int s = 0; s < SUB; ++s) acc[i][s] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i dots[R][SUB];
+    for (int i = 0; i < R; ++i)
+      for (int s = 0; s < SUB; ++s) dots[i][s] = _mm256_setzero_si256();
+    for (int64_t kq = b * (QBLOCK / 4); kq < (b + 1) * (QBLOCK / 4); ++kq) {
+      __m256i xv[R];
+      for (int i = 0; i < R; ++i) xv[i] = _mm256_set1_epi32(xq[i * K4 + kq]);
+      for (int s = 0; s < SUB; ++s) {
+        const __m256i q = _mm256_xor_si256(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + ((s / 2) * K4 + kq) * 4 * PANEL + (s % 2) * 32)),
+            flip);
+        const __m256i aq = _mm256_abs_epi8(q);
+        for (int i = 0; i < R; ++i) {
+          const __m256i pairs = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(xv[i], q));
+          dots[i][s] = _mm256_add_epi32(dots[i][s], _mm256_madd_epi16(pairs, ones));
+        }
+      }
+    }
+    for (int i = 0; i < R; ++i) {
+      const __m256 sc = _mm256_set1_ps(xs[i * nb + b]);
+      for (int s = 0; s < SUB; ++s) acc[i][s] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[i][s]), sc, acc[i][s]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int s = 0; s < SUB; ++s) sums[i][s] = acc[i][s];
+}
+
+template <typename Out>
+void run_q8(const int8_t* xq, const float* xs, const int32_t*, int64_t M, int64_t K, const uint8_t* w, int64_t N,
+            const float* scale, const float* bias, Out* y) {
+  const int64_t K4 = K / 4, nb = K / QBLOCK;
+  const auto* xq4 = reinterpret_cast<const int32_t*>(xq);
+  const int64_t items = (N + NP * PANEL - 1) / (NP * PANEL);
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    __m256 sums[MQ][SUB];
+    for (int64_t item = begin; item < end; ++item) {
+      const uint8_t* wi = w + item * NP * K4 * 4 * PANEL;
+      for (int64_t m0 = 0; m0 < M; m0 += MQ) {
+        const int64_t r = std::min(MQ, M - m0);
+        const int32_t* xt = xq4 + m0 * K4;
+        if (r == 2) tile_q8<2>(xt, xs + m0 * nb, K4, wi, sums);
+        else tile_q8<1>(xt, xs + m0 * nb, K4, wi, sums);
+        store_rows(sums, r, m0, item, N, scale, bias, y);
+      }
+    }
+  });
+}
