@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,12 +110,19 @@ def _sweep(plan: Plan, url: str, name: str, concurrencies: tuple[int, ...], coun
                                  long_prompts=long_prompts))
 
 
+STATIC_TIMEOUT_S = 240  # transformers' static batch in bfloat16 on a CPU without native bf16 took ~7 min a model
+
+
 def run_static(plan: Plan, hf_folder: Path, dtype: str, out: Path) -> dict[str, Any]:
     file = out / f"hf-static-{hf_folder.name}-{dtype}.json"
     cmd = [sys.executable, "-m", "benchmarks.hf_static", "--model", str(hf_folder), "--dtype", dtype, "--device",
            plan.device, "--batch", str(plan.static_batch), "--input-len", str(plan.input_len), "--output-len",
            str(plan.output_len), "--json", str(file)] + (["--threads", str(plan.threads)] if plan.threads else [])
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=STATIC_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        slow = native_bf16_missing(replace(plan, native_bf16_only=True), dtype)
+        return {"skipped": f"hf_static ran past {STATIC_TIMEOUT_S} s" + (f" ({slow})" if slow else "")}
     if done.returncode != 0:
         return {"skipped": f"hf_static failed: {done.stderr.strip().splitlines()[-1:]}"}
     result: dict[str, Any] = json.loads(file.read_text())
