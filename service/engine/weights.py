@@ -22,6 +22,7 @@ import logging
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 from model.attention import MultiHeadAttention
 from model.cpu_linear import FusedRMSNorm, PackedInt8Linear, PackedLinear, can_fuse_norm, can_pack
@@ -62,14 +63,13 @@ def _head_to_bfloat16(model: nn.Module) -> None:
     """A float32 LM head on a CPU with the matvec kernel becomes its own bfloat16 copy (untied from the embedding,
     which stays float32); its outputs stay float32."""
     head = getattr(model, "generator", None)
-    if type(head) is not nn.Linear or head.weight.dtype != torch.float32 or head.weight.device.type != "cpu":
+    if type(head) is not nn.Linear or head.weight.dtype != torch.float32 or not can_pack(head):
         return
-    copy = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, dtype=torch.bfloat16)
+    copy = skip_init(nn.Linear, head.in_features, head.out_features, bias=head.bias is not None, dtype=torch.bfloat16)
     copy.weight = nn.Parameter(head.weight.detach().bfloat16(), requires_grad=False)
     if head.bias is not None:
         copy.bias = nn.Parameter(head.bias.detach().bfloat16(), requires_grad=False)
-    if can_pack(copy):
-        model.generator = copy
+    model.generator = copy
 
 
 def _replaced(parent: nn.Module) -> set[str]:
