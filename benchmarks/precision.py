@@ -14,8 +14,9 @@ on) in consecutive windows, every token predicted once with up to a window of co
   quantized to int8 in blocks of 32 features with a scale each, as llama.cpp's Q8_0 product does, on AVX-512 VNNI
   or AVX2) and "packed" (decode rows elsewhere: `_weight_int8pack_mm`, bfloat16 activations and outputs); once
   with bfloat16 activations (`--dtype bfloat16 --quantization int8`); and once with the LM head in int8 too (not
-  served: see service/engine/weights.py). As served, a float32 model's LM head is read as bfloat16 where the
-  matvec kernel is (service/engine/weights.py's `HEAD_BF16`).
+  served: see service/engine/weights.py). As served, the LM head is int8 with a float16 scale per 32 features
+  (Q8_0's form) where the matvec kernel has that product (its AVX2 build; `HEAD_INT8_BLOCKS`), else a float32
+  model's is read as bfloat16 where the matvec kernel is (`HEAD_BF16`).
 
 SmolLM2-135M-Instruct comes from `python -m model.fetch smollm2`'s GGUF (Q8_0 tensors dequantized to float32 on
 load, so "float32" here is the GGUF's own weights). The int8 perplexity should be within 1% of float32's."""

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model import cpu_kernels
-from model.quantize import Int8Linear, int8_kernel_choice
+from model.quantize import BlockInt8Linear, Int8Linear, int8_kernel_choice
 
 MAX_ROWS = 64  # up to this many rows the kernel was at least as fast as oneDNN / torch (benchmarks/matvec.py)
 Q8_BLOCK = 32  # features per scale of x in the int8 x int8 product
@@ -68,6 +68,15 @@ def pack_quads(q: Tensor, panel: int = 16, panels: int = 2) -> Tensor:
     return unsigned.view(rows // panel, panel, k // 4, 4).permute(0, 2, 1, 3).contiguous()
 
 
+def pack_block_scales(scale: Tensor, panel: int = 16, panels: int = 2) -> Tensor:
+    """float16 (N, K / 32) block scales -> (rows / 32, K / 32, 32): per work item of 32 rows, per block, the rows'
+    scales in order (what `linear_q8_blocks` reads beside pack_quads' weight); padded rows get scale 0."""
+    n, blocks = scale.shape
+    item = panel * panels
+    rows = -(-n // item) * item
+    return F.pad(scale.detach().half(), (0, 0, 0, rows - n)).view(rows // item, item, blocks).transpose(1, 2).contiguous()
+
+
 def pack_f32(w: Tensor, panel: int = 16, panels: int = 2) -> Tensor:
     """float32 (N, K) -> (rows / panel, K, panel), rows = N rounded up to panel * panels."""
     n, k = w.shape
@@ -84,6 +93,10 @@ def can_pack(linear: nn.Module) -> bool:
     it."""
     if type(linear) is nn.Linear:
         ok = linear.weight.dtype in (torch.bfloat16, torch.float32) and linear.weight.device.type == "cpu"
+    elif type(linear) is BlockInt8Linear:
+        module = kernel()
+        return bool(module is not None and module.has_q8_blocks() and linear.qweight.device.type == "cpu"
+                    and linear.in_features % Q8_BLOCK == 0)
     else:
         ok = type(linear) is Int8Linear and linear.qweight.device.type == "cpu"
     return ok and kernel() is not None
@@ -175,6 +188,37 @@ class PackedInt8Linear(Repacked, Int8Linear):
             y = module.linear_q8(x2, self.packed, self.out_features, self.scale_rows, self.bias_rows)
         else:
             y = module.linear(x2, self.packed, self.out_features, self.scale_rows, self.bias_rows)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", packed for the matvec kernel"
+
+
+class PackedBlockInt8Linear(Repacked, BlockInt8Linear):
+    """A BlockInt8Linear multiplied by the kernel's int8 x int8 product with its block scales (`linear_q8_blocks`),
+    at any number of rows: dequantizing a vocab-sized head for a prefill's rows would cost more than the product.
+    Where the kernel lacks block scales, or another int8 path is forced, BlockInt8Linear's own product runs."""
+
+    packed: Tensor
+    block_scales: Tensor
+    bias_rows: Tensor | None
+
+    def __init__(self, linear: BlockInt8Linear) -> None:
+        super().__init__(linear.qweight.detach(), linear.scale, linear.bias)
+        self._pack()
+
+    def _pack(self) -> None:
+        packed = pack_quads(self.qweight)
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("block_scales", pack_block_scales(self.scale), persistent=False)
+        self.register_buffer("bias_rows", _padded(self.bias, packed.size(0) * packed.size(2)), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        module = kernel()
+        if module is None or not module.has_q8_blocks() or int8_kernel_choice() not in ("auto", "matvec"):
+            return super().forward(x)
+        y = module.linear_q8_blocks(x.reshape(-1, self.in_features), self.packed, self.out_features,
+                                    self.block_scales, self.bias_rows)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -16,6 +16,11 @@ Where the CPU has AVX-512 BF16 or AVX2 + FMA, serving replaces both for up to 64
 kernel, which reads the int8 weight once per call whatever the rows (`PackedInt8Linear`, made by
 service/engine/weights.py).
 
+`BlockInt8Linear` is the finer form, llama.cpp's Q8_0: a float16 scale per block of 32 input features of each
+row, so one outlier costs the precision of 32 weights, not of a whole row. Serving uses it for the LM head, whose
+per-row form cost SmolLM2 ~0.3% perplexity (service/engine/weights.py), where the kernel multiplies it in place
+(model/cpu_linear.py's `PackedBlockInt8Linear`).
+
 Per-output-channel rows stack: quantizing a fused W_QKV equals stacking the quantized W_Q, W_K, W_V, so
 quantization and fusion (model/fusion.py) commute."""
 
@@ -28,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+BLOCK = 32  # input features per scale in the block form (llama.cpp's Q8_0)
 PACK_MAX_ROWS = 32  # up to this many rows the int8 kernel beat dequantize + F.linear (benchmarks/matvec.py)
 QMAX = 127
 
@@ -43,6 +49,22 @@ def quantize_weight(w: Tensor) -> tuple[Tensor, Tensor]:
 
 def dequantize(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     return q.to(dtype) * scale[:, None].to(dtype)
+
+
+def quantize_blocks(w: Tensor, block: int = BLOCK) -> tuple[Tensor, Tensor]:
+    """(q int8 (N, K), scale float16 (N, K / block)) with w[n, b * block + j] ~= q[n, b * block + j] * scale[n, b];
+    K a multiple of `block`. The scales are float16 values (no smaller than its least subnormal)."""
+    w = w.detach().float()
+    n, k = w.shape
+    blocks = w.reshape(n, k // block, block)
+    scale = (blocks.abs().amax(dim=2) / QMAX).half().clamp(min=torch.finfo(torch.float16).smallest_normal / 1024)
+    q = torch.round(blocks / scale.float()[..., None]).clamp(-QMAX, QMAX).to(torch.int8)
+    return q.reshape(n, k), scale
+
+
+def dequantize_blocks(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    n, k = q.shape
+    return (q.reshape(n, scale.size(1), -1).float() * scale[..., None].float()).reshape(n, k).to(dtype)
 
 
 CPU_INT8_KERNEL = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
@@ -118,6 +140,39 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+class BlockInt8Linear(nn.Module):
+    """A linear layer with a weight-only int8 weight and a float16 scale per block of 32 input features of each row
+    (llama.cpp's Q8_0), its bias in the model's dtype. Its own product dequantizes the weight; where the matvec
+    kernel has block scales, model/cpu_linear.py's `PackedBlockInt8Linear` multiplies it in place."""
+
+    qweight: Tensor
+    scale: Tensor
+
+    def __init__(self, q: Tensor, scale: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.qweight = nn.Parameter(q.contiguous(), requires_grad=False)
+        self.register_buffer("scale", scale.half().contiguous())
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def of(cls, linear: nn.Linear) -> BlockInt8Linear:
+        q, scale = quantize_blocks(linear.weight)
+        return cls(q, scale, linear.bias)
+
+    @property
+    def weight(self) -> Tensor:
+        """The dequantized weight (float32)."""
+        return dequantize_blocks(self.qweight, self.scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, dequantize_blocks(self.qweight, self.scale, x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 in blocks of {BLOCK}"
 
 
 def quantize_int8(model: nn.Module, include_head: bool = False) -> int:

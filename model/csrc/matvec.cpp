@@ -130,6 +130,9 @@ void run(const uint32_t* x, int64_t M, int64_t K2, const W* w, int64_t N, const 
 #elif defined(ATTNSERVE_MATVEC_AVX2)
 #include "matvec_avx2.h"
 #define ATTNSERVE_Q8 1
+#if defined(__F16C__)
+#define ATTNSERVE_Q8_BLOCKS 1
+#endif
 #include "matvec_q8_avx2.h"
 #endif
 
@@ -176,46 +179,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, cons
 #endif
 }
 
-// The int8 x int8 product (VNNI, or AVX2's vpmaddubsw): x (M, K) float32 or bfloat16, K a multiple of 32; packed
-// (N padded to 32, K / 4, 16, 4) uint8 (q + 128) from pack_quads(); scale float32 padded like the rows; bias
-// likewise or None.
-at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& packed, int64_t n, const at::Tensor& scale,
-                     const c10::optional<at::Tensor>& bias) {
-#if defined(ATTNSERVE_Q8)
-  TORCH_CHECK(x.dim() == 2 && x.size(1) % QBLOCK == 0, "x must be (M, K), K a multiple of 32");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x: float32 or bfloat16");
-  TORCH_CHECK(packed.dim() == 4 && packed.is_contiguous() && packed.scalar_type() == at::kByte &&
-              packed.size(2) == PANEL && packed.size(3) == 4 && packed.size(0) % NP == 0,
-              "packed must come from pack_quads()");
-  const int64_t M = x.size(0), K = x.size(1), rows = packed.size(0) * PANEL;
-  TORCH_CHECK(packed.size(1) * 4 == K && n <= rows && n > rows - NP * PANEL, "x's features or n do not match");
-  for (const auto& t : {c10::optional<at::Tensor>(scale), bias})
-    TORCH_CHECK(!t.has_value() || (t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == rows),
-                "scale and bias: float32, padded like the weight's rows");
-  const at::Tensor xc = x.contiguous();
-  auto xq = at::empty({M, K}, x.options().dtype(at::kChar));
-  auto xs = at::empty({M, K / QBLOCK}, x.options().dtype(at::kFloat));
-  auto xsum = at::empty({M, K / QBLOCK}, x.options().dtype(at::kInt));
-  if (x.scalar_type() == at::kFloat) {
-    quantize_rows(xc.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), xs.data_ptr<float>(), xsum.data_ptr<int32_t>());
-  } else {
-    quantize_rows(xc.data_ptr<at::BFloat16>(), M, K, xq.data_ptr<int8_t>(), xs.data_ptr<float>(),
-                  xsum.data_ptr<int32_t>());
-  }
-  auto y = at::empty({M, n}, x.options());
-  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-  const auto* wp = packed.data_ptr<uint8_t>();
-  if (x.scalar_type() == at::kFloat)
-    run_q8(xq.data_ptr<int8_t>(), xs.data_ptr<float>(), xsum.data_ptr<int32_t>(), M, K, wp, n,
-           scale.data_ptr<float>(), bp, y.data_ptr<float>());
-  else
-    run_q8(xq.data_ptr<int8_t>(), xs.data_ptr<float>(), xsum.data_ptr<int32_t>(), M, K, wp, n,
-           scale.data_ptr<float>(), bp, y.data_ptr<at::BFloat16>());
-  return y;
-#else
-  TORCH_CHECK(false, "matvec: built without AVX-512 VNNI or AVX2");
-#endif
-}
+#include "matvec_q8.h"
 
 // float32 x (M, K) times a float32 weight packed by pack_f32(): (N padded to 32 / 16, K, 16); bias as for linear().
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& packed, int64_t n, const c10::optional<at::Tensor>& bias) {
@@ -239,6 +203,14 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& packed, int64_t n, 
 
 bool has_q8() {
 #if defined(ATTNSERVE_Q8)
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool has_q8_blocks() {
+#if defined(ATTNSERVE_Q8_BLOCKS)
   return true;
 #else
   return false;
@@ -272,6 +244,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &attnserve::isa, "which build: 'avx512bf16', 'avx2', or '' (none)");
   m.def("linear_q8", &attnserve::linear_q8, "int8 y = x W^T * scale (+ bias), x quantized in blocks of 32 (CPU)");
   m.def("linear_f32", &attnserve::linear_f32, "float32 y = x W^T (+ bias) over a weight packed by pack_f32 (CPU)");
+  m.def("linear_q8_blocks", &attnserve::linear_q8_blocks,
+        "int8 y = x W^T (+ bias) over a weight with a float16 scale per 32 features of a row (Q8_0's form, CPU)");
+  m.def("has_q8_blocks", &attnserve::has_q8_blocks, "whether this build has linear_q8_blocks (AVX2 + F16C)");
   m.def("has_q8", &attnserve::has_q8, "whether this build has the int8 x int8 product (AVX-512 VNNI or AVX2)");
   m.attr("panel") = PANEL;
   m.attr("panels") = NP;

@@ -12,6 +12,11 @@
 // One 32-byte load is 8 rows x 4 features; a block of 32 features is 8 loads per 8 rows; per block, each row of x
 // and each 8 rows of weight add one int32 register of sums, converted and scaled by the block's x scale into
 // float32 sums. Included by matvec.cpp inside its anonymous namespace after matvec_avx2.h.
+//
+// A weight may also carry a scale per block of 32 features of each row (llama.cpp's Q8_0: `linear_q8_blocks`),
+// float16, laid out per item as [block][32 rows]: the block's int32 sums are then scaled by x's scale times the
+// 8 rows' weight scales (one 16-byte load and conversion per 8 rows and block, shared by the tile's rows) and the
+// outputs by nothing more.
 #pragma once
 
 constexpr int64_t QBLOCK = 32;  // features per x scale
@@ -69,8 +74,10 @@ void quantize_rows(const In* x, int64_t M, int64_t K, int8_t* xq, float* xs, int
 // the 16 registers (the float32 sums, touched once a block, may live in memory). Tiles of 4 rows over one 8-row
 // group at a time measured 5-10% slower at 8 and 32 rows on a 2-core Zen 3, where the loop is bound by the
 // integer multiplies (two per 32 products).
+// ws: the item's float16 block scales, [block][32 rows], or null where the weight has one scale per row.
 template <int R>
-inline void tile_q8(const int32_t* xq, const float* xs, int64_t K4, const uint8_t* w, __m256 (&sums)[MQ][SUB]) {
+inline void tile_q8(const int32_t* xq, const float* xs, int64_t K4, const uint8_t* w, const uint16_t* ws,
+                    __m256 (&sums)[MQ][SUB]) {
   const int64_t nb = K4 / (QBLOCK / 4);
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
   __m256 acc[R][SUB];
@@ -94,18 +101,25 @@ inline void tile_q8(const int32_t* xq, const float* xs, int64_t K4, const uint8_
         }
       }
     }
+    __m256 wsv[SUB];
+    if (ws != nullptr)
+      for (int s = 0; s < SUB; ++s)
+        wsv[s] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ws + b * 32 + 8 * s)));
     for (int i = 0; i < R; ++i) {
       const __m256 sc = _mm256_set1_ps(xs[i * nb + b]);
-      for (int s = 0; s < SUB; ++s) acc[i][s] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[i][s]), sc, acc[i][s]);
+      for (int s = 0; s < SUB; ++s)
+        acc[i][s] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[i][s]), ws != nullptr ? _mm256_mul_ps(sc, wsv[s]) : sc,
+                                    acc[i][s]);
     }
   }
   for (int i = 0; i < R; ++i)
     for (int s = 0; s < SUB; ++s) sums[i][s] = acc[i][s];
 }
 
+// ws: float16 block scales (items, K / 32, 32), or null for one float32 scale per row (`scale`).
 template <typename Out>
 void run_q8(const int8_t* xq, const float* xs, const int32_t*, int64_t M, int64_t K, const uint8_t* w, int64_t N,
-            const float* scale, const float* bias, Out* y) {
+            const float* scale, const float* bias, Out* y, const uint16_t* ws = nullptr) {
   const int64_t K4 = K / 4, nb = K / QBLOCK;
   const auto* xq4 = reinterpret_cast<const int32_t*>(xq);
   const int64_t items = (N + NP * PANEL - 1) / (NP * PANEL);
@@ -113,11 +127,12 @@ void run_q8(const int8_t* xq, const float* xs, const int32_t*, int64_t M, int64_
     __m256 sums[MQ][SUB];
     for (int64_t item = begin; item < end; ++item) {
       const uint8_t* wi = w + item * NP * K4 * 4 * PANEL;
+      const uint16_t* wsi = ws != nullptr ? ws + item * nb * NP * PANEL : nullptr;
       for (int64_t m0 = 0; m0 < M; m0 += MQ) {
         const int64_t r = std::min(MQ, M - m0);
         const int32_t* xt = xq4 + m0 * K4;
-        if (r == 2) tile_q8<2>(xt, xs + m0 * nb, K4, wi, sums);
-        else tile_q8<1>(xt, xs + m0 * nb, K4, wi, sums);
+        if (r == 2) tile_q8<2>(xt, xs + m0 * nb, K4, wi, wsi, sums);
+        else tile_q8<1>(xt, xs + m0 * nb, K4, wi, wsi, sums);
         store_rows(sums, r, m0, item, N, scale, bias, y);
       }
     }

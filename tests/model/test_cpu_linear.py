@@ -23,14 +23,16 @@ from model.config import preset
 from model.cpu_linear import (
     MAX_ROWS,
     FusedRMSNorm,
+    PackedBlockInt8Linear,
     PackedInt8Linear,
     PackedLinear,
     can_fuse_norm,
     pack,
+    pack_block_scales,
     pack_f32,
     pack_quads,
 )
-from model.quantize import Int8Linear, dequantize, int8_kernel, quantize_weight
+from model.quantize import BlockInt8Linear, Int8Linear, dequantize, dequantize_blocks, int8_kernel, quantize_weight
 from model.transformer import build_model
 from service.engine.weights import prepare
 
@@ -91,6 +93,40 @@ def test_q8_kernel_equals_its_quantized_product(kernel: ModuleType, m: int, k: i
     torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
     exact = x.double() @ dequantize(q, scale).double().T + b.double()
     assert float((y.double() - exact).abs().max()) <= 0.02 * float(exact.abs().max())
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 9, MAX_ROWS + 3])
+@pytest.mark.parametrize(("k", "n"), [(64, 96), (576, 37)])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_q8_block_kernel_equals_its_quantized_product(kernel: ModuleType, m: int, k: int, n: int,
+                                                      x_dtype: torch.dtype) -> None:
+    """Q8_0's form (a float16 scale per 32 features of each row): x quantized in blocks of 32 as above, each block's
+    int32 sum scaled by x's and the weight's block scales; in float64 here. The packed layer equals the kernel and
+    stays within int8's error of the plain layer's dequantized product, at any number of rows."""
+    if not kernel.has_q8_blocks():
+        pytest.skip("this build has no block scales")
+    torch.manual_seed(m * 10 + k)
+    x, w, b = torch.randn(m, k, dtype=x_dtype) * 2, torch.randn(n, k) / k**0.5, torch.randn(n)
+    w[0, 3] = 1.5  # an outlier: only its block's scale grows
+    linear = nn.Linear(k, n)
+    linear.weight.data, linear.bias.data = w, b
+    plain = BlockInt8Linear.of(linear)
+    q, scale = plain.qweight, plain.scale
+    assert scale.dtype == torch.float16 and scale.shape == (n, k // 32)
+    y = kernel.linear_q8_blocks(x, pack_quads(q), n, pack_block_scales(scale), _rows(b, pack_quads(q)))
+    assert y.dtype == x_dtype and y.shape == (m, n)
+    blocks = x.double().view(m, k // 32, 32)
+    s = blocks.abs().amax(-1, keepdim=True).float().double() / 127
+    xq = torch.where(s > 0, torch.round(blocks / s), torch.zeros_like(blocks))
+    sums = torch.einsum("mbj,nbj->mnb", xq, q.double().view(n, k // 32, 32))
+    ref = (sums * s.view(m, 1, -1) * scale.double()[None]).sum(-1) + b.double()
+    tol = 1e-5 if x_dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
+    exact = x.double() @ dequantize_blocks(q, scale).double().T + b.double()
+    assert float((y.double() - exact).abs().max()) <= 0.02 * float(exact.abs().max())
+    assert float((dequantize_blocks(q, scale) - w).abs().max()) <= 0.01  # the outlier's block only
+    torch.testing.assert_close(PackedBlockInt8Linear(plain)(x), y, rtol=0, atol=0)
+    torch.testing.assert_close(plain(x).double(), exact, rtol=tol, atol=tol * float(exact.abs().max()))
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 8, 9, 33, MAX_ROWS])
@@ -164,7 +200,8 @@ def test_serving_packs_bfloat16_and_int8_linears_and_the_logits_stay(kernel: Mod
             layer = served.decoder.layers[0]
             kind = PackedLinear if quantization == "none" else PackedInt8Linear
             assert isinstance(layer.self_attn.w_qkv, kind) and isinstance(layer.ffn.w_2, kind)
-            assert isinstance(served.generator, PackedLinear)  # the head stays bfloat16 under int8
+            blocks = quantization == "int8" and kernel.has_q8_blocks()  # else the head stays bfloat16 under int8
+            assert isinstance(served.generator, PackedBlockInt8Linear if blocks else PackedLinear)
             if cpu_kernels.load("rms_norm") is not None:
                 assert isinstance(layer.res_ffn.norm, FusedRMSNorm) and isinstance(served.decoder.norm, FusedRMSNorm)
             ref = plain.logits(plain.decode(ids, pos)).float()

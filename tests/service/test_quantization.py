@@ -15,7 +15,7 @@ from support import CORPUS, settings_for
 from model import cpu_linear
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import preset
-from model.cpu_linear import PackedLinear
+from model.cpu_linear import PackedBlockInt8Linear, PackedLinear
 from model.generate import GenerationConfig, generate
 from model.prepack import PrepackedLinear
 from model.quantize import Int8Linear
@@ -67,19 +67,25 @@ def test_int8_engine_tokens_equal_the_int8_model_alone(models_dir: Path) -> None
     assert got == want
 
 
-def test_int8_serving_reads_a_float32_head_as_bfloat16() -> None:
-    """With int8, a float32 LM head becomes a bfloat16 copy where our matvec kernel is (half the bytes a step reads
-    there); the tied embedding stays float32, logits stay float32 and within bfloat16's error of the float32 head,
-    on the kernel's few rows and on a prefill's many (F.linear)."""
-    if cpu_linear.kernel() is None:
+def test_int8_serving_reads_the_head_in_q8_0_blocks_or_as_bfloat16() -> None:
+    """With int8, a float32 LM head becomes int8 with a float16 scale per 32 features (Q8_0's form) where our matvec
+    kernel multiplies that form, else a bfloat16 copy where the kernel is (a quarter or half the bytes a step reads
+    there); the tied embedding stays float32, logits stay float32 and within int8's (bfloat16's) error of the
+    float32 head, on the kernel's few rows and on a prefill's many."""
+    kernel = cpu_linear.kernel()
+    if kernel is None:
         pytest.skip("no matvec kernel on this CPU: the head stays float32")
     torch.manual_seed(0)
     model = build_model(preset("tiny-llama", vocab_size=300, max_len=128, tie_embeddings=True)).eval()
     assert model.generator.weight is model.tgt_embed.weight
     served = copy.deepcopy(model)
-    prepare(served, "int8")
+    counts = prepare(served, "int8")
     head = served.generator
-    assert isinstance(head, PackedLinear) and head.weight.dtype == torch.bfloat16
+    if kernel.has_q8_blocks():
+        assert isinstance(head, PackedBlockInt8Linear) and head.qweight.dtype == torch.int8
+        assert counts["quantized_linears"] == 7 * model.config.n_decoder_layers + 1  # 7 a layer, and the head
+    else:
+        assert isinstance(head, PackedLinear) and head.weight.dtype == torch.bfloat16
     assert served.tgt_embed.weight.dtype == torch.float32
     torch.testing.assert_close(served.tgt_embed.weight, model.tgt_embed.weight, rtol=0, atol=0)
     for rows in (1, 5, cpu_linear.MAX_ROWS + 1):
