@@ -28,8 +28,16 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from model.attention import MultiHeadAttention
-from model.cpu_linear import (Q8_BLOCK, FusedRMSNorm, PackedBlockInt8Linear, PackedInt8Linear, PackedLinear,
-                              can_fuse_norm, can_pack, kernel)
+from model.cpu_linear import (
+    Q8_BLOCK,
+    FusedRMSNorm,
+    PackedBlockInt8Linear,
+    PackedInt8Linear,
+    PackedLinear,
+    can_fuse_norm,
+    can_pack,
+    kernel,
+)
 from model.layers import FeedForward
 from model.prepack import PrepackedLinear, can_prepack
 from model.quantize import BlockInt8Linear, Int8Linear, quantize_int8

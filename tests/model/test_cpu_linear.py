@@ -32,7 +32,14 @@ from model.cpu_linear import (
     pack_f32,
     pack_quads,
 )
-from model.quantize import BlockInt8Linear, Int8Linear, dequantize, dequantize_blocks, int8_kernel, quantize_weight
+from model.quantize import (
+    BlockInt8Linear,
+    Int8Linear,
+    dequantize,
+    dequantize_blocks,
+    int8_kernel,
+    quantize_weight,
+)
 from model.transformer import build_model
 from service.engine.weights import prepare
 
