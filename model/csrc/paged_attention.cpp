@@ -10,7 +10,8 @@
 // spread over torch's intra-op threads. With AVX-512 the two inner products (a query with a key, a weight times
 // a value added to the output) are written with intrinsics: the compiler's own reduction of a dot product spilled
 // its 16 lanes and added them one by one, which made this kernel ~7x slower than its memory traffic. With AVX2 +
-// FMA and no AVX-512 the same two products in 8 lanes (the portable loop's structure otherwise).
+// FMA and no AVX-512, the same plan in 8 lanes for the common shapes (paged_attention_avx2.h) and the two
+// products in 8 lanes in the portable loop otherwise.
 #include "kernels.h"
 #include "elementwise.h"
 #include <ATen/Parallel.h>
@@ -50,6 +51,8 @@ inline __m256 load8(const at::BFloat16* p) {
   const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
+
+#include "paged_attention_avx2.h"
 #endif
 
 // q . k over d values (q in float32, already scaled).
@@ -104,6 +107,8 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
   const float fscale = static_cast<float>(scale);
 #if defined(__AVX512F__)
   const ItemFn fast = avx512_item<T>(bs, d, g);  // the common shapes' path (paged_attention_avx512.h)
+#elif defined(ATTNSERVE_PAGED_AVX2)
+  const ItemFn fast = avx2_item<T>(bs, d, g);  // the same in 8 lanes (paged_attention_avx2.h)
 #endif
 
   at::parallel_for(0, N * h_kv, 1, [&](int64_t begin, int64_t end) {
@@ -116,7 +121,7 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
         const T* src = qp + (n * h + kvh * g + i) * d;
         for (int64_t c = 0; c < d; ++c) qf[i * d + c] = as_float(src[c]) * fscale;
       }
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(ATTNSERVE_PAGED_AVX2)
       if (fast != nullptr) {
         fast(qf.data(), kp + kvh * d, vp + kvh * d, table, len, k_block, k_token, acc.data());
         T* dst = op + (n * h + kvh * g) * d;  // the group's g heads are consecutive rows of d

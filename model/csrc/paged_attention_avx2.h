@@ -1,0 +1,140 @@
+// The paged-attention kernel's AVX2 + FMA path for one work item (a query row's group of G query heads over one
+// K/V head), for blocks of 16 keys and head sizes D of 64 or 128: paged_attention_avx512.h's plan in 8-lane
+// registers, for CPUs without AVX-512.
+//
+// The portable loop ends every key's dot product, per query head, in a horizontal sum, and adds p * v into an
+// output row in memory once per key: on a 2-core Zen 3 it took ~27% of SmolLM2's decode step at 32 rows and 400
+// keys. Here, per block of 16 keys:
+// - each key is loaded (and widened from bfloat16) once for the G query heads; each head's 8-lane partial dot
+//   products of 8 keys are summed across lanes together (`lane_sums8`), so 8 scores are one register;
+// - the online softmax runs on those two registers per head (exp_nonpositive's polynomial on 8 lanes);
+// - the output rows are updated per 8 of their D values: that slice of the G rows stays in registers while the
+//   block's 16 value rows are added in, so each output slice is loaded and stored once per block, not per key.
+// Included by paged_attention.cpp inside its anonymous namespace, after `load8` and `exp_nonpositive`.
+#pragma once
+
+// e^x, lane by lane, for x <= 0: exp_nonpositive's polynomial on 8 lanes.
+inline __m256 exp8(__m256 x) {
+  const __m256 y = _mm256_mul_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(1.44269504088896341f));
+  const __m256 n = _mm256_floor_ps(_mm256_add_ps(y, _mm256_set1_ps(0.5f)));
+  const __m256 f = _mm256_sub_ps(y, n);
+  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// Lane t of the result = the sum of v[t]'s 8 lanes, for 8 vectors: two rounds of pairwise horizontal adds leave
+// each 128-bit half holding 4 vectors' half sums; the halves are then exchanged and added.
+inline __m256 lane_sums8(const float (*v)[8]) {
+  __m256 a[4];
+  for (int i = 0; i < 4; ++i) a[i] = _mm256_hadd_ps(_mm256_load_ps(v[2 * i]), _mm256_load_ps(v[2 * i + 1]));
+  const __m256 b0 = _mm256_hadd_ps(a[0], a[1]), b1 = _mm256_hadd_ps(a[2], a[3]);  // keys 0-3, 4-7 by half
+  return _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
+}
+
+inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// One work item: queries qf (G x D, float32, already scaled) over `len` keys of `table` (blocks of 16, K/V head
+// offsets applied to kp/vp; k_block and k_token are the pool's strides), the result (G x D) into out.
+template <typename T, int D, int G>
+void attend_item_avx2(const float* qf, const T* kp, const T* vp, const int64_t* table, int64_t len,
+                      int64_t k_block, int64_t k_token, float* out) {
+  constexpr int C = D / 8;  // registers per head row
+  alignas(32) float acc[G][D], parts[G][16][8], p[G][16];
+  float m[G], l[G], rescale[G];
+  for (int i = 0; i < G; ++i) {
+    for (int c = 0; c < D; ++c) acc[i][c] = 0.f;
+    m[i] = -std::numeric_limits<float>::infinity();
+    l[i] = 0.f;
+  }
+  const __m256 lanes = _mm256_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
+  for (int64_t b = 0; b * 16 < len; ++b) {
+    const int64_t nt = std::min<int64_t>(16, len - b * 16);
+    const T* kb = kp + table[b] * k_block;
+    const T* vb = vp + table[b] * k_block;
+    for (int64_t t = 0; t < 16; ++t) {  // each key once, for the group's queries
+      if (t >= nt) {
+        for (int i = 0; i < G; ++i) _mm256_store_ps(parts[i][t], _mm256_setzero_ps());
+        continue;
+      }
+      __m256 k[C];
+      for (int c = 0; c < C; ++c) k[c] = load8(kb + t * k_token + c * 8);
+      for (int i = 0; i < G; ++i) {
+        __m256 s = _mm256_mul_ps(_mm256_loadu_ps(qf + i * D), k[0]);
+        for (int c = 1; c < C; ++c) s = _mm256_fmadd_ps(_mm256_loadu_ps(qf + i * D + c * 8), k[c], s);
+        _mm256_store_ps(parts[i][t], s);
+      }
+    }
+    const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    const __m256 valid[2] = {_mm256_cmp_ps(lanes, _mm256_set1_ps(static_cast<float>(nt)), _CMP_LT_OQ),
+                             _mm256_cmp_ps(lanes, _mm256_set1_ps(static_cast<float>(nt - 8)), _CMP_LT_OQ)};
+    for (int i = 0; i < G; ++i) {  // the block's scores, the new running maximum, weights, rescaled sums
+      __m256 s[2];
+      for (int h = 0; h < 2; ++h) s[h] = _mm256_blendv_ps(ninf, lane_sums8(parts[i] + 8 * h), valid[h]);
+      const float best = std::max(m[i], hmax8(_mm256_max_ps(s[0], s[1])));
+      __m256 sum = _mm256_setzero_ps();
+      for (int h = 0; h < 2; ++h) {
+        const __m256 w = _mm256_and_ps(exp8(_mm256_sub_ps(s[h], _mm256_set1_ps(best))), valid[h]);
+        _mm256_store_ps(p[i] + 8 * h, w);
+        sum = _mm256_add_ps(sum, w);
+      }
+      rescale[i] = exp_nonpositive(m[i] - best);  // ~0 on the first block (m = -inf)
+      l[i] = l[i] * rescale[i] + hsum8(sum);
+      m[i] = best;
+    }
+    for (int c = 0; c < C; ++c) {  // the weighted values, 8 of the D output values at a time
+      __m256 a[G];
+      for (int i = 0; i < G; ++i) a[i] = _mm256_mul_ps(_mm256_load_ps(acc[i] + c * 8), _mm256_set1_ps(rescale[i]));
+      for (int64_t t = 0; t < nt; ++t) {
+        const __m256 v = load8(vb + t * k_token + c * 8);
+        for (int i = 0; i < G; ++i) a[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(p[i] + t), v, a[i]);
+      }
+      for (int i = 0; i < G; ++i) _mm256_store_ps(acc[i] + c * 8, a[i]);
+    }
+  }
+  for (int i = 0; i < G; ++i) {  // a row with no key (never in practice) gives zeros
+    const __m256 inv = _mm256_set1_ps(l[i] > 0.f ? 1.f / l[i] : 0.f);
+    for (int c = 0; c < C; ++c) _mm256_storeu_ps(out + i * D + c * 8, _mm256_mul_ps(_mm256_load_ps(acc[i] + c * 8), inv));
+  }
+}
+
+using ItemFn = void (*)(const float*, const void*, const void*, const int64_t*, int64_t, int64_t, int64_t, float*);
+
+template <typename T, int D, int G>
+void item_erased(const float* qf, const void* kp, const void* vp, const int64_t* table, int64_t len, int64_t k_block,
+                 int64_t k_token, float* out) {
+  attend_item_avx2<T, D, G>(qf, static_cast<const T*>(kp), static_cast<const T*>(vp), table, len, k_block, k_token,
+                            out);
+}
+
+// The AVX2 item function for (D, G) with blocks of `bs` keys, or nullptr (then the portable loop runs).
+template <typename T>
+ItemFn avx2_item(int64_t bs, int64_t d, int64_t g) {
+  if (bs != 16 || (d != 64 && d != 128) || g < 1 || g > 8) return nullptr;
+#define ATTNSERVE_ITEM(DD)                                                                           \
+  switch (g) {                                                                                       \
+    case 1: return &item_erased<T, DD, 1>; case 2: return &item_erased<T, DD, 2>;                    \
+    case 3: return &item_erased<T, DD, 3>; case 4: return &item_erased<T, DD, 4>;                    \
+    case 5: return &item_erased<T, DD, 5>; case 6: return &item_erased<T, DD, 6>;                    \
+    case 7: return &item_erased<T, DD, 7>; default: return &item_erased<T, DD, 8>;                   \
+  }
+  if (d == 64) { ATTNSERVE_ITEM(64) }
+  ATTNSERVE_ITEM(128)
+#undef ATTNSERVE_ITEM
+}
