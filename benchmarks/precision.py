@@ -9,7 +9,8 @@ on) in consecutive windows, every token predicted once with up to a window of co
 - float32, and bfloat16 (weights and activations);
 - int8 as the service prepares it (`--quantization int8`, service/engine/weights.py: the stacks' linears int8,
   projections fused), float32 activations, evaluated on each matmul path because they round differently:
-  "dequantize" (what prefill chunks of more than 64 rows run: the weight dequantized, float32 matmul), "matvec"
+  "dequantize" (what prefill chunks of more than 64 rows run but on AVX2, where the int8 x int8 product takes them
+  too: the weight dequantized, float32 matmul), "matvec"
   (what decode rows run where the CPU has AVX-512 BF16 or AVX2 + FMA: our kernel, model/cpu_linear.py; x
   quantized to int8 in blocks of 32 features with a scale each, as llama.cpp's Q8_0 product does, on AVX-512 VNNI
   or AVX2) and "packed" (decode rows elsewhere: `_weight_int8pack_mm`, bfloat16 activations and outputs); once

@@ -11,7 +11,10 @@ is about as fast (0.85-1.3x: both compute-bound); int8 (below) runs 1.5-2.3x tor
 row and 3-5x from 8 rows up. On AVX2 + FMA (a 2-core Zen 3, where oneDNN packs no bfloat16 weight): float32 at
 1.3-1.5x oneDNN's prepacked float32 rate at one row (~27-36 GB/s), 1.2-1.4x at 8 rows, about even at 32;
 bfloat16 in 0.45-0.65x our float32's time at one row, int8 in 0.3-0.4x. Above `MAX_ROWS` rows (prefill chunks)
-the plain paths take over: `F.linear` for bfloat16, the dequantized weight for int8 (model/quantize.py).
+the plain paths take over: `F.linear` for bfloat16, the dequantized weight for int8 (model/quantize.py); but the
+AVX2 build's int8 x int8 product keeps them too, being compute-bound there at more MACs per instruction than float32
+FMAs: on the 2-core Zen 3 at 65-512 rows it took 0.4-0.8x the time of dequantizing + F.linear (SmolLM2's shapes;
+not measured against oneDNN's bfloat16 GEMM on AVX-512, so that build keeps the limit).
 
 Packed layout, rows in panels of 16: packed[panel][k / 2][row][2] = W[panel * 16 + row][k], padded with zero rows
 to a whole number of work items (2 panels) and a zero column to an even K; scales and bias padded alike, float32.
@@ -157,14 +160,15 @@ class PackedLinear(Repacked):
 
 
 class PackedInt8Linear(Repacked, Int8Linear):
-    """An Int8Linear whose few-row products run on the kernel (its int8 weight packed beside the plain one); more
-    rows take Int8Linear's own path. `model.quantize.int8_kernel("matvec")` forces the kernel at any row count,
+    """An Int8Linear whose products run on the kernel (its int8 weight packed beside the plain one): AVX2's int8 x
+    int8 product at any number of rows, the others up to MAX_ROWS; more rows take Int8Linear's own path. `model.quantize.int8_kernel("matvec")` forces the kernel at any row count,
     another forced path Int8Linear's (to measure each path's accuracy, benchmarks/precision.py)."""
 
     packed: Tensor
     scale_rows: Tensor
     bias_rows: Tensor | None
     q8: bool
+    any_rows: bool
 
     def __init__(self, linear: Int8Linear) -> None:
         super().__init__(linear.qweight.detach(), linear.scale, linear.bias)
@@ -173,6 +177,7 @@ class PackedInt8Linear(Repacked, Int8Linear):
     def _pack(self) -> None:
         module = kernel()
         self.q8 = bool(module is not None and module.has_q8() and self.in_features % Q8_BLOCK == 0)
+        self.any_rows = self.q8 and module is not None and module.isa() == "avx2"  # the module docstring
         packed = pack_quads(self.qweight) if self.q8 else pack(self.qweight)
         rows = packed.size(0) * packed.size(2)
         self.register_buffer("packed", packed, persistent=False)
@@ -182,7 +187,7 @@ class PackedInt8Linear(Repacked, Int8Linear):
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
         module, choice = kernel(), int8_kernel_choice()
-        if module is None or not (choice == "matvec" or (choice == "auto" and x2.size(0) <= MAX_ROWS)):
+        if module is None or not (choice == "matvec" or (choice == "auto" and (self.any_rows or x2.size(0) <= MAX_ROWS))):
             return super().forward(x)
         if self.q8:
             y = module.linear_q8(x2, self.packed, self.out_features, self.scale_rows, self.bias_rows)
