@@ -14,7 +14,8 @@ bfloat16 in 0.45-0.65x our float32's time at one row, int8 in 0.3-0.4x. Above `M
 the plain paths take over: `F.linear` for bfloat16, the dequantized weight for int8 (model/quantize.py); but the
 AVX2 build's int8 x int8 product keeps them too, being compute-bound there at more MACs per instruction than float32
 FMAs: on the 2-core Zen 3 at 65-512 rows it took 0.4-0.8x the time of dequantizing + F.linear (SmolLM2's shapes;
-not measured against oneDNN's bfloat16 GEMM on AVX-512, so that build keeps the limit).
+not measured against oneDNN's bfloat16 GEMM on AVX-512, so that build keeps the limit). So does AVX2's bfloat16
+kernel: F.linear in bfloat16 has no native path there and took ~7x its time at 65-512 rows.
 
 Packed layout, rows in panels of 16: packed[panel][k / 2][row][2] = W[panel * 16 + row][k], padded with zero rows
 to a whole number of work items (2 panels) and a zero column to an even K; scales and bias padded alike, float32.
@@ -124,8 +125,9 @@ class Repacked(nn.Module):
 
 
 class PackedLinear(Repacked):
-    """y = x W^T + b with a bfloat16 or float32 W: the kernel up to MAX_ROWS rows, F.linear above. `weight` keeps the plain
-    weight (what readers of W and the parameter count see); the packed copy is a buffer beside it."""
+    """y = x W^T + b with a bfloat16 or float32 W: the kernel up to MAX_ROWS rows (at any on AVX2 for bfloat16),
+    F.linear above. `weight` keeps the plain weight (what readers of W and the parameter count see); the packed copy
+    is a buffer beside it."""
 
     packed: Tensor
     bias_rows: Tensor | None
@@ -145,7 +147,8 @@ class PackedLinear(Repacked):
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
         module, dtype = kernel(), self.weight.dtype
-        if x2.size(0) > MAX_ROWS or module is None or dtype not in (torch.bfloat16, torch.float32) or (
+        many = x2.size(0) > MAX_ROWS and not (dtype == torch.bfloat16 and module is not None and module.isa() == "avx2")
+        if many or module is None or dtype not in (torch.bfloat16, torch.float32) or (
                 dtype == torch.float32 and x.dtype != dtype):
             bias = self.bias.detach() if self.bias is not None else None
             return F.linear(x.to(dtype), self.weight.detach(), bias).to(x.dtype)  # y in x's dtype, as the kernel's
