@@ -55,6 +55,33 @@ inline __m256 load8(const at::BFloat16* p) {
 #include "paged_attention_avx2.h"
 #endif
 
+#if defined(__AVX512F__) || defined(ATTNSERVE_PAGED_AVX2)
+// The vector path's `attend_item<T, D, G>` (paged_attention_avx512.h or _avx2.h) behind one pointer type.
+using ItemFn = void (*)(const float*, const void*, const void*, const int64_t*, int64_t, int64_t, int64_t, float*);
+
+template <typename T, int D, int G>
+void item_erased(const float* qf, const void* kp, const void* vp, const int64_t* table, int64_t len, int64_t k_block,
+                 int64_t k_token, float* out) {
+  attend_item<T, D, G>(qf, static_cast<const T*>(kp), static_cast<const T*>(vp), table, len, k_block, k_token, out);
+}
+
+// The vector path's item function for (D, G) with blocks of `bs` keys, or nullptr (then the portable loop runs).
+template <typename T>
+ItemFn fast_item(int64_t bs, int64_t d, int64_t g) {
+  if (bs != 16 || (d != 64 && d != 128) || g < 1 || g > 8) return nullptr;
+#define ATTNSERVE_ITEM(DD)                                                                           \
+  switch (g) {                                                                                       \
+    case 1: return &item_erased<T, DD, 1>; case 2: return &item_erased<T, DD, 2>;                    \
+    case 3: return &item_erased<T, DD, 3>; case 4: return &item_erased<T, DD, 4>;                    \
+    case 5: return &item_erased<T, DD, 5>; case 6: return &item_erased<T, DD, 6>;                    \
+    case 7: return &item_erased<T, DD, 7>; default: return &item_erased<T, DD, 8>;                   \
+  }
+  if (d == 64) { ATTNSERVE_ITEM(64) }
+  ATTNSERVE_ITEM(128)
+#undef ATTNSERVE_ITEM
+}
+#endif
+
 // q . k over d values (q in float32, already scaled).
 template <typename T>
 inline float dot(const float* q, const T* k, int64_t d) {
@@ -105,10 +132,8 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
   const int64_t* lp = context_lens.data_ptr<int64_t>();
   const int64_t k_block = bs * h_kv * d, k_token = h_kv * d;  // strides of the pool (contiguous)
   const float fscale = static_cast<float>(scale);
-#if defined(__AVX512F__)
-  const ItemFn fast = avx512_item<T>(bs, d, g);  // the common shapes' path (paged_attention_avx512.h)
-#elif defined(ATTNSERVE_PAGED_AVX2)
-  const ItemFn fast = avx2_item<T>(bs, d, g);  // the same in 8 lanes (paged_attention_avx2.h)
+#if defined(__AVX512F__) || defined(ATTNSERVE_PAGED_AVX2)
+  const ItemFn fast = fast_item<T>(bs, d, g);  // the common shapes' path (paged_attention_avx512.h / _avx2.h)
 #endif
 
   at::parallel_for(0, N * h_kv, 1, [&](int64_t begin, int64_t end) {

@@ -49,8 +49,8 @@ inline __m512 lane_sums(const __m512 (&v)[16]) {
 // One work item: queries qf (G x D, float32, already scaled) over `len` keys of `table` (blocks of 16, K/V head
 // offsets applied to kp/vp; k_block and k_token are the pool's strides), the result (G x D) into out.
 template <typename T, int D, int G>
-void attend_item_avx512(const float* qf, const T* kp, const T* vp, const int64_t* table, int64_t len,
-                        int64_t k_block, int64_t k_token, float* out) {
+void attend_item(const float* qf, const T* kp, const T* vp, const int64_t* table, int64_t len,
+                 int64_t k_block, int64_t k_token, float* out) {
   constexpr int C = D / 16;  // registers per head row
   __m512 acc[G][C];
   float m[G], l[G];
@@ -104,29 +104,4 @@ void attend_item_avx512(const float* qf, const T* kp, const T* vp, const int64_t
     const __m512 inv = _mm512_set1_ps(l[i] > 0.f ? 1.f / l[i] : 0.f);
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + i * D + c * 16, _mm512_mul_ps(acc[i][c], inv));
   }
-}
-
-using ItemFn = void (*)(const float*, const void*, const void*, const int64_t*, int64_t, int64_t, int64_t, float*);
-
-template <typename T, int D, int G>
-void item_erased(const float* qf, const void* kp, const void* vp, const int64_t* table, int64_t len, int64_t k_block,
-                 int64_t k_token, float* out) {
-  attend_item_avx512<T, D, G>(qf, static_cast<const T*>(kp), static_cast<const T*>(vp), table, len, k_block, k_token,
-                              out);
-}
-
-// The AVX-512 item function for (D, G) with blocks of `bs` keys, or nullptr (then the portable loop runs).
-template <typename T>
-ItemFn avx512_item(int64_t bs, int64_t d, int64_t g) {
-  if (bs != 16 || (d != 64 && d != 128) || g < 1 || g > 8) return nullptr;
-#define ATTNSERVE_ITEM(DD)                                                                           \
-  switch (g) {                                                                                       \
-    case 1: return &item_erased<T, DD, 1>; case 2: return &item_erased<T, DD, 2>;                    \
-    case 3: return &item_erased<T, DD, 3>; case 4: return &item_erased<T, DD, 4>;                    \
-    case 5: return &item_erased<T, DD, 5>; case 6: return &item_erased<T, DD, 6>;                    \
-    case 7: return &item_erased<T, DD, 7>; default: return &item_erased<T, DD, 8>;                   \
-  }
-  if (d == 64) { ATTNSERVE_ITEM(64) }
-  ATTNSERVE_ITEM(128)
-#undef ATTNSERVE_ITEM
 }
