@@ -78,7 +78,8 @@ def pack_block_scales(scale: Tensor, panel: int = 16, panels: int = 2) -> Tensor
     n, blocks = scale.shape
     item = panel * panels
     rows = -(-n // item) * item
-    return F.pad(scale.detach().half(), (0, 0, 0, rows - n)).view(rows // item, item, blocks).transpose(1, 2).contiguous()
+    padded = F.pad(scale.detach().half(), (0, 0, 0, rows - n))
+    return padded.view(rows // item, item, blocks).transpose(1, 2).contiguous()
 
 
 def pack_f32(w: Tensor, panel: int = 16, panels: int = 2) -> Tensor:
@@ -164,8 +165,9 @@ class PackedLinear(Repacked):
 
 class PackedInt8Linear(Repacked, Int8Linear):
     """An Int8Linear whose products run on the kernel (its int8 weight packed beside the plain one): AVX2's int8 x
-    int8 product at any number of rows, the others up to MAX_ROWS; more rows take Int8Linear's own path. `model.quantize.int8_kernel("matvec")` forces the kernel at any row count,
-    another forced path Int8Linear's (to measure each path's accuracy, benchmarks/precision.py)."""
+    int8 product at any number of rows, the others up to MAX_ROWS; more rows take Int8Linear's own path.
+    `model.quantize.int8_kernel("matvec")` forces the kernel at any row count, another forced path Int8Linear's (to
+    measure each path's accuracy, benchmarks/precision.py)."""
 
     packed: Tensor
     scale_rows: Tensor
@@ -190,7 +192,8 @@ class PackedInt8Linear(Repacked, Int8Linear):
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
         module, choice = kernel(), int8_kernel_choice()
-        if module is None or not (choice == "matvec" or (choice == "auto" and (self.any_rows or x2.size(0) <= MAX_ROWS))):
+        rows_ok = self.any_rows or x2.size(0) <= MAX_ROWS
+        if module is None or not (choice == "matvec" or (choice == "auto" and rows_ok)):
             return super().forward(x)
         if self.q8:
             y = module.linear_q8(x2, self.packed, self.out_features, self.scale_rows, self.bias_rows)

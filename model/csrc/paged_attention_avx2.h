@@ -110,6 +110,7 @@ void attend_item(const float* qf, const T* kp, const T* vp, const int64_t* table
   }
   for (int i = 0; i < G; ++i) {  // a row with no key (never in practice) gives zeros
     const __m256 inv = _mm256_set1_ps(l[i] > 0.f ? 1.f / l[i] : 0.f);
-    for (int c = 0; c < C; ++c) _mm256_storeu_ps(out + i * D + c * 8, _mm256_mul_ps(_mm256_load_ps(acc[i] + c * 8), inv));
+    for (int c = 0; c < C; ++c)
+      _mm256_storeu_ps(out + i * D + c * 8, _mm256_mul_ps(_mm256_load_ps(acc[i] + c * 8), inv));
   }
 }
