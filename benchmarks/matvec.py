@@ -114,6 +114,13 @@ def candidates(k: int, n: int, m: int) -> dict[str, tuple[int, float]]:
     return out
 
 
+def gemm_peak(size: int = 2048) -> float:
+    """Multiply-adds per second of torch's float32 GEMM on square matrices (MKL or oneDNN): the rate the CPU's
+    FMA units reach in practice, beside which the many-row products are read (at 32 rows they are compute-bound)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return size**3 / best_seconds(lambda w: torch.mm(a, w), [b], 3)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1,8,32", help="row counts M (decode streams), comma-separated")
@@ -131,14 +138,16 @@ def main(argv: list[str] | None = None) -> None:
     lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
              f"{torch.backends.cpu.get_cpu_capability()}, matvec kernel {mv.isa() if mv is not None else 'none'}; "
              "GB/s = weight bytes / time of one call; "
-             f"weights cycled through {WORKING_SET // 2**20} MiB of copies (from memory, not cache)", "",
-             "| shape | M | kernel | GB/s | us / call |", "|---|---|---|---|---|"]
+             f"weights cycled through {WORKING_SET // 2**20} MiB of copies (from memory, not cache); "
+             f"GMAC/s = M x weights / time; float32 GEMM 2048^3 (torch.mm): {gemm_peak() / 1e9:.0f} GMAC/s", "",
+             "| shape | M | kernel | GB/s | GMAC/s | us / call |", "|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for i in (int(s) for s in args.shapes.split(",")):
         k, n = SHAPES[names[i]]
         for m in rows:
             for kernel, (nbytes, secs) in candidates(k, n, m).items():
-                line = f"| {names[i]} | {m} | {kernel} | {nbytes / secs / 1e9:.1f} | {secs * 1e6:.0f} |"
+                macs = m * k * n / secs / 1e9
+                line = f"| {names[i]} | {m} | {kernel} | {nbytes / secs / 1e9:.1f} | {macs:.1f} | {secs * 1e6:.0f} |"
                 print(line, flush=True)
                 lines.append(line)
     if args.out is not None:
