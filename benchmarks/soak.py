@@ -4,7 +4,8 @@
     python -m benchmarks.soak --model shakespeare-gpt --minutes 2
 
 Requests of random lengths (prompt 16-400 tokens, output 16-256, greedy, ignore_eos) keep --streams in flight
-for --minutes. Every --every seconds: the server's resident memory (RSS, from /proc) and, from /metrics, the KV
+for --minutes. Every --every seconds: the server's resident memory (RSS, from /proc, summed over the server
+process and its children: the engine core process holds the weights and the KV pool) and, from /metrics, the KV
 blocks in use and the requests running. KV memory in use should follow the tokens held (it rises and falls with
 the load; the pool is allocated lazily) and RSS should stay flat once the server has served its first few
 requests: the report gives RSS after a 2-minute warm-up, at the end, and the largest, and a plot. Failed requests
@@ -38,13 +39,16 @@ GAUGES = ("attnserve_kv_blocks", "attnserve_kv_blocks_free", "attnserve_requests
 
 
 async def sample(client: aiohttp.ClientSession, spec: LoadSpec, pid: int, t0: float) -> dict[str, float]:
-    """RSS of the server process and its KV / running gauges for this model, now."""
+    """RSS of the server's processes (the frontend, the engine core and any other frontends; the largest of them
+    alone too) and its KV / running gauges for this model, now."""
     async with client.get(f"{spec.url}/metrics") as resp:
         text = await resp.text()
     m = {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples
          if s.name in GAUGES and s.labels.get("model") == spec.model}
-    rss = psutil.Process(pid).memory_info().rss
-    return {"t": time.monotonic() - t0, "rss_mib": rss / 2**20,
+    server = psutil.Process(pid)
+    each = [p.memory_info().rss for p in (server, *server.children(recursive=True))]
+    return {"t": time.monotonic() - t0, "rss_mib": sum(each) / 2**20, "largest_rss_mib": max(each) / 2**20,
+            "processes": len(each),
             "kv_blocks_used": m.get(GAUGES[0], 0.0) - m.get(GAUGES[1], 0.0), "running": m.get(GAUGES[2], 0.0)}
 
 
@@ -87,6 +91,7 @@ def summary(res: dict[str, Any]) -> dict[str, float]:
     warm = [x["rss_mib"] for x in s if x["t"] >= WARM_S] or [s[-1]["rss_mib"]]
     return {"rss_after_warm_up_mib": warm[0], "rss_end_mib": s[-1]["rss_mib"],
             "rss_max_mib": max(x["rss_mib"] for x in s), "growth_after_warm_up_mib": s[-1]["rss_mib"] - warm[0],
+            "processes_at_end": s[-1]["processes"],
             "kv_blocks_used_max": max(x["kv_blocks_used"] for x in s), "requests": res["requests"],
             "failed": res["failed"]}
 
@@ -100,7 +105,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     s = res["samples"]
     t = [x["t"] / 60 for x in s]
     fig, ax = plt.subplots(figsize=(8, 4))
-    ax.plot(t, [x["rss_mib"] for x in s], label="server RSS (MiB)")
+    ax.plot(t, [x["rss_mib"] for x in s], label="server RSS, all its processes (MiB)")
     ax.set_xlabel("minutes")
     ax.set_ylabel("MiB")
     kv = ax.twinx()
