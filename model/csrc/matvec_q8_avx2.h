@@ -22,17 +22,7 @@
 constexpr int64_t QBLOCK = 32;  // features per x scale
 constexpr int64_t MQ = 2;       // rows of x per tile
 
-inline __m256 floats8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 floats8(const at::BFloat16* p) {
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
-
-inline float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
+#include "avx2_lanes.h"
 
 inline int32_t hsum(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -51,10 +41,10 @@ void quantize_rows(const In* x, int64_t M, int64_t K, int8_t* xq, float* xs, int
       const int64_t m = j / nb, b = j % nb;
       const In* src = x + m * K + b * QBLOCK;
       __m256 v[4];
-      for (int h = 0; h < 4; ++h) v[h] = floats8(src + 8 * h);
+      for (int h = 0; h < 4; ++h) v[h] = load8(src + 8 * h);
       const __m256 a = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
                                      _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
-      const float amax = hmax(a);
+      const float amax = hmax8(a);
       const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
       __m256i q[4];
       for (int h = 0; h < 4; ++h) q[h] = _mm256_cvtps_epi32(_mm256_mul_ps(v[h], inv));

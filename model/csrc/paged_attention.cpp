@@ -46,12 +46,7 @@ inline __m512 load16(const at::BFloat16* p) {
 
 #include "paged_attention_avx512.h"
 #elif defined(ATTNSERVE_PAGED_AVX2)
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const at::BFloat16* p) {
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
-
+#include "avx2_lanes.h"
 #include "paged_attention_avx2.h"
 #endif
 

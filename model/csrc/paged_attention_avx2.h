@@ -10,7 +10,8 @@
 // - the online softmax runs on those two registers per head (exp_nonpositive's polynomial on 8 lanes);
 // - the output rows are updated per 8 of their D values: that slice of the G rows stays in registers while the
 //   block's 16 value rows are added in, so each output slice is loaded and stored once per block, not per key.
-// Included by paged_attention.cpp inside its anonymous namespace, after `load8` and `exp_nonpositive`.
+// Included by paged_attention.cpp inside its anonymous namespace, after avx2_lanes.h (`load8`, `hmax8`) and
+// `exp_nonpositive`.
 #pragma once
 
 // e^x, lane by lane, for x <= 0: exp_nonpositive's polynomial on 8 lanes.
@@ -36,12 +37,6 @@ inline __m256 lane_sums8(const float (*v)[8]) {
   for (int i = 0; i < 4; ++i) a[i] = _mm256_hadd_ps(_mm256_load_ps(v[2 * i]), _mm256_load_ps(v[2 * i + 1]));
   const __m256 b0 = _mm256_hadd_ps(a[0], a[1]), b1 = _mm256_hadd_ps(a[2], a[3]);  // keys 0-3, 4-7 by half
   return _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
-}
-
-inline float hmax8(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
 }
 
 inline float hsum8(__m256 v) {
