@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from model import cpu_kernels
-from model.cpu_linear import MAX_ROWS, FusedRMSNorm, PackedInt8Linear, PackedLinear
+from model.cpu_linear import MAX_ROWS, FusedRMSNorm, PackedBlockInt8Linear, PackedInt8Linear, PackedLinear
+from model.cpu_linear import kernel as matvec_kernel
 from model.layers import DecoderLayer
 from model.paged_cache import PagedKVCache, StepLayout
 from model.quantize import int8_kernel_choice
@@ -79,6 +80,23 @@ def why_not(model: nn.Module) -> str:
     return ""
 
 
+def head_product(head: nn.Module, dtype: torch.dtype) -> int | None:
+    """csrc/decoder_step.cpp's `Product` for an LM head whose forward runs on the matvec kernel at up to
+    `MAX_ROWS` rows of `dtype` activations (0 plain, 1 int8 x int8 per-row scales, 2 Q8_0 block scales), or None
+    where it takes another path (F.linear, Int8Linear's own)."""
+    module = matvec_kernel()
+    if module is None:
+        return None
+    if type(head) is PackedLinear:
+        ok = head.weight.dtype == torch.bfloat16 or (head.weight.dtype == torch.float32 and dtype == torch.float32)
+        return 0 if ok else None
+    if type(head) is PackedInt8Linear:
+        return 1 if head.q8 else 0
+    if type(head) is PackedBlockInt8Linear:
+        return 2 if module.has_q8_blocks() else None
+    return None
+
+
 class FusedStep:
     """The decoder stack of `model` (see `why_not`) bound to the C++ step."""
 
@@ -118,6 +136,55 @@ class FusedStep:
         self.step = module.DecoderStep(norms, norm_biases, eps, cfg.norm_kind == "layernorm", packed, rows, scales,
                                        biases, q8, cfg.ffn == "gated", ACTIVATIONS.index(cfg.activation), cfg.h,
                                        cfg.kv_heads, cfg.d_k)
+        self.bound: tuple[object, ...] = ()
+        self.has_head = self._bind_head(model)
+
+    @staticmethod
+    def _head_parts(model: DecoderOnlyLM) -> tuple[object, ...]:
+        """What the bound head was made from: a new head, or one repacked (a new weight or bias), is bound anew."""
+        head = model.generator
+        return (head, model.decoder.norm, *(getattr(head, k, None) for k in ("packed", "bias_rows", "block_scales",
+                                                                            "scale_rows")))
+
+    def _bind_head(self, model: DecoderOnlyLM) -> bool:
+        """Bind the final norm and the LM head to the C++ step where the head's own forward would run on the
+        matvec kernel at a decode step's rows (`head_product`); whether it did."""
+        self.bound = self._head_parts(model)
+        norm, head, dtype = model.decoder.norm, model.generator, model.tgt_embed.weight.dtype
+        product = head_product(head, dtype)
+        if product is None or not _is_norm(norm, model.config.norm_kind == "layernorm", dtype):
+            return False
+        assert isinstance(norm, FusedRMSNorm | nn.LayerNorm | nn.RMSNorm) and isinstance(norm.weight, Tensor)
+        assert isinstance(head, Packed | PackedBlockInt8Linear)
+        bias = getattr(norm, "bias", None)
+        eps = float(norm.eps if norm.eps is not None else torch.finfo(norm.weight.dtype).eps)
+        scale = head.block_scales if isinstance(head, PackedBlockInt8Linear) else getattr(head, "scale_rows", None)
+        empty = torch.empty(0)
+        self.int8 |= product > 0 or isinstance(head, PackedInt8Linear)
+        self.step.bind_head(norm.weight.detach(), bias.detach() if isinstance(bias, Tensor) else empty, eps,
+                            head.packed, head.out_features, scale if scale is not None else empty,
+                            head.bias_rows if head.bias_rows is not None else empty, product)
+        return True
+
+    def logits(self, tokens: Tensor, positions: Tensor, cache: PagedKVCache, rows: Tensor) -> Tensor:
+        """float32 logits (R, vocab) at `rows` (R,) of the step of `__call__`, the final norm and the head run in
+        the same C++ call (where `has_head`; the model's own head where it no longer can)."""
+        if any(a is not b for a, b in zip(self._head_parts(self.model), self.bound, strict=True)):
+            self.has_head = self._bind_head(self.model)
+            if not self.has_head:
+                return self.model.logits(self(tokens, positions, cache).index_select(0, rows)).float()
+        x, cos, sin = self._inputs(tokens, positions)
+        lay, pool = cache.layout, cache.pool
+        return self.step.logits(x, cos, sin, pool.k, pool.v, lay.write_slots, lay.tables, lay.row_table,
+                                lay.context_lens, rows)
+
+    def _inputs(self, tokens: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The embedded tokens (N, d_model) and their rotary angles (N, d_k) each (empty without rotary)."""
+        model = self.model
+        x = model.embed(tokens[None], positions[None], model.tgt_embed)[0]  # (N, d_model)
+        rotary = model.rotations(positions[None], x.dtype)  # None where positions were added to x
+        cos, sin = (t.reshape(tokens.size(0), -1) for t in rotary) if rotary is not None else (self.empty,) * 2
+        return x, cos, sin
 
     def accepts(self, layout: StepLayout, num_rows: int) -> bool:
         """Whether this step's rows can all run fused: few enough for the matvec kernel, every row on the paged
@@ -130,9 +197,7 @@ class FusedStep:
         """Hidden states (N, d_model) after the final norm for tokens, positions (N,), their K/V written to the
         pool as the eager step writes them."""
         model, lay, pool = self.model, cache.layout, cache.pool
-        x = model.embed(tokens[None], positions[None], model.tgt_embed)[0]  # (N, d_model)
-        rotary = model.rotations(positions[None], x.dtype)  # None where positions were added to x
-        cos, sin = (t.reshape(tokens.size(0), -1) for t in rotary) if rotary is not None else (self.empty,) * 2
+        x, cos, sin = self._inputs(tokens, positions)
         out = self.step.forward(x, cos, sin, pool.k, pool.v, lay.write_slots, lay.tables, lay.row_table,
                                 lay.context_lens)
         norm = model.decoder.norm

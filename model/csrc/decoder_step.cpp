@@ -27,15 +27,20 @@ namespace {
 
 using namespace attnserve::elementwise;
 
-// A linear packed by model/cpu_linear.py: bfloat16, int8 widened in registers, or int8 x int8 (`linear_q8`).
+// A linear packed by model/cpu_linear.py: float32, bfloat16, int8 widened in registers, int8 x int8 with a scale
+// per row (`linear_q8`) or with a float16 scale per 32 features of a row (`linear_q8_blocks`: Q8_0's form).
+enum Product { PLAIN = 0, Q8 = 1, Q8_BLOCKS = 2 };
+
 struct Linear {
   at::Tensor packed;
   int64_t n;
   c10::optional<at::Tensor> scale, bias;
-  bool q8;
+  int64_t product;
   at::Tensor operator()(const at::Tensor& x) const {
     if (packed.scalar_type() == at::kFloat) return attnserve::linear_f32(x, packed, n, bias);
-    return q8 ? attnserve::linear_q8(x, packed, n, *scale, bias) : attnserve::linear(x, packed, n, scale, bias);
+    if (product == Q8_BLOCKS) return attnserve::linear_q8_blocks(x, packed, n, *scale, bias);
+    return product == Q8 ? attnserve::linear_q8(x, packed, n, *scale, bias)
+                         : attnserve::linear(x, packed, n, scale, bias);
   }
 };
 
@@ -100,10 +105,21 @@ class DecoderStep {
     TORCH_CHECK(activation_ >= SILU && activation_ <= GELU_TANH, "an activation of model/layers.py");
     for (const auto& b : norm_biases) norm_biases_.push_back(given(b));
     for (size_t i = 0; i < packed.size(); ++i)
-      linears_.push_back({packed[i], rows[i], given(scales[i]), given(biases[i]), q8[i]});
+      linears_.push_back({packed[i], rows[i], given(scales[i]), given(biases[i]), q8[i] ? Q8 : PLAIN});
+  }
+
+  // The final norm and the LM head (`product`: `Product`), for `logits`.
+  void bind_head(const at::Tensor& norm, const at::Tensor& norm_bias, double eps, const at::Tensor& packed,
+                 int64_t rows, const at::Tensor& scale, const at::Tensor& bias, int64_t product) {
+    TORCH_CHECK(product >= PLAIN && product <= Q8_BLOCKS && (product == PLAIN || scale.numel()), "a head's product");
+    final_norm_ = norm;
+    final_bias_ = given(norm_bias);
+    final_eps_ = eps;
+    head_ = Linear{packed, rows, given(scale), given(bias), product};
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(linears_.size() / 4); }
+  bool has_head() const { return head_.has_value(); }
 
   // x (N, D) bfloat16, the embedded tokens; cos, sin (N, d) the rows' rotary angles (sin's first half negated,
   // model/layers.py), or empty where positions were added to x; k_cache, v_cache (layers, blocks, bs, h_kv, d);
@@ -117,6 +133,21 @@ class DecoderStep {
     if (x_in.scalar_type() == at::kFloat)
       return run<float>(x_in, cos, sin, k_cache, v_cache, write_slots, tables, row_table, context_lens);
     return run<bf16>(x_in, cos, sin, k_cache, v_cache, write_slots, tables, row_table, context_lens);
+  }
+
+  // The step's float32 logits (R, vocab) at `rows` (R,) of the stack's output: final norm and LM head in the same
+  // call, so that a one-row step leaves C++ once, with what the sampler reads.
+  at::Tensor logits(const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
+                    at::Tensor& v_cache, const at::Tensor& write_slots, const at::Tensor& tables,
+                    const at::Tensor& row_table, const at::Tensor& context_lens, const at::Tensor& rows) const {
+    TORCH_CHECK(head_.has_value(), "no head bound (bind_head)");
+    const at::Tensor x = forward(x_in, cos, sin, k_cache, v_cache, write_slots, tables, row_table, context_lens)
+                             .index_select(0, rows);
+    at::Tensor normed;
+    if (!layer_norm_) normed = attnserve::rms_norm(x, final_norm_, final_eps_);
+    else if (x.scalar_type() == at::kFloat) normed = layer_norm<float>(x, final_norm_, final_bias_, final_eps_);
+    else normed = layer_norm<bf16>(x, final_norm_, final_bias_, final_eps_);
+    return (*head_)(normed).to(at::kFloat);
   }
 
  private:
@@ -214,6 +245,10 @@ class DecoderStep {
   int64_t activation_;
   std::vector<Linear> linears_;
   int64_t h_, h_kv_, d_;
+  at::Tensor final_norm_;
+  c10::optional<at::Tensor> final_bias_;
+  double final_eps_ = 0.0;
+  c10::optional<Linear> head_;
 };
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -223,6 +258,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           std::vector<at::Tensor>, std::vector<bool>, bool, int64_t, int64_t, int64_t, int64_t>())
       .def("forward", &DecoderStep::forward, pybind11::call_guard<pybind11::gil_scoped_release>(),
            "the stack's step over x (N, D): every layer in one call (CPU, bfloat16 or float32)")
+      .def("bind_head", &DecoderStep::bind_head, "the final norm and the LM head, for logits")
+      .def("logits", &DecoderStep::logits, pybind11::call_guard<pybind11::gil_scoped_release>(),
+           "forward, then the final norm and the head at the given rows: float32 logits (R, vocab)")
+      .def_property_readonly("has_head", [](const DecoderStep& s) { return s.has_head(); })
       .def_property_readonly("num_layers", &DecoderStep::num_layers);
   m.def("available", &attnserve::available, "whether the linked matvec kernel is built (AVX-512 BF16 or AVX2 + FMA)");
   m.def("has_q8", &attnserve::has_q8, "whether the linked matvec kernel has the int8 x int8 product");

@@ -11,6 +11,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, cons
 at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& packed, int64_t n, const at::Tensor& scale,
                      const c10::optional<at::Tensor>& bias);
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& packed, int64_t n, const c10::optional<at::Tensor>& bias);
+at::Tensor linear_q8_blocks(const at::Tensor& x, const at::Tensor& packed, int64_t n, const at::Tensor& scales,
+                            const c10::optional<at::Tensor>& bias);
 bool available();
 bool has_q8();
 

@@ -33,7 +33,8 @@ class Transfers:
 
     def h2d(self, dst: Tensor, src: Tensor) -> None:
         self.to_device += 1
-        dst.copy_(src, non_blocking=True)
+        if dst.data_ptr() != src.data_ptr():  # on a CPU the two are one buffer (StepInputs)
+            dst.copy_(src, non_blocking=True)
 
     def d2h(self, src: Tensor) -> Tensor:
         self.to_host += 1
@@ -88,7 +89,9 @@ class StepInputs:
         nbytes = self.mask_at + 4 * max_seqs * self.words
         pin = device.type == "cuda"
         self.host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin)
-        self.dev = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        # On a CPU the device's view is the host buffer itself: a step is done with its inputs before the next is
+        # packed, and the copy would move the whole buffer (~2 MB of block tables at 256 sequences) every step.
+        self.dev = self.host if device.type == "cpu" else torch.zeros(nbytes, dtype=torch.uint8, device=device)
         self.np_i64 = self.host.numpy()[: 8 * at].view(np.int64)
         self.np_f32 = self.host.numpy()[8 * at : self.mask_at].view(np.float32).reshape(len(PARAMS), max_seqs)
         dev_i64 = self.dev[: 8 * at].view(torch.int64)

@@ -115,7 +115,8 @@ class ModelRunner:
         self._threads_for(prep.num_rows)
         if prep.encode:
             self._encode(prep)
-        cache = None
+        cache, logits = None, None
+        rows = self.inputs.d["sample_rows"][: len(prep.sampled)]
         if bucket is not None and self.graphs is not None:
             hidden = self.graphs.run(bucket)  # (S_bucket, d_model)
         else:
@@ -123,14 +124,18 @@ class ModelRunner:
             d = self.inputs.d
             tokens, positions = d["tokens"][: prep.num_rows][None], d["positions"][: prep.num_rows][None]
             capture = self._capture(plan)
-            if self.fused is not None and capture is None and self.fused.accepts(prep.layout, prep.num_rows):
-                hidden = self.fused(tokens[0], positions[0], cache)  # (N, d)
+            fused = self.fused if capture is None and self.fused is not None and self.fused.accepts(
+                prep.layout, prep.num_rows) else None
+            if fused is not None and fused.has_head and prep.sampled and not prep.scored:
+                logits = fused.logits(tokens[0], positions[0], cache, rows)  # (R, vocab): one call, head included
+            elif fused is not None:
+                hidden = fused(tokens[0], positions[0], cache)  # (N, d)
             else:
                 hidden = self.model.decode(tokens, positions, cache=cache, capture=capture)[0]  # (N, d)
         parts: list[Tensor] = []
         if prep.sampled:
-            rows = self.inputs.d["sample_rows"][: len(prep.sampled)]
-            logits = self.model.logits(hidden.index_select(0, rows)).float()  # (R, vocab)
+            if logits is None:
+                logits = self.model.logits(hidden.index_select(0, rows)).float()  # (R, vocab)
             reqs = [s.request for s in prep.sampled]
             parts.append(self.sampler(logits, self.inputs.d_params, reqs, self._mask(prep)))
         k_prompt = max((s.request.params.prompt_logprobs or 0 for s in plan), default=0)
