@@ -23,10 +23,10 @@ from torch import Tensor, nn
 from model import cpu_kernels
 from model.cpu_linear import MAX_ROWS, FusedRMSNorm, PackedBlockInt8Linear, PackedInt8Linear, PackedLinear
 from model.cpu_linear import kernel as matvec_kernel
-from model.layers import DecoderLayer
+from model.layers import DecoderLayer, LearnedPositions, RotaryPositions, SinusoidalPositions
 from model.paged_cache import PagedKVCache, StepLayout
 from model.quantize import int8_kernel_choice
-from model.transformer import DecoderOnlyLM
+from model.transformer import DecoderOnlyLM, Embedding
 
 
 def kernel() -> ModuleType | None:
@@ -37,6 +37,7 @@ def kernel() -> ModuleType | None:
 Packed = PackedLinear | PackedInt8Linear
 
 
+TABLE_POSITIONS = 65536  # rotary tables up to this context (SmolLM2's 8,192: 2 x 1 MB in bfloat16); beyond, per step
 ACTIVATIONS = ("silu", "relu", "gelu", "gelu_tanh")  # csrc/decoder_step.cpp's `Activation`, in its order
 
 
@@ -138,6 +139,26 @@ class FusedStep:
                                        cfg.kv_heads, cfg.d_k)
         self.bound: tuple[object, ...] = ()
         self.has_head = self._bind_head(model)
+        self.has_inputs = self._bind_inputs(model)
+
+    def _bind_inputs(self, model: DecoderOnlyLM) -> bool:
+        """Bind the token embedding, the added position table and the rotary angles of every position (computed
+        once by the model's own module) to the C++ step, where the model has those kinds; whether it did."""
+        embed, added, rotary, dtype = model.tgt_embed, model.positions, model.rotary, model.tgt_embed.weight.dtype
+        table = added.weight if isinstance(added, LearnedPositions) else added.pe if isinstance(
+            added, SinusoidalPositions) else None
+        if type(embed) is not Embedding or (added is not None and (table is None or table.dtype != dtype)):
+            return False
+        cos = sin = self.empty
+        if rotary is not None:
+            n = model.config.max_len
+            if not isinstance(rotary, RotaryPositions) or n > TABLE_POSITIONS:
+                return False
+            with torch.no_grad():
+                cos, sin = (t.reshape(n, -1).contiguous() for t in rotary(torch.arange(n)[None], dtype))
+        self.step.bind_inputs(embed.weight.detach(), float(embed.scale), table.detach() if table is not None
+                              else self.empty, cos, sin)
+        return True
 
     @staticmethod
     def _head_parts(model: DecoderOnlyLM) -> tuple[object, ...]:
@@ -180,6 +201,8 @@ class FusedStep:
 
     def _inputs(self, tokens: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The embedded tokens (N, d_model) and their rotary angles (N, d_k) each (empty without rotary)."""
+        if self.has_inputs:
+            return self.step.inputs(tokens, positions)
         model = self.model
         x = model.embed(tokens[None], positions[None], model.tgt_embed)[0]  # (N, d_model)
         rotary = model.rotations(positions[None], x.dtype)  # None where positions were added to x

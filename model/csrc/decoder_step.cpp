@@ -15,17 +15,20 @@
 // `DecoderStep` object at load time, so a step passes only its activations and its block tables.
 #include "kernels.h"
 #include "elementwise.h"
+#include "decoder_rows.h"
 #include <ATen/Parallel.h>
 
 #include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 namespace {
 
 using namespace attnserve::elementwise;
+using namespace attnserve::rows;
 
 // A linear packed by model/cpu_linear.py: float32, bfloat16, int8 widened in registers, int8 x int8 with a scale
 // per row (`linear_q8`) or with a float16 scale per 32 features of a row (`linear_q8_blocks`: Q8_0's form).
@@ -45,43 +48,6 @@ struct Linear {
 };
 
 c10::optional<at::Tensor> given(const at::Tensor& t) { return t.defined() && t.numel() ? c10::optional(t) : c10::nullopt; }
-
-// LayerNorm of each row: (x - mean) / sqrt(var + eps) * g (+ b), in float32, rounded once.
-template <typename T>
-at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& g, const c10::optional<at::Tensor>& b, double eps) {
-  using E = Elem<T>;
-  using S = typename E::S;
-  const int64_t N = x.size(0), d = x.size(1);
-  at::Tensor y = at::empty_like(x);
-  const S *xp = in<T>(x), *gp = in<T>(g), *bp = b.has_value() ? in<T>(*b) : nullptr;
-  S* yp = out<T>(y);
-  for (int64_t n = 0; n < N; ++n) {
-    const S* xr = xp + n * d;
-    float sum = 0.f, sq = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < d; ++i) sum += E::get(xr[i]);
-    const float mean = sum / d;
-#pragma omp simd reduction(+ : sq)
-    for (int64_t i = 0; i < d; ++i) sq += (E::get(xr[i]) - mean) * (E::get(xr[i]) - mean);
-    const float rstd = 1.f / std::sqrt(sq / d + static_cast<float>(eps));
-    S* yr = yp + n * d;
-#pragma omp simd
-    for (int64_t i = 0; i < d; ++i)
-      yr[i] = E::put((E::get(xr[i]) - mean) * rstd * E::get(gp[i]) + (bp ? E::get(bp[i]) : 0.f));
-  }
-  return y;
-}
-
-// x += y, rounded to x's dtype (the eager step's residual sum).
-template <typename T>
-void add_into(at::Tensor& x, const at::Tensor& y) {
-  using E = Elem<T>;
-  typename E::S* xp = out<T>(x);
-  const typename E::S* yp = in<T>(y);
-  const int64_t n = x.numel();
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) xp[i] = E::put(E::get(xp[i]) + E::get(yp[i]));
-}
 
 }  // namespace
 
@@ -106,6 +72,38 @@ class DecoderStep {
     for (const auto& b : norm_biases) norm_biases_.push_back(given(b));
     for (size_t i = 0; i < packed.size(); ++i)
       linears_.push_back({packed[i], rows[i], given(scales[i]), given(biases[i]), q8[i] ? Q8 : PLAIN});
+  }
+
+  // What turns token ids and positions into the stack's input, for `inputs`: the token embedding (V, D) and its
+  // scale (1 or sqrt(D)), the added position table (P, D) or empty, the rotary cos and sin tables (P, d) or empty
+  // (model/fused_step.py computes them with the model's own ops), all in the activations' dtype.
+  void bind_inputs(const at::Tensor& embed, double scale, const at::Tensor& added, const at::Tensor& cos,
+                   const at::Tensor& sin) {
+    TORCH_CHECK(embed.dim() == 2 && embed.is_contiguous(), "embed: (V, D)");
+    TORCH_CHECK(!added.numel() || (added.dim() == 2 && added.size(1) == embed.size(1) && added.is_contiguous()),
+                "positions: (P, D)");
+    TORCH_CHECK(cos.sizes() == sin.sizes() && (!cos.numel() || (cos.dim() == 2 && cos.size(1) == d_)) &&
+                cos.is_contiguous() && sin.is_contiguous(), "cos, sin: (P, d)");
+    embed_ = embed, added_ = added, cos_ = cos, sin_ = sin, embed_scale_ = scale;
+  }
+
+  // x (N, D), cos, sin (N, d) (empty without rotary) for token ids and positions (N,), as the model's embed()
+  // and rotations() give them: each row looked up, scaled and summed in the activations' dtype, rounded as torch
+  // rounds each op.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> inputs(const at::Tensor& tokens, const at::Tensor& positions) const {
+    TORCH_CHECK(embed_.defined(), "no inputs bound (bind_inputs)");
+    const at::Tensor tok = tokens.to(at::kLong).contiguous(), pos = positions.to(at::kLong).contiguous();
+    TORCH_CHECK(tok.dim() == 1 && pos.sizes() == tok.sizes(), "tokens, positions: (N,) each");
+    const int64_t N = tok.size(0), D = embed_.size(1), V = embed_.size(0);
+    const int64_t P = added_.numel() ? added_.size(0) : cos_.numel() ? cos_.size(0) : INT64_MAX;
+    const int64_t *tp = tok.data_ptr<int64_t>(), *pp = pos.data_ptr<int64_t>();
+    for (int64_t n = 0; n < N; ++n)
+      TORCH_CHECK(tp[n] >= 0 && tp[n] < V && pp[n] >= 0 && pp[n] < P, "a token id or a position out of range");
+    at::Tensor x = at::empty({N, D}, embed_.options());
+    if (embed_.scalar_type() == at::kFloat) embed_rows<float>(embed_, embed_scale_, added_, tp, pp, N, x);
+    else embed_rows<bf16>(embed_, embed_scale_, added_, tp, pp, N, x);
+    if (!cos_.numel()) return {x, cos_, sin_};
+    return {x, cos_.index_select(0, pos), sin_.index_select(0, pos)};
   }
 
   // The final norm and the LM head (`product`: `Product`), for `logits`.
@@ -249,7 +247,36 @@ class DecoderStep {
   c10::optional<at::Tensor> final_bias_;
   double final_eps_ = 0.0;
   c10::optional<Linear> head_;
+  at::Tensor embed_, added_, cos_, sin_;
+  double embed_scale_ = 1.0;
 };
+
+// Each row's greedy choice over float32 logits (R, V): (R, 2) float32 of [the first index of the row's largest
+// value, 1 where that value is not finite (a NaN anywhere, +-inf) else 0]: torch's max(-1) and ~isfinite in one
+// pass, without the interpreter between their ops.
+at::Tensor greedy(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.size(1) > 0, "logits: (R, V) float32");
+  const at::Tensor x = logits.contiguous();
+  const int64_t R = x.size(0), V = x.size(1);
+  at::Tensor result = at::empty({R, 2}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* rp = result.data_ptr<float>();
+  at::parallel_for(0, R, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = xp + r * V;
+      float best = row[0];
+      int64_t at = 0;
+      bool nan = false;
+      for (int64_t i = 0; i < V; ++i) {
+        nan |= std::isnan(row[i]);
+        if (row[i] > best) best = row[i], at = i;
+      }
+      rp[2 * r] = static_cast<float>(at);
+      rp[2 * r + 1] = nan || !std::isfinite(best) ? 1.f : 0.f;
+    }
+  });
+  return result;
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<DecoderStep>(m, "DecoderStep")
@@ -258,11 +285,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           std::vector<at::Tensor>, std::vector<bool>, bool, int64_t, int64_t, int64_t, int64_t>())
       .def("forward", &DecoderStep::forward, pybind11::call_guard<pybind11::gil_scoped_release>(),
            "the stack's step over x (N, D): every layer in one call (CPU, bfloat16 or float32)")
+      .def("bind_inputs", &DecoderStep::bind_inputs, "the embedding, added positions and rotary tables, for inputs")
+      .def("inputs", &DecoderStep::inputs, "x, cos, sin for token ids and positions (N,) each")
       .def("bind_head", &DecoderStep::bind_head, "the final norm and the LM head, for logits")
       .def("logits", &DecoderStep::logits, pybind11::call_guard<pybind11::gil_scoped_release>(),
            "forward, then the final norm and the head at the given rows: float32 logits (R, vocab)")
       .def_property_readonly("has_head", [](const DecoderStep& s) { return s.has_head(); })
       .def_property_readonly("num_layers", &DecoderStep::num_layers);
+  m.def("greedy", &greedy, "each row's argmax (first) and whether its max is not finite: (R, 2) float32");
   m.def("available", &attnserve::available, "whether the linked matvec kernel is built (AVX-512 BF16 or AVX2 + FMA)");
   m.def("has_q8", &attnserve::has_q8, "whether the linked matvec kernel has the int8 x int8 product");
 }

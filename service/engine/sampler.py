@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from model import fused_step
 from model.sampling import filter_logits, sample
 from service.engine.request import Request, SamplingParams
 
@@ -38,6 +39,7 @@ class Sampler:
         self.generators: dict[str, torch.Generator] = {}
         self._default = torch.Generator(device=device)
         self._default.seed()
+        self.greedy_kernel = fused_step.kernel() if self.device.type == "cpu" else None
 
     def generator(self, req: Request) -> torch.Generator:
         gen = self.generators.get(req.request_id)
@@ -86,6 +88,8 @@ class Sampler:
         `mask` sets the tokens that constrained rows' grammars forbid to -inf, first; log-probs stay the model's."""
         n = len(reqs)
         if mask is None and all(plain_greedy(r) for r in reqs):  # the same choice as below, in the fewest ops
+            if self.greedy_kernel is not None and logits.device.type == "cpu":
+                return self.greedy_kernel.greedy(logits)  # one pass, in C++ (csrc/decoder_step.cpp)
             best, ids = logits.max(-1)
             return torch.stack((ids.to(torch.float32), (~torch.isfinite(best)).to(torch.float32)), dim=1)
         temperature, top_k, top_p, min_p = params[0, :n], params[1, :n], params[2, :n], params[3, :n]

@@ -134,3 +134,24 @@ def test_what_the_fused_step_takes() -> None:
     assert fused.accepts(lay, 41) and not fused.accepts(lay, 65)  # more rows than the matvec kernel takes
     assert not fused.accepts(StepLayout(lay.write_slots, lay.tables, lay.row_table, lay.context_lens,
                                         capture=frozenset({0})), 41)  # recorded attention: the explicit path
+
+
+@pytest.mark.parametrize("kind,dtype", [("llama", torch.bfloat16), ("llama", torch.float32),
+                                        ("gelu_tanh", torch.bfloat16), ("gelu", torch.float32)])
+def test_the_bound_inputs_equal_the_models_embedding_and_angles(kind: str, dtype: torch.dtype) -> None:
+    model = build_model(config(kind, 32, 4, 2 if kind == "llama" else 4)).eval().to(dtype)
+    prepare(model)
+    fused = fused_step.FusedStep(model)
+    assert fused.has_inputs
+    positions = torch.tensor([0, 1, 17, 100, model.config.max_len - 1])  # the last one the tables hold
+    tokens = torch.randint(0, model.config.vocab_size, positions.shape, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        x, cos, sin = fused.step.inputs(tokens, positions)
+        assert torch.equal(x, model.embed(tokens[None], positions[None], model.tgt_embed)[0])
+        rotary = model.rotations(positions[None], dtype)
+        if rotary is None:
+            assert cos.numel() == sin.numel() == 0
+        else:
+            assert torch.equal(cos, rotary[0].reshape(len(tokens), -1)) and torch.equal(sin, rotary[1].reshape(len(tokens), -1))
+        with pytest.raises(RuntimeError, match="out of range"):
+            fused.step.inputs(tokens, positions + 1)  # past the last position

@@ -137,11 +137,17 @@ def test_nan_logits_fail_only_their_row() -> None:
 def test_a_plain_greedy_batch_takes_the_same_tokens_as_the_full_path() -> None:
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
     logits[2, 7], logits[4] = float("nan"), float("-inf")  # bad rows are flagged on both paths
+    logits[0, [9, 3]] = 100.0  # a tie: the first index, as torch's max takes it
     plain = [request(str(i), temperature=0.0) for i in range(6)]  # all argmax as they are: the short path
     full = [*plain[:5], request("5", temperature=0.0, logprobs=0)]  # one row asks for logprobs: the full path
     fast, slow = (run(Sampler(torch.device("cpu")), logits, reqs) for reqs in (plain, full))
-    assert [r[:2] for r in fast] == [r[:2] for r in slow] and [r[1] for r in fast] == [0, 0, 1, 0, 1, 0]
-    assert [int(r[0]) for r in fast if not r[1]] == [int(i) for i in logits.argmax(-1)[[0, 1, 3, 5]]]
+    no_kernel = Sampler(torch.device("cpu"))
+    no_kernel.greedy_kernel = None  # the short path in torch's ops, where the C++ one is not built
+    for rows in (fast, run(no_kernel, logits, plain)):
+        assert [r[1] for r in rows] == [r[1] for r in slow] == [0, 0, 1, 0, 1, 0]  # a bad row's id is never read
+        assert [int(r[0]) for r in rows if not r[1]] == [int(r[0]) for r in slow if not r[1]]
+        assert [int(r[0]) for r in rows if not r[1]] == [int(i) for i in logits.argmax(-1)[[0, 1, 3, 5]]]
+        assert rows[0][0] == 3
 
 
 def test_release_forgets_the_generator() -> None:
