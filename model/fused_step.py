@@ -160,17 +160,10 @@ class FusedStep:
                               else self.empty, cos, sin)
         return True
 
-    @staticmethod
-    def _head_parts(model: DecoderOnlyLM) -> tuple[object, ...]:
-        """What the bound head was made from: a new head, or one repacked (a new weight or bias), is bound anew."""
-        head = model.generator
-        return (head, model.decoder.norm, *(getattr(head, k, None) for k in ("packed", "bias_rows", "block_scales",
-                                                                            "scale_rows")))
-
     def _bind_head(self, model: DecoderOnlyLM) -> bool:
         """Bind the final norm and the LM head to the C++ step where the head's own forward would run on the
         matvec kernel at a decode step's rows (`head_product`); whether it did."""
-        self.bound = self._head_parts(model)
+        self.bound = (model.generator, getattr(model.generator, "packed", None))  # repacking makes a new `packed`
         norm, head, dtype = model.decoder.norm, model.generator, model.tgt_embed.weight.dtype
         product = head_product(head, dtype)
         if product is None or not _is_norm(norm, model.config.norm_kind == "layernorm", dtype):
@@ -190,7 +183,8 @@ class FusedStep:
     def logits(self, tokens: Tensor, positions: Tensor, cache: PagedKVCache, rows: Tensor) -> Tensor:
         """float32 logits (R, vocab) at `rows` (R,) of the step of `__call__`, the final norm and the head run in
         the same C++ call (where `has_head`; the model's own head where it no longer can)."""
-        if any(a is not b for a, b in zip(self._head_parts(self.model), self.bound, strict=True)):
+        head = self.model.generator
+        if head is not self.bound[0] or getattr(head, "packed", None) is not self.bound[1]:  # replaced or repacked
             self.has_head = self._bind_head(self.model)
             if not self.has_head:
                 return self.model.logits(self(tokens, positions, cache).index_select(0, rows)).float()

@@ -33,8 +33,7 @@ class Transfers:
 
     def h2d(self, dst: Tensor, src: Tensor) -> None:
         self.to_device += 1
-        if dst.data_ptr() != src.data_ptr():  # on a CPU the two are one buffer (StepInputs)
-            dst.copy_(src, non_blocking=True)
+        dst.copy_(src, non_blocking=True)
 
     def d2h(self, src: Tensor) -> Tensor:
         self.to_host += 1
@@ -136,19 +135,16 @@ class StepInputs:
             ids = s.table.block_ids[: need[i]]
             tables[i if i < s_real else i - s_real + s_rows, : len(ids)] = ids
         longest = 1
-        if s_rows:  # one write per field for all decode rows
-            starts = np.zeros(s_rows, np.int64)
-            starts[:s_real] = [s.start for s in decodes]
-            tokens = np.zeros(s_rows, np.int64)
-            tokens[:s_real] = [token_at(s.request, s.start, 1)[0] for s in decodes]
-            slots = np.full(s_rows, pool.slot(pool.null_block, 0), np.int64)
-            slots[:s_real] = tables[np.arange(s_real), starts[:s_real] // bs] * bs + starts[:s_real] % bs
-            self._put("tokens", 0, tokens)
+        if s_rows:  # one write per field for all decode rows (from lists: a step of few rows is mostly overhead)
+            pad = s_rows - s_real
+            starts = [s.start for s in decodes] + [0] * pad
+            self._put("tokens", 0, [token_at(s.request, s.start, 1)[0] for s in decodes] + [0] * pad)
             self._put("positions", 0, starts)
-            self._put("slots", 0, slots)
+            self._put("slots", 0, [s.table.block_ids[s.start // bs] * bs + s.start % bs for s in decodes]
+                      + [pool.slot(pool.null_block, 0)] * pad)
             self._put("row_table", 0, range(s_rows))
-            self._put("context_lens", 0, starts + 1)
-            longest = int(starts.max()) + 1
+            self._put("context_lens", 0, [p + 1 for p in starts])
+            longest = max(starts) + 1
         row, chunks, plain = s_rows, [], set()
         for j, s in enumerate(prefills):
             req, t = s.request, s_rows + j
@@ -183,7 +179,10 @@ class StepInputs:
         source_len = self._pack_sources(encode)
         masked, stuck = self._pack_masks([s.request for s in sampled])
         end = self.mask_at + 4 * self.words * (len(sampled) if masked else 0)
-        self.transfers.h2d(self.dev[:end], self.host[:end])  # the step's one host-to-device copy
+        if self.dev is self.host:  # a CPU: one buffer, nothing moves
+            self.transfers.to_device += 1
+        else:
+            self.transfers.h2d(self.dev[:end], self.host[:end])  # the step's one host-to-device copy
         if self.device.type == "cuda":
             self.copied = torch.cuda.Event()
             self.copied.record()
