@@ -5,7 +5,10 @@ as long there (~9 ms a step) as in reading its weights. `FusedStep` binds the st
 (model/cpu_linear.py) once and runs every layer of a step in C++ with the GIL released: the same kernels for the
 products, RMSNorm and the paged attention, and loops over each row for LayerNorm, rotary positions, the K/V write,
 the FFN's activation (and gate) and the residual sums, each rounded to bfloat16 where the eager step's op rounds
-(float32: as computed). Embedding, the final norm and the LM head stay in Python (once a step).
+(float32: as computed). Where the model's kinds allow, the embedding lookup and rotary angles (tables made once by
+the model's own modules) and the final norm and LM head at the sampled rows run in the same call (`logits`): after
+a stack that streamed its weights through the caches, each small op left in Python cost several times its warm
+cost (benchmarks/NOTES.md section 19).
 
 It takes the steps it can: a bfloat16 or float32 pre-norm decoder-only model whose projections are fused and
 packed (a CPU with AVX-512 BF16, or AVX2 + FMA), Llama-shaped (RMSNorm, rotary, gated silu: SmolLM2, Llama, Qwen) or GPT-2-shaped

@@ -11,8 +11,10 @@
 // in torch) or LayerNorm's sums (another order) land on the other side of a bfloat16 rounding: one value in
 // hundreds or thousands, by one unit of its last place.
 //
-// Activations and the pool are bfloat16; the weights are packed once (model/cpu_linear.py) and bound to a
-// `DecoderStep` object at load time, so a step passes only its activations and its block tables.
+// Activations and the pool are bfloat16 or float32; the weights are packed once (model/cpu_linear.py) and bound to a
+// `DecoderStep` object at load time, so a step passes only its activations and its block tables. `inputs` and
+// `logits` take the step from token ids to the sampled rows' logits (embedding, rotary tables, final norm, LM head
+// bound too), and `greedy` is the sampler's argmax, so a one-row step leaves C++ only between those calls.
 #include "kernels.h"
 #include "elementwise.h"
 #include "decoder_rows.h"
