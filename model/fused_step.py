@@ -84,6 +84,11 @@ def why_not(model: nn.Module) -> str:
     return ""
 
 
+def hooked(module: nn.Module | None) -> bool:
+    """Whether `module` has forward hooks (a fault injected in a test, an observer): then it runs as a module."""
+    return module is not None and bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 def head_product(head: nn.Module, dtype: torch.dtype) -> int | None:
     """csrc/decoder_step.cpp's `Product` for an LM head whose forward runs on the matvec kernel at up to
     `MAX_ROWS` rows of `dtype` activations (0 plain, 1 int8 x int8 per-row scales, 2 Q8_0 block scales), or None
@@ -186,11 +191,12 @@ class FusedStep:
     def logits(self, tokens: Tensor, positions: Tensor, cache: PagedKVCache, rows: Tensor) -> Tensor:
         """float32 logits (R, vocab) at `rows` (R,) of the step of `__call__`, the final norm and the head run in
         the same C++ call (where `has_head`; the model's own head where it no longer can)."""
-        head = self.model.generator
+        model = self.model
+        head = model.generator
         if head is not self.bound[0] or getattr(head, "packed", None) is not self.bound[1]:  # replaced or repacked
-            self.has_head = self._bind_head(self.model)
-            if not self.has_head:
-                return self.model.logits(self(tokens, positions, cache).index_select(0, rows)).float()
+            self.has_head = self._bind_head(model)
+        if not self.has_head or hooked(head) or hooked(model.decoder.norm):  # a hook sees the module run
+            return model.logits(self(tokens, positions, cache).index_select(0, rows)).float()
         x, cos, sin = self._inputs(tokens, positions)
         lay, pool = cache.layout, cache.pool
         return self.step.logits(x, cos, sin, pool.k, pool.v, lay.write_slots, lay.tables, lay.row_table,
@@ -198,7 +204,7 @@ class FusedStep:
 
     def _inputs(self, tokens: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The embedded tokens (N, d_model) and their rotary angles (N, d_k) each (empty without rotary)."""
-        if self.has_inputs:
+        if self.has_inputs and not hooked(self.model.tgt_embed) and not hooked(self.model.positions):
             return self.step.inputs(tokens, positions)
         model = self.model
         x = model.embed(tokens[None], positions[None], model.tgt_embed)[0]  # (N, d_model)
