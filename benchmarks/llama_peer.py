@@ -5,7 +5,8 @@ load generator (OpenAI `/v1/completions`, streaming, the same token-id prompts o
     python -m benchmarks.llama_peer --hf-folder FOLDER --precision f32 --concurrency 2 --num-prompts 4
 
 Precision classes: our float32 against its F32 (KV cache f32), our bfloat16 against its F16 (KV cache f16), our
-int8 (`--quantization int8`) against its Q8_0 (KV cache f16, llama.cpp's default)."""
+int8 (`--quantization int8`; KV cache bfloat16, also under float32 activations) against its Q8_0 (KV cache f16,
+llama.cpp's default)."""
 
 from __future__ import annotations
 

@@ -25,14 +25,18 @@ load, so "float32" here is the GGUF's own weights). The int8 perplexity should b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
+from model import attention
 from model.checkpoint import load_checkpoint
 from model.data import eval_windows
 from model.quantize import int8_kernel
@@ -67,10 +71,27 @@ def variants(model: DecoderOnlyLM) -> dict[str, tuple[DecoderOnlyLM, str]]:
         "bfloat16": (copy.deepcopy(model).to(torch.bfloat16).eval(), "auto"),
         "int8, dequantize path (prefill)": (int8, "dequantize"),
         "int8, matvec kernel (decode; x in int8 blocks of 32)": (int8, "matvec"),
+        "int8, matvec kernel, K/V in bfloat16 (as served: --kv-cache-dtype auto)": (int8, "matvec+kv-bf16"),
         "int8, packed kernel (decode elsewhere)": (int8, "packed"),
         "int8, bfloat16 activations, matvec kernel": (int8_bf16, "matvec"),
         "int8 + LM head int8, packed kernel": (int8_head, "packed"),
     }
+
+
+@contextlib.contextmanager
+def kv_rounded(on: bool) -> Iterator[None]:
+    """Self-attention's keys and values rounded to bfloat16 where attention reads them: what a bfloat16 KV pool
+    under float32 activations holds (the served int8 model's default on a CPU without native bfloat16)."""
+    if not on:
+        yield
+        return
+    plain = attention.attend
+
+    def rounded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *rest):  # type: ignore[no-untyped-def]
+        return plain(q, k.bfloat16().to(k.dtype), v.bfloat16().to(v.dtype), *rest)
+
+    with mock.patch.object(attention, "attend", rounded):
+        yield
 
 
 def evaluate(name: str, path: Path, tokens: int, block: int) -> list[str]:
@@ -82,7 +103,7 @@ def evaluate(name: str, path: Path, tokens: int, block: int) -> list[str]:
     rows, base = [], None
     for variant, (m, kernel) in variants(model).items():
         start = time.perf_counter()
-        with int8_kernel(kernel):
+        with int8_kernel(kernel.removesuffix("+kv-bf16")), kv_rounded(kernel.endswith("+kv-bf16")):
             ppl = perplexity(m, ids, block)
         base = base or ppl
         rows.append(f"| {name} | {variant} | {ppl:.4f} | {100 * (ppl / base - 1):+.2f}% | "

@@ -64,9 +64,9 @@ class BlockPool:
         return block * self.block_size + offset
 
     def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
-        """k, v (N, h_kv, d_k) go to `slots` (N,) in place."""
-        self.k[layer].view(-1, *self.k.shape[3:]).index_copy_(0, slots, k)
-        self.v[layer].view(-1, *self.v.shape[3:]).index_copy_(0, slots, v)
+        """k, v (N, h_kv, d_k) go to `slots` (N,) in place (rounded to the pool's dtype where it is narrower)."""
+        self.k[layer].view(-1, *self.k.shape[3:]).index_copy_(0, slots, k.to(self.k.dtype))
+        self.v[layer].view(-1, *self.v.shape[3:]).index_copy_(0, slots, v.to(self.v.dtype))
 
     def write_cross(self, layer: int, slot: int, k: Tensor, v: Tensor) -> None:
         """The encoder memory's k, v (S, h, d_k) for the request in `slot`."""
@@ -148,7 +148,7 @@ class PagedKVCache:
         if plain_decode:
             self._decode(out, qs, keys, values, layer, capturing)
         for c in chunks:
-            kp, vp = (self._gather(t, c.table, c.start + c.num_new)[None] for t in (keys, values))
+            kp, vp = (self._gather(t, c.table, c.start + c.num_new)[None].to(qs.dtype) for t in (keys, values))
             self._chunk(out, qs, kp, vp, c, "decoder_self", layer, causal_mask(c.num_new, kp.size(2), q.device),
                         c.table in capturing)
         return out[None]  # (1, N, h, d_k)
@@ -163,11 +163,11 @@ class PagedKVCache:
         s = lay.num_decode
         if s:
             assert lay.cross_slots is not None
-            kd, vd = (t[layer].index_select(0, lay.cross_slots[:s])[:, : lay.cross_len].transpose(1, 2)
+            kd, vd = (t[layer].index_select(0, lay.cross_slots[:s])[:, : lay.cross_len].transpose(1, 2).to(qs.dtype)
                       for t in (self.pool.cross_k, self.pool.cross_v))  # (S, h, L, d_k)
             self._rows_attend(out, qs, kd, vd, lay.cross_mask, "cross", layer, lay.capture if wants else frozenset())
         for c in lay.prefills:
-            kp, vp = (t[layer, c.slot, : c.source_len].transpose(0, 1)[None]
+            kp, vp = (t[layer, c.slot, : c.source_len].transpose(0, 1)[None].to(qs.dtype)
                       for t in (self.pool.cross_k, self.pool.cross_v))
             self._chunk(out, qs, kp, vp, c, "cross", layer, None, wants and c.table in lay.capture)
         return out[None]
@@ -186,7 +186,7 @@ class PagedKVCache:
         lay, s = self.layout, self.layout.num_decode
         width = -(-lay.decode_len // self.pool.block_size)
         mask = length_mask(lay.context_lens[:s], lay.decode_len)
-        kd, vd = ((t[lay.tables[:s, :width]].flatten(1, 2)[:, : lay.decode_len].transpose(1, 2))
+        kd, vd = ((t[lay.tables[:s, :width]].flatten(1, 2)[:, : lay.decode_len].transpose(1, 2).to(qs.dtype))
                   for t in (keys, values))  # (S, h_kv, L, d_k)
         self._rows_attend(out, qs, kd, vd, mask, "decoder_self", layer, capturing)
 

@@ -68,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "start-up log says why)")
     p.add_argument("--quantization", choices=["none", "int8"], help="int8: the linear layers' weights as int8 "
                    "with one scale per output channel, a quarter of float32's bytes to read per token; activations, "
-                   "embeddings and the KV cache stay in --dtype (default none)")
+                   "embeddings stay in --dtype (default none)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "float32", "bfloat16"], help="the KV cache's storage (auto: "
+                   "--dtype's, but bfloat16 under an int8 model's float32 activations: half the bytes for attention "
+                   "to read and twice the tokens in --kv-cache-bytes, as llama.cpp keeps Q8_0's cache in F16)")
     p.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--kv-cache-blocks", type=int, metavar="N", help="KV cache blocks per model (default: "
                    f"{d['kv_cache_bytes'].default // 2**20} MiB worth)")

@@ -89,7 +89,7 @@ def _served(name: str, path: Path, client: EngineCoreClient, settings: Settings)
     client.decode = ckpt.tokenizer.decode
     ready = client.wait_ready()
     return ServedModel(name, ckpt, client, ready.device, getattr(torch, ready.dtype), settings.quantization,
-                       ready.parameters)
+                       ready.parameters, kv_cache_dtype=settings.kv_cache_dtype)
 
 
 def load_in_process(settings: Settings, on_step: Any, on_finish: Any) -> dict[str, ServedModel]:

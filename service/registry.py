@@ -17,7 +17,7 @@ from model.tokenizer import Tokenizer
 from model.transformer import DecoderOnlyLM, Transformer, num_parameters
 from service.caller import CALLER
 from service.engine.client import EngineCoreClient
-from service.engine.device import pick_device, pick_dtype
+from service.engine.device import pick_device, pick_dtype, pick_kv_dtype
 from service.engine.engine import Engine, EngineConfig, RequestStats, RequestStream, StepStats
 from service.engine.request import Constraint, Request, SamplingParams
 from service.engine.runner import ModelRunner
@@ -37,6 +37,7 @@ class ServedModel:
     dtype: torch.dtype
     quantization: str = "none"
     parameters: int = 0
+    kv_cache_dtype: str = "auto"  # the setting (`kv_dtype`: what it picked)
     _grammars: asyncio.Future[Any] | None = field(default=None, repr=False)
 
     async def grammar(self, constraint: Constraint | None) -> Any:
@@ -115,6 +116,10 @@ class ServedModel:
             ids = [tok.bos_id if tok.bos_id is not None else (tok.eos_id or 0)]
         return Request(request_id, ids, params)
 
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        return pick_kv_dtype(self.kv_cache_dtype, self.dtype, self.quantization)
+
     def describe(self) -> dict[str, Any]:
         cfg = self.checkpoint.config
         return {
@@ -124,7 +129,8 @@ class ServedModel:
             "d_model": cfg.d_model,
             "heads": cfg.h,
             "kv_heads": cfg.kv_heads,  # < heads: grouped-query attention (query heads share K/V heads)
-            "kv_bytes_per_token": BlockPool.bytes_per_block(cfg, 1, self.dtype),
+            "kv_bytes_per_token": BlockPool.bytes_per_block(cfg, 1, self.kv_dtype),
+            "kv_cache_dtype": str(self.kv_dtype).removeprefix("torch."),
             "encoder_layers": cfg.n_encoder_layers if cfg.is_encoder_decoder else 0,
             "decoder_layers": cfg.n_decoder_layers,
             "vocab_size": cfg.vocab_size,
@@ -179,7 +185,8 @@ def build_served_model(
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device, ckpt.config.d_model)
     cfg = ckpt.config
-    per_block = BlockPool.bytes_per_block(cfg, settings.block_size, dtype)
+    kv_dtype = pick_kv_dtype(settings.kv_cache_dtype, dtype, settings.quantization)
+    per_block = BlockPool.bytes_per_block(cfg, settings.block_size, kv_dtype)
     num_blocks = settings.kv_cache_blocks or max(1, settings.kv_cache_bytes // per_block)
     max_model_len = context_length(cfg, settings, num_blocks * settings.block_size)
     if max_model_len < cfg.max_len:
@@ -187,7 +194,7 @@ def build_served_model(
                                           "model_context": cfg.max_len})
     runner = ModelRunner(ckpt.model, num_blocks, settings.max_num_seqs, max_model_len, settings.block_size, device,
                          dtype, max(settings.max_num_batched_tokens, settings.max_num_seqs), settings.enforce_eager,
-                         quantization=settings.quantization)
+                         quantization=settings.quantization, kv_dtype=kv_dtype)
     config = EngineConfig(
         num_blocks=num_blocks,
         block_size=settings.block_size,
@@ -203,7 +210,8 @@ def build_served_model(
     tok = ckpt.tokenizer
     name = model_name(path)
     engine = Engine(name, runner, config, tok.decode, tok.eos_id, on_step, on_finish)
-    return ServedModel(name, ckpt, engine, device, dtype, settings.quantization, num_parameters(ckpt.model))
+    return ServedModel(name, ckpt, engine, device, dtype, settings.quantization, num_parameters(ckpt.model),
+                       kv_cache_dtype=settings.kv_cache_dtype)
 
 
 def warm_up(served: ServedModel) -> None:

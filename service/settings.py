@@ -29,6 +29,9 @@ class Settings(BaseSettings):
                                       "none served, the first model by name); an unknown name stops the start")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    kv_cache_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto", description="the KV cache's storage (auto: the activations' dtype, but bfloat16 under an "
+        "int8 model's float32 activations, as llama.cpp keeps a Q8_0 model's cache in 16 bits)")
     quantization: Literal["none", "int8"] = Field(default="none", description="int8: weight-only int8 linears "
                                                   "(one scale per output channel); activations in the dtype")
     threads: int | None = Field(default=None, description="torch intra-op threads (default: torch's choice)")

@@ -1,7 +1,8 @@
 // Row-wise steps of the fused decoder step (decoder_step.cpp) that are not kernels of their own: LayerNorm, the
-// residual sum, the embedding lookup. Each rounds to the activations' dtype where torch's op rounds.
+// residual sum, the embedding lookup, the greedy argmax. Each rounds to the activations' dtype where torch's op rounds.
 #pragma once
 #include "elementwise.h"
+#include <ATen/Parallel.h>
 
 #include <cmath>
 #include <cstdint>
@@ -72,6 +73,33 @@ void embed_rows(const at::Tensor& embed, double embed_scale, const at::Tensor& a
       for (int64_t i = 0; i < D; ++i) xr[i] = E::put(E::get(xr[i]) + E::get(ar[i]));
     }
   }
+}
+
+// Each row's greedy choice over float32 logits (R, V): (R, 2) float32 of [the first index of the row's largest
+// value, 1 where that value is not finite (a NaN anywhere, +-inf) else 0]: torch's max(-1) and ~isfinite in one
+// pass, without the interpreter between their ops.
+inline at::Tensor greedy(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.size(1) > 0, "logits: (R, V) float32");
+  const at::Tensor x = logits.contiguous();
+  const int64_t R = x.size(0), V = x.size(1);
+  at::Tensor result = at::empty({R, 2}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* rp = result.data_ptr<float>();
+  at::parallel_for(0, R, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = xp + r * V;
+      float best = row[0];
+      int64_t at = 0;
+      bool nan = false;
+      for (int64_t i = 0; i < V; ++i) {
+        nan |= std::isnan(row[i]);
+        if (row[i] > best) best = row[i], at = i;
+      }
+      rp[2 * r] = static_cast<float>(at);
+      rp[2 * r + 1] = nan || !std::isfinite(best) ? 1.f : 0.f;
+    }
+  });
+  return result;
 }
 
 }  // namespace attnserve::rows

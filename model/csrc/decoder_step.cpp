@@ -11,7 +11,7 @@
 // in torch) or LayerNorm's sums (another order) land on the other side of a bfloat16 rounding: one value in
 // hundreds or thousands, by one unit of its last place.
 //
-// Activations and the pool are bfloat16 or float32; the weights are packed once (model/cpu_linear.py) and bound to a
+// Activations are bfloat16 or float32, the pool the same or bfloat16 under float32 (`--kv-cache-dtype`); the weights are packed once (model/cpu_linear.py) and bound to a
 // `DecoderStep` object at load time, so a step passes only its activations and its block tables. `inputs` and
 // `logits` take the step from token ids to the sampled rows' logits (embedding, rotary tables, final norm, LM head
 // bound too), and `greedy` is the sampler's argmax, so a one-row step leaves C++ only between those calls.
@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -130,9 +131,11 @@ class DecoderStep {
                      const at::Tensor& row_table, const at::Tensor& context_lens) const {
     TORCH_CHECK(x_in.dim() == 2 && (x_in.scalar_type() == at::kBFloat16 || x_in.scalar_type() == at::kFloat),
                 "x: (N, D) bfloat16 or float32");
+    if (x_in.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kBFloat16)
+      return run<float, bf16>(x_in, cos, sin, k_cache, v_cache, write_slots, tables, row_table, context_lens);
     if (x_in.scalar_type() == at::kFloat)
-      return run<float>(x_in, cos, sin, k_cache, v_cache, write_slots, tables, row_table, context_lens);
-    return run<bf16>(x_in, cos, sin, k_cache, v_cache, write_slots, tables, row_table, context_lens);
+      return run<float, float>(x_in, cos, sin, k_cache, v_cache, write_slots, tables, row_table, context_lens);
+    return run<bf16, bf16>(x_in, cos, sin, k_cache, v_cache, write_slots, tables, row_table, context_lens);
   }
 
   // The step's float32 logits (R, vocab) at `rows` (R,) of the stack's output: final norm and LM head in the same
@@ -151,11 +154,11 @@ class DecoderStep {
   }
 
  private:
-  template <typename T>
+  template <typename T, typename P>  // P: the pool's dtype
   at::Tensor run(const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
                  at::Tensor& v_cache, const at::Tensor& write_slots, const at::Tensor& tables,
                  const at::Tensor& row_table, const at::Tensor& context_lens) const {
-    TORCH_CHECK(k_cache.scalar_type() == x_in.scalar_type() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+    TORCH_CHECK(k_cache.scalar_type() == c10::CppTypeToScalarType<P>::value && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                 k_cache.dim() == 5 && k_cache.size(0) == num_layers() && k_cache.size(3) == h_kv_ &&
                 k_cache.size(4) == d_ && v_cache.sizes() == k_cache.sizes(), "the pool: (L, blocks, bs, h_kv, d)");
     const int64_t N = x_in.size(0);
@@ -170,7 +173,7 @@ class DecoderStep {
       const Linear* w = &linears_[4 * l];
       at::Tensor qkv = w[0](norm<T>(x, 2 * l));  // (N, (h + 2 h_kv) d)
       at::Tensor k_l = k_cache.select(0, l), v_l = v_cache.select(0, l);
-      at::Tensor q = rotate_and_store<T>(qkv, rotary, c, s, slots, k_l, v_l);  // (N, h, d)
+      at::Tensor q = rotate_and_store<T, P>(qkv, rotary, c, s, slots, k_l, v_l);  // (N, h, d)
       at::Tensor o = attnserve::paged_attention(q, k_l, v_l, tables, row_table, context_lens, scale);
       add_into<T>(x, w[1](o.view({N, h_ * d_})));
       at::Tensor hidden = w[2](norm<T>(x, 2 * l + 1));  // (N, 2 F) gated, else (N, F)
@@ -187,8 +190,8 @@ class DecoderStep {
 
   // q and k rotated by their rows' angles (x cos + rotate_half(x) sin, each product and the sum rounded as torch
   // rounds them) where positions are rotary, q returned as (N, h, d); k and v written to the rows' slots of this
-  // layer's pool.
-  template <typename T>
+  // layer's pool (rounded to the pool's dtype where it is narrower).
+  template <typename T, typename P>
   at::Tensor rotate_and_store(const at::Tensor& qkv, bool rotary, const at::Tensor& cos, const at::Tensor& sin,
                               const at::Tensor& slots, at::Tensor& k_l, at::Tensor& v_l) const {
     using E = Elem<T>;
@@ -198,7 +201,15 @@ class DecoderStep {
     const S* src = in<T>(qkv);
     const S *cp = rotary ? in<T>(cos) : nullptr, *sp = rotary ? in<T>(sin) : nullptr;
     S* qp = out<T>(q);
-    S *kp = out<T>(k_l), *vp = out<T>(v_l);
+    using PS = typename Elem<P>::S;
+    PS *kp = out<P>(k_l), *vp = out<P>(v_l);
+    S buf[512];  // a K row before its rounding into a narrower pool
+    constexpr bool same = std::is_same_v<S, PS>;
+    TORCH_CHECK(same || d <= 512, "a head size of at most 512");
+    auto store = [&](const S* x, PS* o) {  // one head's row into the pool
+      if constexpr (same) std::memcpy(o, x, d * sizeof(S));
+      else for (int64_t i = 0; i < d; ++i) o[i] = Elem<P>::put(E::get(x[i]));
+    };
     const int64_t* slot = slots.data_ptr<int64_t>();
     const int64_t token = h_kv_ * d;  // one slot of the pool
     auto rotate = [&](const S* x, const S* cr, const S* sr, S* o) {
@@ -216,8 +227,15 @@ class DecoderStep {
       const S* row = src + n * width;
       const S *cr = rotary ? cp + n * d : nullptr, *sr = rotary ? sp + n * d : nullptr;
       for (int64_t i = 0; i < h_; ++i) rotate(row + i * d, cr, sr, qp + (n * h_ + i) * d);
-      for (int64_t i = 0; i < h_kv_; ++i) rotate(row + (h_ + i) * d, cr, sr, kp + slot[n] * token + i * d);
-      std::memcpy(vp + slot[n] * token, row + (h_ + h_kv_) * d, token * sizeof(S));
+      for (int64_t i = 0; i < h_kv_; ++i) {
+        if constexpr (same) {
+          rotate(row + (h_ + i) * d, cr, sr, kp + slot[n] * token + i * d);
+        } else {
+          rotate(row + (h_ + i) * d, cr, sr, buf);
+          store(buf, kp + slot[n] * token + i * d);
+        }
+      }
+      for (int64_t i = 0; i < h_kv_; ++i) store(row + (h_ + h_kv_ + i) * d, vp + slot[n] * token + i * d);
     }
     return q;
   }
@@ -253,33 +271,6 @@ class DecoderStep {
   double embed_scale_ = 1.0;
 };
 
-// Each row's greedy choice over float32 logits (R, V): (R, 2) float32 of [the first index of the row's largest
-// value, 1 where that value is not finite (a NaN anywhere, +-inf) else 0]: torch's max(-1) and ~isfinite in one
-// pass, without the interpreter between their ops.
-at::Tensor greedy(const at::Tensor& logits) {
-  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.size(1) > 0, "logits: (R, V) float32");
-  const at::Tensor x = logits.contiguous();
-  const int64_t R = x.size(0), V = x.size(1);
-  at::Tensor result = at::empty({R, 2}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* rp = result.data_ptr<float>();
-  at::parallel_for(0, R, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* row = xp + r * V;
-      float best = row[0];
-      int64_t at = 0;
-      bool nan = false;
-      for (int64_t i = 0; i < V; ++i) {
-        nan |= std::isnan(row[i]);
-        if (row[i] > best) best = row[i], at = i;
-      }
-      rp[2 * r] = static_cast<float>(at);
-      rp[2 * r + 1] = nan || !std::isfinite(best) ? 1.f : 0.f;
-    }
-  });
-  return result;
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<DecoderStep>(m, "DecoderStep")
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<double>, bool,
@@ -294,7 +285,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "forward, then the final norm and the head at the given rows: float32 logits (R, vocab)")
       .def_property_readonly("has_head", [](const DecoderStep& s) { return s.has_head(); })
       .def_property_readonly("num_layers", &DecoderStep::num_layers);
-  m.def("greedy", &greedy, "each row's argmax (first) and whether its max is not finite: (R, 2) float32");
+  m.def("greedy", &attnserve::rows::greedy, "each row's argmax (first) and whether its max is not finite: (R, 2) float32");
   m.def("available", &attnserve::available, "whether the linked matvec kernel is built (AVX-512 BF16 or AVX2 + FMA)");
   m.def("has_q8", &attnserve::has_q8, "whether the linked matvec kernel has the int8 x int8 product");
 }

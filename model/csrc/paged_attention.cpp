@@ -6,7 +6,8 @@
 // pool k_cache (blocks, bs, h_kv, d). Blocks shared by several sequences (a cached prefix) are read where they
 // lie, like any other. Grouped-query attention: the g = h / h_kv query heads of one K/V head are computed
 // together, so each key is read once per group. Softmax is online over blocks (running max, rescaled sums, as
-// flash attention does); float32 or bfloat16 storage, float32 arithmetic. One work item per (row, K/V head),
+// flash attention does); float32 or bfloat16 storage (bfloat16 K/V under float32 queries too: a float32 model's
+// pool kept in half the bytes), float32 arithmetic. One work item per (row, K/V head),
 // spread over torch's intra-op threads. With AVX-512 the two inner products (a query with a key, a weight times
 // a value added to the output) are written with intrinsics: the compiler's own reduction of a dot product spilled
 // its 16 lanes and added them one by one, which made this kernel ~7x slower than its memory traffic. With AVX2 +
@@ -111,17 +112,18 @@ inline void axpy(float p, const T* v, float* acc, int64_t d) {
   for (; c < d; ++c) acc[c] += p * as_float(v[c]);
 }
 
-template <typename T>
+// Q: the queries' and the output's storage; T: the pool's.
+template <typename Q, typename T>
 void attend_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                  const at::Tensor& tables, const at::Tensor& row_table, const at::Tensor& context_lens,
                  double scale, at::Tensor& out) {
   const int64_t N = q.size(0), h = q.size(1), d = q.size(2);
   const int64_t bs = k_cache.size(1), h_kv = k_cache.size(2), W = tables.size(1);
   const int64_t g = h / h_kv;
-  const T* qp = q.data_ptr<T>();
+  const Q* qp = q.data_ptr<Q>();
   const T* kp = k_cache.data_ptr<T>();
   const T* vp = v_cache.data_ptr<T>();
-  T* op = out.data_ptr<T>();
+  Q* op = out.data_ptr<Q>();
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* rp = row_table.data_ptr<int64_t>();
   const int64_t* lp = context_lens.data_ptr<int64_t>();
@@ -138,14 +140,14 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
       const int64_t len = std::min(lp[n], W * bs);  // never past the table
       const int64_t* table = tp + rp[n] * W;
       for (int64_t i = 0; i < g; ++i) {  // the group's queries, scaled once
-        const T* src = qp + (n * h + kvh * g + i) * d;
+        const Q* src = qp + (n * h + kvh * g + i) * d;
         for (int64_t c = 0; c < d; ++c) qf[i * d + c] = as_float(src[c]) * fscale;
       }
 #if defined(__AVX512F__) || defined(ATTNSERVE_PAGED_AVX2)
       if (fast != nullptr) {
         fast(qf.data(), kp + kvh * d, vp + kvh * d, table, len, k_block, k_token, acc.data());
-        T* dst = op + (n * h + kvh * g) * d;  // the group's g heads are consecutive rows of d
-        for (int64_t c = 0; c < g * d; ++c) dst[c] = static_cast<T>(acc[c]);
+        Q* dst = op + (n * h + kvh * g) * d;  // the group's g heads are consecutive rows of d
+        for (int64_t c = 0; c < g * d; ++c) dst[c] = static_cast<Q>(acc[c]);
         continue;
       }
 #endif
@@ -183,9 +185,9 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
         }
       }
       for (int64_t i = 0; i < g; ++i) {  // a row with no key (never in practice) gives zeros
-        T* dst = op + (n * h + kvh * g + i) * d;
+        Q* dst = op + (n * h + kvh * g + i) * d;
         const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
-        for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<T>(acc[i * d + c] * inv);
+        for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<Q>(acc[i * d + c] * inv);
       }
     }
   });
@@ -200,18 +202,23 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
                            double scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
   TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "inputs must be contiguous");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(), "one dtype");
+  const bool mixed = q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kBFloat16;
+  TORCH_CHECK((q.scalar_type() == k_cache.scalar_type() || mixed) && k_cache.scalar_type() == v_cache.scalar_type(),
+              "the pool's dtype: q's, or bfloat16 under float32 queries");
   TORCH_CHECK(q.size(2) == k_cache.size(3) && q.size(1) % k_cache.size(2) == 0, "heads must group evenly");
   TORCH_CHECK(tables.scalar_type() == at::kLong && row_table.scalar_type() == at::kLong &&
               context_lens.scalar_type() == at::kLong, "tables, row_table and context_lens are int64");
   TORCH_CHECK(tables.dim() == 2 && tables.is_contiguous() && row_table.size(0) == q.size(0) &&
               context_lens.size(0) == q.size(0), "one table row and one length per query row");
   auto out = at::empty_like(q);
-  if (q.scalar_type() == at::kFloat) {
-    attend_rows<float>(q, k_cache, v_cache, tables, row_table.contiguous(), context_lens.contiguous(), scale, out);
+  if (mixed) {
+    attend_rows<float, at::BFloat16>(q, k_cache, v_cache, tables, row_table.contiguous(), context_lens.contiguous(),
+                                     scale, out);
+  } else if (q.scalar_type() == at::kFloat) {
+    attend_rows<float, float>(q, k_cache, v_cache, tables, row_table.contiguous(), context_lens.contiguous(), scale, out);
   } else if (q.scalar_type() == at::kBFloat16) {
-    attend_rows<at::BFloat16>(q, k_cache, v_cache, tables, row_table.contiguous(), context_lens.contiguous(),
-                              scale, out);
+    attend_rows<at::BFloat16, at::BFloat16>(q, k_cache, v_cache, tables, row_table.contiguous(),
+                                            context_lens.contiguous(), scale, out);
   } else {
     TORCH_CHECK(false, "paged_attention: float32 or bfloat16 only");
   }

@@ -103,6 +103,15 @@ def cpu_dtype_choice(fp32_s: float, bf16_s: float, fp32_vec_s: float | None = No
     return torch.bfloat16, f"bfloat16 is {speedup:.2f}x faster on a matmul big enough to matter{vec}"
 
 
+def pick_kv_dtype(setting: str, dtype: torch.dtype, quantization: str | None) -> torch.dtype:
+    """The KV cache's storage for activations in `dtype`: the setting, or for "auto" the activations' dtype, but
+    bfloat16 under an int8 model's float32 activations (a CPU without native bfloat16: attention then reads half
+    the bytes, the pool holds twice the tokens, and llama.cpp keeps a Q8_0 model's cache in 16 bits too)."""
+    if setting != "auto":
+        return DTYPES[setting]
+    return torch.bfloat16 if quantization == "int8" and dtype == torch.float32 else dtype
+
+
 def pick_dtype(setting: str, device: str, d_model: int = 768) -> torch.dtype:
     if setting != "auto":
         return DTYPES[setting]

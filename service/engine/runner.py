@@ -31,7 +31,8 @@ log = logging.getLogger("attnserve.runner")
 
 SMALL_STEP_FLOPS = 5e7
 ERROR_STUCK = "the output's constraint allows no token of this model's vocabulary here"
-PAGED_DTYPES = (torch.float32, torch.bfloat16)  # what the CPU kernel stores
+# (activations, KV cache) the CPU kernel attends over
+PAGED_DTYPES = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16))
 
 
 class ModelRunner:
@@ -49,15 +50,17 @@ class ModelRunner:
         max_num_batched_tokens: int = 2048,
         enforce_eager: bool = False,
         quantization: str | None = None,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         self.device, self.dtype = torch.device(device), dtype
         self.model = model.to(device=self.device, dtype=dtype).eval()
         prepare_weights(self.model, quantization)  # int8 if asked, then fused projections (engine/weights.py)
         self.config = model.config
         self.block_size = block_size
-        on_cpu = self.device.type == "cpu" and dtype in PAGED_DTYPES
+        kv_dtype = kv_dtype or dtype
+        on_cpu = self.device.type == "cpu" and (dtype, kv_dtype) in PAGED_DTYPES
         kernel = cpu_kernels.load("paged_attention") if on_cpu else None
-        self.pool = BlockPool(self.config, num_blocks, block_size, max_num_seqs, self.device, dtype, kernel)
+        self.pool = BlockPool(self.config, num_blocks, block_size, max_num_seqs, self.device, kv_dtype, kernel)
         max_source = self.config.max_len if self.config.is_encoder_decoder else 0
         max_blocks = -(-max_model_len // block_size)
         self.inputs = StepInputs(self.pool, max_num_batched_tokens, max_num_seqs, max_blocks, max_source,
@@ -70,7 +73,8 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = (DecodeGraphs(self.forward_decode, self.inputs, max_num_seqs,
                                                          max_blocks * block_size) if use_graphs else None)
         self.fused: fused_step.FusedStep | None = None  # the CPU's one-call step (not with --enforce-eager)
-        self.why_not_fused = "--enforce-eager" if enforce_eager else "not on a CPU" if not on_cpu else ""
+        self.why_not_fused = ("--enforce-eager" if enforce_eager else "not on a CPU" if self.device.type != "cpu"
+                              else f"a {kv_dtype} KV cache under {dtype} activations" if not on_cpu else "")
         if not self.why_not_fused:
             self.why_not_fused = fused_step.why_not(self.model)
             self.fused = fused_step.FusedStep(self.model) if not self.why_not_fused else None

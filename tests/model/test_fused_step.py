@@ -61,11 +61,12 @@ def layout(lens: list[int], chunk: int, blocks: int, null: int, gen: torch.Gener
 
 @pytest.mark.parametrize("kind,d_k,h,h_kv", [("llama", 64, 4, 2), ("llama", 64, 9, 3), ("llama", 8, 4, 2),
                                              ("gelu_tanh", 64, 4, 4), ("gelu", 32, 4, 4)])
-@pytest.mark.parametrize("dtype,quantization", [(torch.bfloat16, "none"), (torch.bfloat16, "int8"),
-                                               (torch.float32, "none"), (torch.float32, "int8")],
-                         ids=["bf16", "bf16-int8", "f32", "f32-int8"])
+@pytest.mark.parametrize("dtype,quantization,kv", [
+    (torch.bfloat16, "none", None), (torch.bfloat16, "int8", None), (torch.float32, "none", None),
+    (torch.float32, "int8", None), (torch.float32, "int8", torch.bfloat16)],
+    ids=["bf16", "bf16-int8", "f32", "f32-int8", "f32-int8-kv-bf16"])  # kv: the pool's dtype (a bfloat16 cache)
 def test_fused_step_equals_the_eager_step(kind: str, d_k: int, h: int, h_kv: int, dtype: torch.dtype,
-                                          quantization: str) -> None:
+                                          quantization: str, kv: torch.dtype | None) -> None:
     torch.manual_seed(0)
     model = build_model(config(kind, d_k, h, h_kv)).eval()
     for norm in (m for m in model.modules() if isinstance(m, nn.RMSNorm | nn.LayerNorm)):
@@ -76,7 +77,7 @@ def test_fused_step_equals_the_eager_step(kind: str, d_k: int, h: int, h_kv: int
     prepare(model, quantization)
     fused = fused_step.FusedStep(model)
     cfg, gen = model.config, torch.Generator().manual_seed(1)
-    pool = BlockPool(cfg, 64, BS, dtype=dtype, kernel=cpu_kernels.load("paged_attention"))
+    pool = BlockPool(cfg, 64, BS, dtype=kv or dtype, kernel=cpu_kernels.load("paged_attention"))
     pool.k.normal_(generator=gen), pool.v.normal_(generator=gen)  # earlier tokens' keys and values
     lay, positions = layout([37, 20, 5, 1], 11, 64, pool.null_block, gen)
     tokens = torch.randint(0, cfg.vocab_size, positions.shape, generator=gen)

@@ -90,8 +90,21 @@ def test_refuses_mismatched_inputs(kernel: ModuleType) -> None:
     q, kc, vc, tables, row_table, context = random_step(8, 2, torch.float32, seed=2)
     with pytest.raises(RuntimeError, match="int64"):
         kernel.paged_attention(q, kc, vc, tables.int(), row_table, context, 1.0)
-    with pytest.raises(RuntimeError, match="one dtype"):
-        kernel.paged_attention(q.bfloat16(), kc, vc, tables, row_table, context, 1.0)
+    with pytest.raises(RuntimeError, match="the pool's dtype"):
+        kernel.paged_attention(q.bfloat16(), kc, vc, tables, row_table, context, 1.0)  # a float32 pool under bf16
+
+
+@pytest.mark.parametrize("h,h_kv,d", [(9, 3, 64), (8, 2, 128), (6, 1, 32)], ids=["g3-d64", "g4-d128", "mqa-portable"])
+def test_float32_queries_over_a_bfloat16_pool_equal_dense_sdpa(kernel: ModuleType, h: int, h_kv: int, d: int) -> None:
+    """--kv-cache-dtype bfloat16 under float32 activations: the keys are the pool's bfloat16 values, the
+    arithmetic float32's, so the result matches SDPA over those values to float32 rounding."""
+    q, kc, vc, tables, row_table, context = random_step(h, h_kv, torch.float32, seed=h + d, d=d)
+    kb, vb = kc.bfloat16(), vc.bfloat16()
+    out = kernel.paged_attention(q, kb, vb, tables, row_table, context, d ** -0.5)
+    assert out.dtype == torch.float32
+    for n in range(q.size(0)):
+        expected = dense(q[n], kb, vb, tables[row_table[n]].tolist(), int(context[n]))
+        assert (out[n].double() - expected).abs().max().item() <= 1e-5, f"row {n}"
 
 
 def test_turned_off_the_kernel_says_why_and_the_server_keeps_a_plain_path() -> None:

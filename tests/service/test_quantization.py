@@ -12,7 +12,7 @@ import pytest
 import torch
 from support import CORPUS, settings_for
 
-from model import cpu_linear
+from model import cpu_linear, fused_step
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import preset
 from model.cpu_linear import PackedBlockInt8Linear, PackedLinear
@@ -67,6 +67,32 @@ def test_int8_engine_tokens_equal_the_int8_model_alone(models_dir: Path) -> None
     assert got == want
 
 
+def test_int8_under_float32_activations_keeps_its_kv_cache_in_bfloat16(models_dir: Path) -> None:
+    """--kv-cache-dtype auto: an int8 model with float32 activations stores K/V in bfloat16 (half the bytes a token
+    holds and attention reads, as llama.cpp keeps a Q8_0 model's cache in F16), so the same bytes hold twice the
+    blocks; the fused step over that pool takes the eager step's tokens; float32 can still be asked for."""
+    def build(**kw: object) -> ServedModel:
+        return build_served_model(models_dir / "llama", settings_for(
+            models_dir, quantization="int8", kv_cache_blocks=None, kv_cache_bytes=2**20, **kw))
+
+    half, full, eager = build(), build(kv_cache_dtype="float32"), build(enforce_eager=True)
+    assert half.engine.runner.pool.k.dtype == torch.bfloat16 and full.engine.runner.pool.k.dtype == torch.float32
+    assert half.describe()["kv_cache_dtype"] == "bfloat16" and full.describe()["kv_cache_dtype"] == "float32"
+    assert 2 * half.describe()["kv_bytes_per_token"] == full.describe()["kv_bytes_per_token"]
+    assert half.engine.num_blocks == 2 * full.engine.num_blocks
+    assert (half.engine.runner.fused is not None) == (fused_step.kernel() is not None)
+    assert eager.engine.runner.fused is None and eager.engine.runner.pool.k.dtype == torch.bfloat16
+    got = {}
+    for name, served in (("fused", half), ("eager", eager), ("float32", full)):
+        served.engine.start()
+        try:
+            got[name] = asyncio.run(_greedy(served, PROMPTS))
+        finally:
+            served.engine.stop()
+    assert got["fused"] == got["eager"]
+    assert sum(a == b for a, b in zip(got["fused"], got["float32"], strict=True)) >= 2  # bf16 K/V: rarely another token
+
+
 def test_int8_serving_reads_the_head_in_q8_0_blocks_or_as_bfloat16() -> None:
     """With int8, a float32 LM head becomes int8 with a float16 scale per 32 features (Q8_0's form) where our matvec
     kernel multiplies that form, else a bfloat16 copy where the kernel is (a quarter or half the bytes a step reads
@@ -117,6 +143,7 @@ def test_prepare_refuses_an_unknown_quantization() -> None:
 def test_the_flags_reach_the_settings() -> None:
     assert parse_args(["--quantization", "int8", "--dtype", "auto"]) == {"quantization": "int8", "dtype": "auto"}
     assert Settings(**parse_args(["--quantization", "int8"])).quantization == "int8"
-    assert Settings().quantization == "none"
+    assert Settings().quantization == "none" and Settings().kv_cache_dtype == "auto"
+    assert Settings(**parse_args(["--kv-cache-dtype", "bfloat16"])).kv_cache_dtype == "bfloat16"
     with pytest.raises(SystemExit):
         parse_args(["--quantization", "int3"])
