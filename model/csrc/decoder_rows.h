@@ -1,5 +1,6 @@
 // Row-wise steps of the fused decoder step (decoder_step.cpp) that are not kernels of their own: LayerNorm, the
-// residual sum, the embedding lookup, the greedy argmax. Each rounds to the activations' dtype where torch's op rounds.
+// residual sum, the embedding lookup, the greedy argmax. Each rounds to the activations' dtype where torch's op
+// rounds.
 #pragma once
 #include "elementwise.h"
 #include <ATen/Parallel.h>

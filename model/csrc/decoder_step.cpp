@@ -11,10 +11,11 @@
 // in torch) or LayerNorm's sums (another order) land on the other side of a bfloat16 rounding: one value in
 // hundreds or thousands, by one unit of its last place.
 //
-// Activations are bfloat16 or float32, the pool the same or bfloat16 under float32 (`--kv-cache-dtype`); the weights are packed once (model/cpu_linear.py) and bound to a
-// `DecoderStep` object at load time, so a step passes only its activations and its block tables. `inputs` and
-// `logits` take the step from token ids to the sampled rows' logits (embedding, rotary tables, final norm, LM head
-// bound too), and `greedy` is the sampler's argmax, so a one-row step leaves C++ only between those calls.
+// Activations are bfloat16 or float32, the pool the same or bfloat16 under float32 (`--kv-cache-dtype`); the
+// weights are packed once (model/cpu_linear.py) and bound to a `DecoderStep` object at load time, so a step passes
+// only its activations and its block tables. `inputs` and `logits` take the step from token ids to the sampled
+// rows' logits (embedding, rotary tables, final norm, LM head bound too), and `greedy` is the sampler's argmax, so
+// a one-row step leaves C++ only between those calls.
 #include "kernels.h"
 #include "elementwise.h"
 #include "decoder_rows.h"
@@ -50,7 +51,9 @@ struct Linear {
   }
 };
 
-c10::optional<at::Tensor> given(const at::Tensor& t) { return t.defined() && t.numel() ? c10::optional(t) : c10::nullopt; }
+c10::optional<at::Tensor> given(const at::Tensor& t) {
+  return t.defined() && t.numel() ? c10::optional(t) : c10::nullopt;
+}
 
 }  // namespace
 
@@ -158,9 +161,10 @@ class DecoderStep {
   at::Tensor run(const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
                  at::Tensor& v_cache, const at::Tensor& write_slots, const at::Tensor& tables,
                  const at::Tensor& row_table, const at::Tensor& context_lens) const {
-    TORCH_CHECK(k_cache.scalar_type() == c10::CppTypeToScalarType<P>::value && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                k_cache.dim() == 5 && k_cache.size(0) == num_layers() && k_cache.size(3) == h_kv_ &&
-                k_cache.size(4) == d_ && v_cache.sizes() == k_cache.sizes(), "the pool: (L, blocks, bs, h_kv, d)");
+    TORCH_CHECK(k_cache.scalar_type() == c10::CppTypeToScalarType<P>::value && k_cache.is_contiguous() &&
+                v_cache.is_contiguous() && k_cache.dim() == 5 && k_cache.size(0) == num_layers() &&
+                k_cache.size(3) == h_kv_ && k_cache.size(4) == d_ && v_cache.sizes() == k_cache.sizes(),
+                "the pool: (L, blocks, bs, h_kv, d)");
     const int64_t N = x_in.size(0);
     const bool rotary = cos.numel() > 0;
     TORCH_CHECK(!rotary || (cos.sizes() == sin.sizes() && cos.size(0) == N && cos.size(1) == d_),
@@ -285,7 +289,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "forward, then the final norm and the head at the given rows: float32 logits (R, vocab)")
       .def_property_readonly("has_head", [](const DecoderStep& s) { return s.has_head(); })
       .def_property_readonly("num_layers", &DecoderStep::num_layers);
-  m.def("greedy", &attnserve::rows::greedy, "each row's argmax (first) and whether its max is not finite: (R, 2) float32");
+  m.def("greedy", &attnserve::rows::greedy,
+        "each row's argmax (first) and whether its max is not finite: (R, 2) float32");
   m.def("available", &attnserve::available, "whether the linked matvec kernel is built (AVX-512 BF16 or AVX2 + FMA)");
   m.def("has_q8", &attnserve::has_q8, "whether the linked matvec kernel has the int8 x int8 product");
 }

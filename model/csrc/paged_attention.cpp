@@ -7,8 +7,8 @@
 // lie, like any other. Grouped-query attention: the g = h / h_kv query heads of one K/V head are computed
 // together, so each key is read once per group. Softmax is online over blocks (running max, rescaled sums, as
 // flash attention does); float32 or bfloat16 storage (bfloat16 K/V under float32 queries too: a float32 model's
-// pool kept in half the bytes), float32 arithmetic. One work item per (row, K/V head),
-// spread over torch's intra-op threads. With AVX-512 the two inner products (a query with a key, a weight times
+// pool kept in half the bytes), float32 arithmetic. One work item per (row, K/V head), spread over torch's
+// intra-op threads. With AVX-512 the two inner products (a query with a key, a weight times
 // a value added to the output) are written with intrinsics: the compiler's own reduction of a dot product spilled
 // its 16 lanes and added them one by one, which made this kernel ~7x slower than its memory traffic. With AVX2 +
 // FMA and no AVX-512, the same plan in 8 lanes for the common shapes (paged_attention_avx2.h) and the two
@@ -215,7 +215,8 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
     attend_rows<float, at::BFloat16>(q, k_cache, v_cache, tables, row_table.contiguous(), context_lens.contiguous(),
                                      scale, out);
   } else if (q.scalar_type() == at::kFloat) {
-    attend_rows<float, float>(q, k_cache, v_cache, tables, row_table.contiguous(), context_lens.contiguous(), scale, out);
+    attend_rows<float, float>(q, k_cache, v_cache, tables, row_table.contiguous(), context_lens.contiguous(), scale,
+                              out);
   } else if (q.scalar_type() == at::kBFloat16) {
     attend_rows<at::BFloat16, at::BFloat16>(q, k_cache, v_cache, tables, row_table.contiguous(),
                                             context_lens.contiguous(), scale, out);
