@@ -38,6 +38,7 @@ class DrainingServer(uvicorn.Server):
         self.app = cast(FastAPI, config.app)
         self.settings = settings
         self._draining = False
+        self._drain_task: asyncio.Task[None] | None = None
         self.stopped_by: int | None = None
         self.engine_died = False  # an engine core died and --on-engine-death is exit
         self.ignore_sigint = False  # a frontend after the first: Ctrl-C reaches the first, which passes it on
@@ -80,7 +81,10 @@ class DrainingServer(uvicorn.Server):
                      self.settings.drain_timeout, extra=extra)
         else:
             log.info("draining", extra=extra)
-        asyncio.get_event_loop().create_task(self._drain())
+        # from a signal handler, the loop is woken through its self-pipe; the task is kept (the loop holds tasks
+        # only weakly)
+        loop = asyncio.get_event_loop()
+        loop.call_soon_threadsafe(lambda: setattr(self, "_drain_task", loop.create_task(self._drain())))
         return None
 
     async def _drain(self) -> None:

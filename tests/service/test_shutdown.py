@@ -79,7 +79,7 @@ def test_streams_past_the_drain_timeout_end_with_abort(checkpoints_dir: Path, tm
         results, after = asyncio.run(_sigterm_during_streams(p, 40, 120))
         assert after["status"] == 503
         reasons = [reason for _, reason in results]
-        assert "abort" in reasons and set(reasons) <= {"length", "abort"}, results
+        assert "abort" in reasons and set(reasons) <= {"length", "abort"}, (results, p.output()[-3000:])
         assert all(tokens < 120 for tokens, reason in results if reason == "abort")
         assert p.proc.wait(timeout=60) == 0
     finally:
