@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from support import ServiceProcess
+import torch
+from support import CORPUS, ServiceProcess
+
+from model.checkpoint import save_checkpoint
+from model.config import preset
+from model.tokenizer import Tokenizer
+from model.transformer import build_model
 
 
 async def _stream(c: httpx.AsyncClient, body: dict[str, Any], started: asyncio.Event,
@@ -73,24 +79,36 @@ def test_sigterm_lets_in_flight_streams_finish_and_exits_0(checkpoints_dir: Path
     assert '"msg": "draining"' in out and "Traceback" not in out
 
 
-def test_streams_past_the_drain_timeout_end_with_abort(checkpoints_dir: Path, tmp_path: Path) -> None:
-    p = ServiceProcess(checkpoints_dir, tmp_path / "server.log", "--max-num-seqs", "1", "--drain-timeout", "0.3")
-    try:  # 40 x 120 tokens through one slot: seconds of work even at thousands of tokens a second
-        results, after = asyncio.run(_sigterm_during_streams(p, 40, 120))
+def _long_gpt(root: Path) -> Path:
+    """A models folder with a tiny-gpt of context 1024, for 40 x 1000 tokens through one slot: tens of seconds of
+    work, so the engine cannot have finished them all before the client has opened the last stream (it did once
+    with 120 tokens each, on a loaded machine: the engine runs ahead of a slow reader, whose outputs wait in its
+    stream's queue)."""
+    torch.manual_seed(0)
+    tok = Tokenizer.train_char(CORPUS)
+    save_checkpoint(build_model(preset("tiny-gpt", vocab_size=tok.vocab_size, max_len=1024)), tok,
+                    root / "models" / "long-gpt")
+    return root / "models"
+
+
+def test_streams_past_the_drain_timeout_end_with_abort(tmp_path: Path) -> None:
+    p = ServiceProcess(_long_gpt(tmp_path), tmp_path / "server.log", "--max-num-seqs", "1", "--drain-timeout", "0.3")
+    try:
+        results, after = asyncio.run(_sigterm_during_streams(p, 40, 1000))
         assert after["status"] == 503
         reasons = [reason for _, reason in results]
         assert "abort" in reasons and set(reasons) <= {"length", "abort"}, (results, p.output()[-3000:])
-        assert all(tokens < 120 for tokens, reason in results if reason == "abort")
+        assert all(tokens < 1000 for tokens, reason in results if reason == "abort")
         assert p.proc.wait(timeout=60) == 0
     finally:
         p.stop()
 
 
-def test_a_second_signal_stops_at_once(checkpoints_dir: Path, tmp_path: Path) -> None:
+def test_a_second_signal_stops_at_once(tmp_path: Path) -> None:
     """Draining 40 long streams through one slot would take many seconds; the second SIGTERM cuts them and the
     process dies of the signal (exit status 143 in a shell) within a moment."""
-    p = ServiceProcess(checkpoints_dir, tmp_path / "server.log", "--max-num-seqs", "1", "--drain-timeout", "60")
-    body = {"prompt": "ROMEO:", "max_tokens": 120, "ignore_eos": True, "temperature": 0}
+    p = ServiceProcess(_long_gpt(tmp_path), tmp_path / "server.log", "--max-num-seqs", "1", "--drain-timeout", "60")
+    body = {"prompt": "ROMEO:", "max_tokens": 1000, "ignore_eos": True, "temperature": 0}
 
     async def run() -> tuple[float, list[Any]]:
         async with httpx.AsyncClient(base_url=p.url, timeout=120) as c:
