@@ -207,7 +207,6 @@ class DecoderStep {
     S* qp = out<T>(q);
     using PS = typename Elem<P>::S;
     PS *kp = out<P>(k_l), *vp = out<P>(v_l);
-    S buf[512];  // a K row before its rounding into a narrower pool
     constexpr bool same = std::is_same_v<S, PS>;
     TORCH_CHECK(same || d <= 512, "a head size of at most 512");
     auto store = [&](const S* x, PS* o) {  // one head's row into the pool
@@ -227,20 +226,24 @@ class DecoderStep {
         o[i] = E::put(E::get(E::put(E::get(x[i]) * E::get(cr[i]))) + E::get(E::put(E::get(x[j]) * E::get(sr[i]))));
       }
     };
-    for (int64_t n = 0; n < N; ++n) {
-      const S* row = src + n * width;
-      const S *cr = rotary ? cp + n * d : nullptr, *sr = rotary ? sp + n * d : nullptr;
-      for (int64_t i = 0; i < h_; ++i) rotate(row + i * d, cr, sr, qp + (n * h_ + i) * d);
-      for (int64_t i = 0; i < h_kv_; ++i) {
-        if constexpr (same) {
-          rotate(row + (h_ + i) * d, cr, sr, kp + slot[n] * token + i * d);
-        } else {
-          rotate(row + (h_ + i) * d, cr, sr, buf);
-          store(buf, kp + slot[n] * token + i * d);
+    // rows write distinct slots (padding rows only the null block, which no row reads)
+    at::parallel_for(0, N, 4, [&](int64_t begin, int64_t end) {
+      S buf[512];  // a K row before its rounding into a narrower pool
+      for (int64_t n = begin; n < end; ++n) {
+        const S* row = src + n * width;
+        const S *cr = rotary ? cp + n * d : nullptr, *sr = rotary ? sp + n * d : nullptr;
+        for (int64_t i = 0; i < h_; ++i) rotate(row + i * d, cr, sr, qp + (n * h_ + i) * d);
+        for (int64_t i = 0; i < h_kv_; ++i) {
+          if constexpr (same) {
+            rotate(row + (h_ + i) * d, cr, sr, kp + slot[n] * token + i * d);
+          } else {
+            rotate(row + (h_ + i) * d, cr, sr, buf);
+            store(buf, kp + slot[n] * token + i * d);
+          }
         }
+        for (int64_t i = 0; i < h_kv_; ++i) store(row + (h_ + h_kv_ + i) * d, vp + slot[n] * token + i * d);
       }
-      for (int64_t i = 0; i < h_kv_; ++i) store(row + (h_ + h_kv_ + i) * d, vp + slot[n] * token + i * d);
-    }
+    });
     return q;
   }
 

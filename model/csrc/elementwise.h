@@ -35,7 +35,9 @@ struct Elem<float> {
   static float put(float f) { return f; }
 };
 template <typename T>
-const typename Elem<T>::S* in(const at::Tensor& t) { return reinterpret_cast<const typename Elem<T>::S*>(t.data_ptr<T>()); }
+const typename Elem<T>::S* in(const at::Tensor& t) {
+  return reinterpret_cast<const typename Elem<T>::S*>(t.data_ptr<T>());
+}
 template <typename T>
 typename Elem<T>::S* out(at::Tensor& t) { return reinterpret_cast<typename Elem<T>::S*>(t.data_ptr<T>()); }
 
@@ -72,7 +74,8 @@ inline float tanh_(float y) {
 // erf(z) by Abramowitz and Stegun 7.1.26 (absolute error <= 1.5e-7).
 inline float erf_(float z) {
   const float a = std::fabs(z), t = 1.f / (1.f + 0.3275911f * a);
-  const float p = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
+  const float p =
+      t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
   return std::copysign(1.f - p * exp_nonpositive(-a * a), z);
 }
 

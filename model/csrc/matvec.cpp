@@ -27,6 +27,7 @@
 //   int8 x int8 product with vpmaddubsw (matvec_q8_avx2.h, the same `linear_q8`).
 // Elsewhere `available()` is false and the caller keeps oneDNN / torch.
 #include "kernels.h"
+#include "share_items.h"
 #include <ATen/Parallel.h>
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -171,7 +172,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, cons
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   if (int8 && x.scalar_type() == at::kFloat) run(xp, M, K2, packed.data_ptr<int8_t>(), n, sp, bp, y.data_ptr<float>());
   else if (int8) run(xp, M, K2, packed.data_ptr<int8_t>(), n, sp, bp, y.data_ptr<at::BFloat16>());
-  else if (x.scalar_type() == at::kFloat) run(xp, M, K2, packed.data_ptr<at::BFloat16>(), n, sp, bp, y.data_ptr<float>());
+  else if (x.scalar_type() == at::kFloat)
+    run(xp, M, K2, packed.data_ptr<at::BFloat16>(), n, sp, bp, y.data_ptr<float>());
   else run(xp, M, K2, packed.data_ptr<at::BFloat16>(), n, sp, bp, y.data_ptr<at::BFloat16>());
   return y;
 #else

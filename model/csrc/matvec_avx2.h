@@ -87,9 +87,9 @@ template <typename W, typename Out>
 void run(const uint32_t* x, int64_t M, int64_t K2, const W* w, int64_t N, const float* scale, const float* bias,
          Out* y) {
   const int64_t items = (N + NP * PANEL - 1) / (NP * PANEL);
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+  attnserve::share_items(items, M >= attnserve::SHARED_FROM_ROWS, [&](const auto& take) {
     __m256 sums[MT2][SUB];
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item = take(); item < items; item = take()) {
       const W* wi = w + item * NP * K2 * 2 * PANEL;
       for (int64_t m0 = 0; m0 < M; m0 += MT2) {
         const int64_t r = std::min(MT2, M - m0);
@@ -121,9 +121,9 @@ inline void tile_f32(const float* x, int64_t K, const float* w, __m256 (&sums)[M
 
 inline void run_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, const float* bias, float* y) {
   const int64_t items = (N + NP * PANEL - 1) / (NP * PANEL);
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+  attnserve::share_items(items, M >= attnserve::SHARED_FROM_ROWS, [&](const auto& take) {
     __m256 sums[MT2][SUB];
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item = take(); item < items; item = take()) {
       const float* wi = w + item * NP * K * PANEL;
       for (int64_t m0 = 0; m0 < M; m0 += MT2) {
         const int64_t r = std::min(MT2, M - m0);

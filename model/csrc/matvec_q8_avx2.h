@@ -113,9 +113,9 @@ void run_q8(const int8_t* xq, const float* xs, const int32_t*, int64_t M, int64_
   const int64_t K4 = K / 4, nb = K / QBLOCK;
   const auto* xq4 = reinterpret_cast<const int32_t*>(xq);
   const int64_t items = (N + NP * PANEL - 1) / (NP * PANEL);
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+  attnserve::share_items(items, M >= attnserve::SHARED_FROM_ROWS, [&](const auto& take) {
     __m256 sums[MQ][SUB];
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item = take(); item < items; item = take()) {
       const uint8_t* wi = w + item * NP * K4 * 4 * PANEL;
       const uint16_t* wsi = ws != nullptr ? ws + item * nb * NP * PANEL : nullptr;
       for (int64_t m0 = 0; m0 < M; m0 += MQ) {

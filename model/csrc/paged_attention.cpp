@@ -14,6 +14,7 @@
 // FMA and no AVX-512, the same plan in 8 lanes for the common shapes (paged_attention_avx2.h) and the two
 // products in 8 lanes in the portable loop otherwise.
 #include "kernels.h"
+#include "share_items.h"
 #include "elementwise.h"
 #include <ATen/Parallel.h>
 #if defined(__AVX512F__)
@@ -133,9 +134,10 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
   const ItemFn fast = fast_item<T>(bs, d, g);  // the common shapes' path (paged_attention_avx512.h / _avx2.h)
 #endif
 
-  at::parallel_for(0, N * h_kv, 1, [&](int64_t begin, int64_t end) {
+  const int64_t items = N * h_kv;
+  attnserve::share_items(items, true, [&](const auto& take) {
     std::vector<float> qf(g * d), acc(g * d), m(g), l(g), s(g * bs);
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item = take(); item < items; item = take()) {
       const int64_t n = item / h_kv, kvh = item % h_kv;
       const int64_t len = std::min(lp[n], W * bs);  // never past the table
       const int64_t* table = tp + rp[n] * W;
