@@ -162,7 +162,8 @@ def model_name(path: Path) -> str:
 def context_length(cfg: TransformerConfig, settings: Settings, kv_tokens: int) -> int:
     """The longest request served (vLLM's --max-model-len): the setting (capped to each model's own context), else
     the model's context capped to what the KV budget holds for max_num_seqs sequences (in whole blocks, never below
-    MIN_CONTEXT), since each sequence slot reserves room for the longest request (model/paged_cache.py)."""
+    MIN_CONTEXT), so that max_num_seqs requests of that length fit at once. Blocks are taken as tokens arrive
+    (model/paged_cache.py); the setting may go up to the whole pool, and requests then wait or are preempted."""
     if cfg.is_encoder_decoder:
         return min(cfg.max_len, settings.max_model_len or cfg.max_len)
     if settings.max_model_len is not None:  # one setting for every served model: a cap on each one's context
