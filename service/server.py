@@ -81,11 +81,11 @@ class DrainingServer(uvicorn.Server):
                      self.settings.drain_timeout, extra=extra)
         else:
             log.info("draining", extra=extra)
-        # from a signal handler, the loop is woken through its self-pipe; the task is kept (the loop holds tasks
-        # only weakly)
-        loop = asyncio.get_event_loop()
-        loop.call_soon_threadsafe(lambda: setattr(self, "_drain_task", loop.create_task(self._drain())))
+        asyncio.get_event_loop().call_soon_threadsafe(self._start_drain)  # from a signal handler: wakes the loop
         return None
+
+    def _start_drain(self) -> None:
+        self._drain_task = asyncio.get_running_loop().create_task(self._drain())  # kept: the loop holds tasks weakly
 
     async def _drain(self) -> None:
         await drain_engines(self.app, self.settings.drain_timeout)
