@@ -252,5 +252,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_q8", &attnserve::has_q8, "whether this build has the int8 x int8 product (AVX-512 VNNI or AVX2)");
   m.attr("panel") = PANEL;
   m.attr("panels") = NP;
+#if defined(ATTNSERVE_MATVEC_AVX512)
+  m.attr("quad_offset") = 128;  // pack_quads stores q + 128, VNNI's unsigned operand (matvec_vnni.h)
+#else
+  m.attr("quad_offset") = 0;  // q itself, signed by x (matvec_q8_avx2.h)
+#endif
 }
 #endif

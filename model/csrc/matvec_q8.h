@@ -58,7 +58,7 @@ void check_q8(const at::Tensor& x, const at::Tensor& packed, int64_t n, const c1
 #endif
 
 // The int8 x int8 product (VNNI, or AVX2's vpmaddubsw): x (M, K) float32 or bfloat16, K a multiple of 32; packed
-// (N padded to 32, K / 4, 16, 4) uint8 (q + 128) from pack_quads(); scale float32 padded like the rows; bias
+// (N padded to 32, K / 4, 16, 4) uint8 from pack_quads() (q + 128 or q, the build's `quad_offset`); scale float32 padded like the rows; bias
 // likewise or None.
 at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& packed, int64_t n, const at::Tensor& scale,
                      const c10::optional<at::Tensor>& bias) {

@@ -1,13 +1,16 @@
-// The int8 x int8 matvec on AVX2 (no VNNI): the same packed weight and the same quantized x as matvec_vnni.h, so
+// The int8 x int8 matvec on AVX2 (no VNNI): the same weight layout and the same quantized x as matvec_vnni.h, so
 // the int32 sums of a block are exactly those of the VNNI build, and only their float32 accumulation may differ in
 // a last bit. Widening every int8 weight to float32 (matvec_avx2.h's `linear`) cost ~6 instructions per 16 weights,
 // redone for every 2 rows of x: the int8 step was bound by the widening, not by memory.
 //
 // AVX2's int8 product is vpmaddubsw (unsigned x signed bytes, adjacent pairs summed into saturating int16), then
-// vpmaddwd by ones (pairs of int16 into int32). Its unsigned operand here is |q| (the weight, at most 128) and its
-// signed one xq with the weight's sign applied (vpsignb: |xq| <= 127, zero where q is zero), so each product is
-// q * xq and a pair sum is at most 2 * 128 * 127 = 32512: nothing saturates (llama.cpp's AVX2 Q8_0 product uses the
-// same identity). The packed weight is q + 128 (the VNNI operand), flipped back to q by one xor per load.
+// vpmaddwd by ones (pairs of int16 into int32). Its unsigned operand here is |xq| (at most 127), taken once per
+// broadcast of x, and its signed one the weight q with xq's sign applied (vpsignb; zero where xq is zero), so each
+// product is q * xq and a pair sum is at most 2 * 127 * 127 = 32258: nothing saturates. The weight is packed as q
+// itself in this build (pack_quads; q + 128, VNNI's unsigned operand, elsewhere), clamped to +-127 so that its sign
+// can flip: the loop is one load, then per row of x vpsignb, vpmaddubsw, vpmaddwd and an add per 32 products.
+// (llama.cpp's AVX2 Q8_0 product takes |q| per load and signs x by q: two more instructions per load, and with
+// the q + 128 form a third to flip it back; this order measured 5-10% faster at 1 and 32 rows on a 2-core Zen 3.)
 //
 // One 32-byte load is 8 rows x 4 features; a block of 32 features is 8 loads per 8 rows; per block, each row of x
 // and each 8 rows of weight add one int32 register of sums, converted and scaled by the block's x scale into
@@ -60,7 +63,7 @@ void quantize_rows(const In* x, int64_t M, int64_t K, int8_t* xq, float* xs, int
 }
 
 // sums[i][s]: 8 float32 outputs for x row i of the tile and 8-row group s of the item at `w` (K4 quads per panel).
-// A tile is at most MQ = 2 rows of x: 8 int32 sums, the rows' broadcasts and a weight with its absolute value fit
+// A tile is at most MQ = 2 rows of x: 8 int32 sums, the rows' broadcasts with their absolute values and a weight fit
 // the 16 registers (the float32 sums, touched once a block, may live in memory). Tiles of 4 rows over one 8-row
 // group at a time measured 5-10% slower at 8 and 32 rows on a 2-core Zen 3, where the loop is bound by the
 // integer multiplies (two per 32 products).
@@ -69,7 +72,7 @@ template <int R>
 inline void tile_q8(const int32_t* xq, const float* xs, int64_t K4, const uint8_t* w, const uint16_t* ws,
                     __m256 (&sums)[MQ][SUB]) {
   const int64_t nb = K4 / (QBLOCK / 4);
-  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
+  const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[R][SUB];
   for (int i = 0; i < R; ++i)
     for (int s = 0; s < SUB; ++s) acc[i][s] = _mm256_setzero_ps();
@@ -78,15 +81,16 @@ inline void tile_q8(const int32_t* xq, const float* xs, int64_t K4, const uint8_
     for (int i = 0; i < R; ++i)
       for (int s = 0; s < SUB; ++s) dots[i][s] = _mm256_setzero_si256();
     for (int64_t kq = b * (QBLOCK / 4); kq < (b + 1) * (QBLOCK / 4); ++kq) {
-      __m256i xv[R];
-      for (int i = 0; i < R; ++i) xv[i] = _mm256_set1_epi32(xq[i * K4 + kq]);
+      __m256i xv[R], xa[R];
+      for (int i = 0; i < R; ++i) {
+        xv[i] = _mm256_set1_epi32(xq[i * K4 + kq]);
+        xa[i] = _mm256_abs_epi8(xv[i]);
+      }
       for (int s = 0; s < SUB; ++s) {
-        const __m256i q = _mm256_xor_si256(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + ((s / 2) * K4 + kq) * 4 * PANEL + (s % 2) * 32)),
-            flip);
-        const __m256i aq = _mm256_abs_epi8(q);
+        const __m256i q =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + ((s / 2) * K4 + kq) * 4 * PANEL + (s % 2) * 32));
         for (int i = 0; i < R; ++i) {
-          const __m256i pairs = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(xv[i], q));
+          const __m256i pairs = _mm256_maddubs_epi16(xa[i], _mm256_sign_epi8(q, xv[i]));
           dots[i][s] = _mm256_add_epi32(dots[i][s], _mm256_madd_epi16(pairs, ones));
         }
       }
