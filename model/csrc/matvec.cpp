@@ -40,9 +40,11 @@
 #endif
 
 #include <algorithm>
+#include <bit>
 #include <cstdint>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 namespace {
 

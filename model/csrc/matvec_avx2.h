@@ -14,13 +14,12 @@
 //
 // float32 (packed[panel][k][row]): per feature two 32-byte loads per panel, one broadcast of x[k], one FMA each.
 //
-// A tile is at most MT2 rows of x: R x 4 sums, 2R broadcasts of x and a pair of weights fit the 16 ymm registers
-// at R = 2; each thread multiplies its 32-row item with every tile of x in turn while the item is in cache. (Tiles
-// of 3 rows, or of 4 rows over one panel with x widened to float32 once, measured no faster at 8 and 32 rows on a
-// 2-core Zen 3: there the loop is bound by the FMAs and the cache, as oneDNN's float32 GEMM is at 32 rows.)
-// Every output goes through the same operations whatever the rows of x, so batching does not change a row's
-// result. Included by matvec.cpp inside its anonymous namespace where the compiler targets AVX2 and FMA but not
-// AVX-512 BF16.
+// Below 8 rows of x (decode's few streams) a tile is at most MT2 rows: R x 4 sums, 2R broadcasts of x and a pair
+// of weights fit the 16 ymm registers at R = 2, and each thread multiplies its 32-row item with every tile of x in
+// turn while the item is in cache. From 8 rows, matvec_avx2_rows.h's taller tiles over one panel at a time. Every
+// output goes through the same operations whatever the rows of x, so batching does not change a row's result.
+// Included by matvec.cpp inside its anonymous namespace where the compiler targets AVX2 and FMA but not AVX-512
+// BF16.
 #pragma once
 
 constexpr int64_t MT2 = 2;        // rows of x per tile
@@ -63,31 +62,39 @@ inline void tile(const uint32_t* x, int64_t K2, const W* w, __m256 (&sums)[MT2][
     for (int s = 0; s < SUB; ++s) sums[i][s] = acc[i][s];
 }
 
-// y rows m0 .. m0 + r of the item's 32 outputs from their float32 sums: times the row's scale, plus its bias.
+// One row of y at a panel's 16 outputs from n0 (fewer where N ends) from their float32 sums lo (outputs 0-7) and hi
+// (8-15): times the output's scale, plus its bias.
+template <typename Out>
+inline void store_panel(__m256 lo, __m256 hi, int64_t n0, int64_t N, const float* scale, const float* bias,
+                        Out* y_row) {
+  alignas(32) float out[PANEL];
+  __m256 v[2] = {lo, hi};
+  for (int64_t h = 0; h < 2; ++h) {
+    if (scale != nullptr) v[h] = _mm256_mul_ps(v[h], _mm256_loadu_ps(scale + n0 + 8 * h));  // padded to panels
+    if (bias != nullptr) v[h] = _mm256_add_ps(v[h], _mm256_loadu_ps(bias + n0 + 8 * h));
+    _mm256_store_ps(out + 8 * h, v[h]);
+  }
+  const int64_t count = std::min(PANEL, N - n0);
+  for (int64_t j = 0; j < count; ++j) y_row[n0 + j] = static_cast<Out>(out[j]);
+}
+
+// y rows m0 .. m0 + r of the item's 32 outputs from their float32 sums.
 template <int T, typename Out>
 inline void store_rows(const __m256 (&sums)[T][SUB], int64_t r, int64_t m0, int64_t item, int64_t N,
                        const float* scale, const float* bias, Out* y) {
-  alignas(32) float out[PANEL];
   for (int64_t i = 0; i < r; ++i)
-    for (int64_t p = 0; p < NP; ++p) {
-      const int64_t n0 = (item * NP + p) * PANEL, count = std::min(PANEL, N - n0);
-      if (count <= 0) break;
-      for (int64_t h = 0; h < 2; ++h) {
-        __m256 v = sums[i][2 * p + h];
-        if (scale != nullptr) v = _mm256_mul_ps(v, _mm256_loadu_ps(scale + n0 + 8 * h));  // padded to panels
-        if (bias != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + n0 + 8 * h));
-        _mm256_store_ps(out + 8 * h, v);
-      }
-      Out* dst = y + (m0 + i) * N + n0;
-      for (int64_t j = 0; j < count; ++j) dst[j] = static_cast<Out>(out[j]);
-    }
+    for (int64_t p = 0; p < NP && (item * NP + p) * PANEL < N; ++p)
+      store_panel(sums[i][2 * p], sums[i][2 * p + 1], (item * NP + p) * PANEL, N, scale, bias, y + (m0 + i) * N);
 }
+
+#include "matvec_avx2_rows.h"
 
 template <typename W, typename Out>
 void run(const uint32_t* x, int64_t M, int64_t K2, const W* w, int64_t N, const float* scale, const float* bias,
          Out* y) {
+  if (M >= attnserve::SHARED_FROM_ROWS) return run_rows(x, M, K2, w, N, scale, bias, y);
   const int64_t items = (N + NP * PANEL - 1) / (NP * PANEL);
-  attnserve::share_items(items, M >= attnserve::SHARED_FROM_ROWS, [&](const auto& take) {
+  attnserve::share_items(items, false, [&](const auto& take) {
     __m256 sums[MT2][SUB];
     for (int64_t item = take(); item < items; item = take()) {
       const W* wi = w + item * NP * K2 * 2 * PANEL;
@@ -120,8 +127,9 @@ inline void tile_f32(const float* x, int64_t K, const float* w, __m256 (&sums)[M
 }
 
 inline void run_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, const float* bias, float* y) {
+  if (M >= attnserve::SHARED_FROM_ROWS) return run_f32_rows(x, M, K, w, N, bias, y);
   const int64_t items = (N + NP * PANEL - 1) / (NP * PANEL);
-  attnserve::share_items(items, M >= attnserve::SHARED_FROM_ROWS, [&](const auto& take) {
+  attnserve::share_items(items, false, [&](const auto& take) {
     __m256 sums[MT2][SUB];
     for (int64_t item = take(); item < items; item = take()) {
       const float* wi = w + item * NP * K * PANEL;
