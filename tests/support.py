@@ -36,12 +36,16 @@ CORPUS = (
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def make_checkpoints(root: Path) -> Path:
-    """tiny-gpt (char-level decoder-only) and tiny-mt (BPE encoder-decoder), random weights, seed 0."""
+def tiny_gpt(folder: Path, max_len: int = 128) -> Path:
+    """A char-level tiny-gpt of context max_len, random weights, seed 0, saved in folder."""
     torch.manual_seed(0)
     char = Tokenizer.train_char(CORPUS)
-    gpt = build_model(preset("tiny-gpt", vocab_size=char.vocab_size, max_len=128))
-    save_checkpoint(gpt, char, root / "tiny-gpt")
+    return save_checkpoint(build_model(preset("tiny-gpt", vocab_size=char.vocab_size, max_len=max_len)), char, folder)
+
+
+def make_checkpoints(root: Path) -> Path:
+    """tiny-gpt (char-level decoder-only) and tiny-mt (BPE encoder-decoder), random weights, seed 0."""
+    tiny_gpt(root / "tiny-gpt")
     bpe = Tokenizer.train_bpe([CORPUS] * 4, vocab_size=300)
     mt = build_model(preset("tiny-seq2seq", vocab_size=bpe.vocab_size, max_len=128, share_embeddings=True))
     save_checkpoint(mt, bpe, root / "tiny-mt")

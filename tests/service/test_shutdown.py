@@ -11,13 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import torch
-from support import CORPUS, ServiceProcess
-
-from model.checkpoint import save_checkpoint
-from model.config import preset
-from model.tokenizer import Tokenizer
-from model.transformer import build_model
+from support import ServiceProcess, tiny_gpt
 
 
 async def _stream(c: httpx.AsyncClient, body: dict[str, Any], started: asyncio.Event,
@@ -84,10 +78,7 @@ def _long_gpt(root: Path) -> Path:
     work, so the engine cannot have finished them all before the client has opened the last stream (it did once
     with 120 tokens each, on a loaded machine: the engine runs ahead of a slow reader, whose outputs wait in its
     stream's queue)."""
-    torch.manual_seed(0)
-    tok = Tokenizer.train_char(CORPUS)
-    save_checkpoint(build_model(preset("tiny-gpt", vocab_size=tok.vocab_size, max_len=1024)), tok,
-                    root / "models" / "long-gpt")
+    tiny_gpt(root / "models" / "long-gpt", max_len=1024)
     return root / "models"
 
 
