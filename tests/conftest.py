@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from support import LiveServer, make_checkpoints, settings_for
+from support import LiveServer, make_checkpoints, settings_for, tiny_gpt
 
 from service.registry import ServedModel, build_served_model
 
@@ -100,19 +100,10 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def long_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A character model with a 4096-token context, so that a stream is still running when a test acts on it."""
-    from support import CORPUS
-
-    from model.checkpoint import save_checkpoint
-    from model.config import preset
-    from model.tokenizer import Tokenizer
-    from model.transformer import build_model
-
+    """A models folder with a character model of 4096-token context, so that a stream is still running when a test
+    acts on it."""
     root = tmp_path_factory.mktemp("long")
-    torch.manual_seed(0)
-    char = Tokenizer.train_char(CORPUS)
-    model = build_model(preset("tiny-gpt", vocab_size=char.vocab_size, max_len=4096, d_model=64))
-    save_checkpoint(model, char, root / "long-gpt")
+    tiny_gpt(root / "long-gpt", max_len=4096, d_model=64)
     return root
 
 

@@ -36,11 +36,13 @@ CORPUS = (
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def tiny_gpt(folder: Path, max_len: int = 128) -> Path:
-    """A char-level tiny-gpt of context max_len, random weights, seed 0, saved in folder."""
+def tiny_gpt(folder: Path, max_len: int = 128, **overrides: Any) -> Path:
+    """A char-level tiny-gpt of context max_len (and any other preset overrides), random weights, seed 0, saved in
+    folder."""
     torch.manual_seed(0)
     char = Tokenizer.train_char(CORPUS)
-    return save_checkpoint(build_model(preset("tiny-gpt", vocab_size=char.vocab_size, max_len=max_len)), char, folder)
+    model = build_model(preset("tiny-gpt", vocab_size=char.vocab_size, max_len=max_len, **overrides))
+    return save_checkpoint(model, char, folder)
 
 
 def make_checkpoints(root: Path) -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from support import ServiceProcess, tiny_gpt
+from support import ServiceProcess
 
 
 async def _stream(c: httpx.AsyncClient, body: dict[str, Any], started: asyncio.Event,
@@ -73,17 +73,11 @@ def test_sigterm_lets_in_flight_streams_finish_and_exits_0(checkpoints_dir: Path
     assert '"msg": "draining"' in out and "Traceback" not in out
 
 
-def _long_gpt(root: Path) -> Path:
-    """A models folder with a tiny-gpt of context 1024, for 40 x 1000 tokens through one slot: tens of seconds of
-    work, so the engine cannot have finished them all before the client has opened the last stream (it did once
-    with 120 tokens each, on a loaded machine: the engine runs ahead of a slow reader, whose outputs wait in its
-    stream's queue)."""
-    tiny_gpt(root / "models" / "long-gpt", max_len=1024)
-    return root / "models"
-
-
-def test_streams_past_the_drain_timeout_end_with_abort(tmp_path: Path) -> None:
-    p = ServiceProcess(_long_gpt(tmp_path), tmp_path / "server.log", "--max-num-seqs", "1", "--drain-timeout", "0.3")
+# Both tests send 40 x 1000 tokens through one slot of long_model: tens of seconds of work, so the engine cannot
+# have finished them all before the client has opened the last stream (it did once with 120 tokens each of a short
+# model, on a loaded machine: the engine runs ahead of a slow reader, whose outputs wait in its stream's queue).
+def test_streams_past_the_drain_timeout_end_with_abort(tmp_path: Path, long_model: Path) -> None:
+    p = ServiceProcess(long_model, tmp_path / "server.log", "--max-num-seqs", "1", "--drain-timeout", "0.3")
     try:
         results, after = asyncio.run(_sigterm_during_streams(p, 40, 1000))
         assert after["status"] == 503
@@ -95,10 +89,10 @@ def test_streams_past_the_drain_timeout_end_with_abort(tmp_path: Path) -> None:
         p.stop()
 
 
-def test_a_second_signal_stops_at_once(tmp_path: Path) -> None:
+def test_a_second_signal_stops_at_once(tmp_path: Path, long_model: Path) -> None:
     """Draining 40 long streams through one slot would take many seconds; the second SIGTERM cuts them and the
     process dies of the signal (exit status 143 in a shell) within a moment."""
-    p = ServiceProcess(_long_gpt(tmp_path), tmp_path / "server.log", "--max-num-seqs", "1", "--drain-timeout", "60")
+    p = ServiceProcess(long_model, tmp_path / "server.log", "--max-num-seqs", "1", "--drain-timeout", "60")
     body = {"prompt": "ROMEO:", "max_tokens": 1000, "ignore_eos": True, "temperature": 0}
 
     async def run() -> tuple[float, list[Any]]:
