@@ -94,9 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if frontends is not None:
             frontends.start(app.state.models)
         sampler = asyncio.create_task(sample_engines(app)) if shared_metrics() else None
-        app.state.ready = True
-        log.info("ready", extra={"models": names, "default_model": app.state.default_model,
-                                 "frontend": app.state.frontend})
+        app.state.ready = True  # the server logs "ready" once its port listens (service/server.py)
         try:
             yield
         finally:

@@ -57,6 +57,15 @@ class DrainingServer(uvicorn.Server):
                 sockets = [shared_socket(self.config.host, self.config.port, self.config.backlog)]
             await super().serve(sockets)
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's start, then "ready" in the log: the port listens now (with several frontends, a frontend
+        started again logs it only once the kernel can hand it connections)."""
+        await super().startup(sockets)
+        if self.started:
+            state = self.app.state
+            log.info("ready", extra={"models": list(state.models), "default_model": state.default_model,
+                                     "frontend": state.frontend})
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not hasattr(self.config, "loaded_app"):
             return super().handle_exit(sig, frame)
