@@ -134,11 +134,16 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
   const ItemFn fast = fast_item<T>(bs, d, g);  // the common shapes' path (paged_attention_avx512.h / _avx2.h)
 #endif
 
-  const int64_t items = N * h_kv;
+  // A work item is one row's K/V heads where there are rows enough to go round: a head's keys are every h_kv-th
+  // slice of a block's memory, and the lines fetched along with them are then the next head's, in this core's
+  // cache; with few rows, one head each, so that every thread has work. (32 rows of SmolLM2's 3 K/V heads at 150
+  // keys in a pool of 8192 blocks: 201 against 243 us a layer, medians, 2-core Zen 3.)
+  const int64_t per_item = N >= 8 ? h_kv : 1, items = N * h_kv / per_item;
   attnserve::share_items(items, true, [&](const auto& take) {
     std::vector<float> qf(g * d), acc(g * d), m(g), l(g), s(g * bs);
-    for (int64_t item = take(); item < items; item = take()) {
-      const int64_t n = item / h_kv, kvh = item % h_kv;
+    for (int64_t item = take(); item < items; item = take())
+    for (int64_t part = item * per_item; part < (item + 1) * per_item; ++part) {
+      const int64_t n = part / h_kv, kvh = part % h_kv;
       const int64_t len = std::min(lp[n], W * bs);  // never past the table
       const int64_t* table = tp + rp[n] * W;
       for (int64_t i = 0; i < g; ++i) {  // the group's queries, scaled once

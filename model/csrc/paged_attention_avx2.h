@@ -45,13 +45,37 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+// The 16 keys of block b's partial dot products for the group's queries into parts (zeros past nt keys): each key
+// is loaded (and widened) once for the G heads.
+template <typename T, int D, int G>
+inline void block_scores(const float* qf, const T* kb, int64_t nt, int64_t k_token, float (*parts)[16][8]) {
+  constexpr int C = D / 8;
+  for (int64_t t = 0; t < 16; ++t) {
+    if (t >= nt) {
+      for (int i = 0; i < G; ++i) _mm256_store_ps(parts[i][t], _mm256_setzero_ps());
+      continue;
+    }
+    __m256 k[C];
+    for (int c = 0; c < C; ++c) k[c] = load8(kb + t * k_token + c * 8);
+    for (int i = 0; i < G; ++i) {
+      __m256 s = _mm256_mul_ps(_mm256_loadu_ps(qf + i * D), k[0]);
+      for (int c = 1; c < C; ++c) s = _mm256_fmadd_ps(_mm256_loadu_ps(qf + i * D + c * 8), k[c], s);
+      _mm256_store_ps(parts[i][t], s);
+    }
+  }
+}
+
 // One work item: queries qf (G x D, float32, already scaled) over `len` keys of `table` (blocks of 16, K/V head
 // offsets applied to kp/vp; k_block and k_token are the pool's strides), the result (G x D) into out.
+// The scores of block b + 1 are computed before block b's values are added in: the softmax of a block is a chain
+// of dependent instructions (lane sums, maximum, exponentials, sums), and the next block's independent products,
+// issued right behind it, keep the core busy while it resolves. The values go into two sums per head (even and odd
+// keys), so the FMA chains are half as long. (Both: 32 rows' layer 3-10% faster at 150-400 keys on a 2-core Zen 3.)
 template <typename T, int D, int G>
 void attend_item(const float* qf, const T* kp, const T* vp, const int64_t* table, int64_t len,
                  int64_t k_block, int64_t k_token, float* out) {
   constexpr int C = D / 8;  // registers per head row
-  alignas(32) float acc[G][D], parts[G][16][8], p[G][16];
+  alignas(32) float acc[G][D], parts[2][G][16][8], p[G][16];
   float m[G], l[G], rescale[G];
   for (int i = 0; i < G; ++i) {
     for (int c = 0; c < D; ++c) acc[i][c] = 0.f;
@@ -59,29 +83,18 @@ void attend_item(const float* qf, const T* kp, const T* vp, const int64_t* table
     l[i] = 0.f;
   }
   const __m256 lanes = _mm256_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
-  for (int64_t b = 0; b * 16 < len; ++b) {
+  const int64_t blocks = (len + 15) / 16;
+  if (blocks > 0) block_scores<T, D, G>(qf, kp + table[0] * k_block, std::min<int64_t>(16, len), k_token, parts[0]);
+  for (int64_t b = 0; b < blocks; ++b) {
     const int64_t nt = std::min<int64_t>(16, len - b * 16);
-    const T* kb = kp + table[b] * k_block;
     const T* vb = vp + table[b] * k_block;
-    for (int64_t t = 0; t < 16; ++t) {  // each key once, for the group's queries
-      if (t >= nt) {
-        for (int i = 0; i < G; ++i) _mm256_store_ps(parts[i][t], _mm256_setzero_ps());
-        continue;
-      }
-      __m256 k[C];
-      for (int c = 0; c < C; ++c) k[c] = load8(kb + t * k_token + c * 8);
-      for (int i = 0; i < G; ++i) {
-        __m256 s = _mm256_mul_ps(_mm256_loadu_ps(qf + i * D), k[0]);
-        for (int c = 1; c < C; ++c) s = _mm256_fmadd_ps(_mm256_loadu_ps(qf + i * D + c * 8), k[c], s);
-        _mm256_store_ps(parts[i][t], s);
-      }
-    }
+    float (*cur)[16][8] = parts[b & 1];
     const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
     const __m256 valid[2] = {_mm256_cmp_ps(lanes, _mm256_set1_ps(static_cast<float>(nt)), _CMP_LT_OQ),
                              _mm256_cmp_ps(lanes, _mm256_set1_ps(static_cast<float>(nt - 8)), _CMP_LT_OQ)};
     for (int i = 0; i < G; ++i) {  // the block's scores, the new running maximum, weights, rescaled sums
       __m256 s[2];
-      for (int h = 0; h < 2; ++h) s[h] = _mm256_blendv_ps(ninf, lane_sums8(parts[i] + 8 * h), valid[h]);
+      for (int h = 0; h < 2; ++h) s[h] = _mm256_blendv_ps(ninf, lane_sums8(cur[i] + 8 * h), valid[h]);
       const float best = std::max(m[i], hmax8(_mm256_max_ps(s[0], s[1])));
       __m256 sum = _mm256_setzero_ps();
       for (int h = 0; h < 2; ++h) {
@@ -93,14 +106,28 @@ void attend_item(const float* qf, const T* kp, const T* vp, const int64_t* table
       l[i] = l[i] * rescale[i] + hsum8(sum);
       m[i] = best;
     }
+    if (b + 1 < blocks)
+      block_scores<T, D, G>(qf, kp + table[b + 1] * k_block, std::min<int64_t>(16, len - (b + 1) * 16), k_token,
+                            parts[(b + 1) & 1]);
     for (int c = 0; c < C; ++c) {  // the weighted values, 8 of the D output values at a time
-      __m256 a[G];
-      for (int i = 0; i < G; ++i) a[i] = _mm256_mul_ps(_mm256_load_ps(acc[i] + c * 8), _mm256_set1_ps(rescale[i]));
-      for (int64_t t = 0; t < nt; ++t) {
+      __m256 a[G], e[G];
+      for (int i = 0; i < G; ++i) {
+        a[i] = _mm256_mul_ps(_mm256_load_ps(acc[i] + c * 8), _mm256_set1_ps(rescale[i]));
+        e[i] = _mm256_setzero_ps();
+      }
+      int64_t t = 0;
+      for (; t + 2 <= nt; t += 2) {
+        const __m256 v0 = load8(vb + t * k_token + c * 8), v1 = load8(vb + (t + 1) * k_token + c * 8);
+        for (int i = 0; i < G; ++i) {
+          a[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(p[i] + t), v0, a[i]);
+          e[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(p[i] + t + 1), v1, e[i]);
+        }
+      }
+      if (t < nt) {
         const __m256 v = load8(vb + t * k_token + c * 8);
         for (int i = 0; i < G; ++i) a[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(p[i] + t), v, a[i]);
       }
-      for (int i = 0; i < G; ++i) _mm256_store_ps(acc[i] + c * 8, a[i]);
+      for (int i = 0; i < G; ++i) _mm256_store_ps(acc[i] + c * 8, _mm256_add_ps(a[i], e[i]));
     }
   }
   for (int i = 0; i < G; ++i) {  // a row with no key (never in practice) gives zeros
