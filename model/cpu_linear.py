@@ -12,10 +12,10 @@ row and 3-5x from 8 rows up. On AVX2 + FMA (a 2-core Zen 3, where oneDNN packs n
 1.3-1.5x oneDNN's prepacked float32 rate at one row (~27-36 GB/s), 1.2-1.4x at 8 rows, about even at 32;
 bfloat16 in 0.45-0.65x our float32's time at one row, int8 in 0.3-0.4x. Above `MAX_ROWS` rows (prefill chunks)
 the plain paths take over: `F.linear` for bfloat16, the dequantized weight for int8 (model/quantize.py); but the
-AVX2 build's int8 x int8 product keeps them too, being compute-bound there at more MACs per instruction than float32
-FMAs: on the 2-core Zen 3 at 65-512 rows it took 0.4-0.8x the time of dequantizing + F.linear (SmolLM2's shapes;
-not measured against oneDNN's bfloat16 GEMM on AVX-512, so that build keeps the limit). So does AVX2's bfloat16
-kernel: F.linear in bfloat16 has no native path there and took ~7x its time at 65-512 rows.
+int8 x int8 product keeps them too, being compute-bound there at more MACs per instruction than float32 FMAs: on the
+2-core Zen 3 (AVX2) at 65-512 rows it took 0.4-0.8x the time of dequantizing + F.linear (SmolLM2's shapes), and on a
+2-core AVX-512 VNNI EPYC 0.13-0.3x (240 GMAC/s at 512 rows against 77; oneDNN's bfloat16 GEMM there: 198). So does
+AVX2's bfloat16 kernel: F.linear in bfloat16 has no native path there and took ~7x its time at 65-512 rows.
 
 Packed layout, rows in panels of 16: packed[panel][k / 2][row][2] = W[panel * 16 + row][k], padded with zero rows
 to a whole number of work items (2 panels) and a zero column to an even K; scales and bias padded alike, float32.
@@ -111,6 +111,21 @@ def can_pack(linear: nn.Module) -> bool:
     return ok and kernel() is not None
 
 
+def takes_any_rows(linear: nn.Module) -> bool:
+    """Whether the kernel multiplies this packed linear at least as fast as oneDNN / MKL at any number of rows (a
+    prefill's hundreds, not only decode's few): the int8 x int8 product and the bfloat16 one everywhere (module
+    docstring), the float32 one where the kernel is AVX-512's (2-core EPYC, SmolLM2's shapes at 128-512 rows: 90-100
+    GMAC/s, as MKL's sgemm; AVX2's was not measured there, so it keeps MAX_ROWS)."""
+    module = kernel()
+    if module is None:
+        return False
+    if isinstance(linear, PackedInt8Linear | PackedBlockInt8Linear):
+        return isinstance(linear, PackedBlockInt8Linear) or linear.q8
+    if isinstance(linear, PackedLinear):
+        return linear.weight.dtype == torch.bfloat16 or module.isa() == "avx512bf16"
+    return False
+
+
 class Repacked(nn.Module):
     """A layer that keeps packed copies made from its weights (non-persistent buffers): `.to()` and friends move
     the plain weights, then `_pack` remakes the copies from them; so does assigning a new weight or bias."""
@@ -130,7 +145,7 @@ class Repacked(nn.Module):
 
 
 class PackedLinear(Repacked):
-    """y = x W^T + b with a bfloat16 or float32 W: the kernel up to MAX_ROWS rows (at any on AVX2 for bfloat16),
+    """y = x W^T + b with a bfloat16 or float32 W: the kernel up to MAX_ROWS rows (at any where `takes_any_rows`),
     F.linear above. `weight` keeps the plain weight (what readers of W and the parameter count see); the packed copy
     is a buffer beside it."""
 
@@ -152,7 +167,7 @@ class PackedLinear(Repacked):
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
         module, dtype = kernel(), self.weight.dtype
-        many = x2.size(0) > MAX_ROWS and not (dtype == torch.bfloat16 and module is not None and module.isa() == "avx2")
+        many = x2.size(0) > MAX_ROWS and not takes_any_rows(self)
         if many or module is None or dtype not in (torch.bfloat16, torch.float32) or (
                 dtype == torch.float32 and x.dtype != dtype):
             bias = self.bias.detach() if self.bias is not None else None
@@ -168,8 +183,8 @@ class PackedLinear(Repacked):
 
 
 class PackedInt8Linear(Repacked, Int8Linear):
-    """An Int8Linear whose products run on the kernel (its int8 weight packed beside the plain one): AVX2's int8 x
-    int8 product at any number of rows, the others up to MAX_ROWS; more rows take Int8Linear's own path.
+    """An Int8Linear whose products run on the kernel (its int8 weight packed beside the plain one): the int8 x int8
+    product at any number of rows, the others up to MAX_ROWS; more rows take Int8Linear's own path.
     `model.quantize.int8_kernel("matvec")` forces the kernel at any row count, another forced path Int8Linear's (to
     measure each path's accuracy, benchmarks/precision.py)."""
 
@@ -186,7 +201,7 @@ class PackedInt8Linear(Repacked, Int8Linear):
     def _pack(self) -> None:
         module = kernel()
         self.q8 = bool(module is not None and module.has_q8() and self.in_features % Q8_BLOCK == 0)
-        self.any_rows = self.q8 and module is not None and module.isa() == "avx2"  # the module docstring
+        self.any_rows = self.q8  # the int8 x int8 product at any number of rows (the module docstring)
         packed = pack_quads(self.qweight) if self.q8 else pack(self.qweight)
         rows = packed.size(0) * packed.size(2)
         self.register_buffer("packed", packed, persistent=False)

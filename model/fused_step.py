@@ -12,8 +12,9 @@ cost (benchmarks/NOTES.md section 19).
 
 It takes the steps it can: a bfloat16 or float32 pre-norm decoder-only model whose projections are fused and
 packed (a CPU with AVX-512 BF16, or AVX2 + FMA), Llama-shaped (RMSNorm, rotary, gated silu: SmolLM2, Llama, Qwen) or GPT-2-shaped
-(LayerNorm, learned positions, GELU); steps of up to `MAX_ROWS` rows whose rows all attend on the paged kernel (no
-recorded attention, no long prefill chunk); int8 weights on the kernel path. Everything else, and
+(LayerNorm, learned positions, GELU); steps whose rows all attend on the paged kernel (no recorded attention),
+of up to `MAX_ROWS` rows or, where every product is as fast on the kernel at any rows (int8 x int8, bfloat16, and
+AVX-512's float32: `cpu_linear.takes_any_rows`), prefill steps too; int8 weights on the kernel path. Everything else, and
 `--enforce-eager`, runs the model's own modules."""
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ import torch
 from torch import Tensor, nn
 
 from model import cpu_kernels
-from model.cpu_linear import MAX_ROWS, FusedRMSNorm, PackedBlockInt8Linear, PackedInt8Linear, PackedLinear
+from model.cpu_linear import (
+    MAX_ROWS,
+    FusedRMSNorm,
+    PackedBlockInt8Linear,
+    PackedInt8Linear,
+    PackedLinear,
+    takes_any_rows,
+)
 from model.cpu_linear import kernel as matvec_kernel
 from model.layers import DecoderLayer, LearnedPositions, RotaryPositions, SinusoidalPositions
 from model.paged_cache import PagedKVCache, StepLayout
@@ -126,6 +134,7 @@ class FusedStep:
         q8: list[bool] = []
         empty = torch.empty(0)  # no scale, no bias
         self.int8 = False
+        self.any_rows = True  # every product as fast on the kernel at a prefill's rows (cpu_linear.takes_any_rows)
         for layer_norms, linears in _layers(model):
             for norm in layer_norms:
                 assert isinstance(norm, FusedRMSNorm | nn.LayerNorm | nn.RMSNorm) and isinstance(norm.weight, Tensor)
@@ -137,6 +146,7 @@ class FusedStep:
                 assert isinstance(lin, Packed)
                 int8 = isinstance(lin, PackedInt8Linear)
                 self.int8 |= int8
+                self.any_rows &= takes_any_rows(lin)
                 packed.append(lin.packed)
                 rows.append(lin.out_features)
                 scales.append(lin.scale_rows if isinstance(lin, PackedInt8Linear) else empty)
@@ -213,9 +223,9 @@ class FusedStep:
         return x, cos, sin
 
     def accepts(self, layout: StepLayout, num_rows: int) -> bool:
-        """Whether this step's rows can all run fused: few enough for the matvec kernel, every row on the paged
-        kernel, no attention recorded, int8 products on the kernel path."""
-        if num_rows > MAX_ROWS or layout.capture or layout.plain:
+        """Whether this step's rows can all run fused: few enough for the matvec kernel (any number where every
+        product takes any), every row on the paged kernel, no attention recorded, int8 products on the kernel path."""
+        if (num_rows > MAX_ROWS and not self.any_rows) or layout.capture or layout.plain:
             return False
         return not self.int8 or int8_kernel_choice() in ("auto", "matvec")
 

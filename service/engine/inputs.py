@@ -21,7 +21,9 @@ from service.engine.request import Request
 from service.engine.sampler import PARAMS, param_values
 from service.engine.scheduler import ScheduledRequest
 
-PLAIN_CHUNK = 32  # prefill chunks this long attend on SDPA over gathered keys (faster from ~32 tokens: NOTES.md)
+# prefill chunks this long attend on SDPA over gathered keys; 0: every row on the paged kernel, which since it runs
+# on every thread is as fast or faster at any chunk (NOTES.md section 24: 512-token chunks over 32-4,000 keys)
+PLAIN_CHUNK = 0
 
 
 class Transfers:
