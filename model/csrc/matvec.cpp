@@ -128,6 +128,7 @@ void run(const uint32_t* x, int64_t M, int64_t K2, const W* w, int64_t N, const 
 #include "matvec_f32.h"
 #if defined(__AVX512VNNI__)
 #define ATTNSERVE_Q8 1
+#define ATTNSERVE_Q8_BLOCKS 1
 #include "matvec_vnni.h"
 #endif
 #elif defined(ATTNSERVE_MATVEC_AVX2)
@@ -250,7 +251,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_f32", &attnserve::linear_f32, "float32 y = x W^T (+ bias) over a weight packed by pack_f32 (CPU)");
   m.def("linear_q8_blocks", &attnserve::linear_q8_blocks,
         "int8 y = x W^T (+ bias) over a weight with a float16 scale per 32 features of a row (Q8_0's form, CPU)");
-  m.def("has_q8_blocks", &attnserve::has_q8_blocks, "whether this build has linear_q8_blocks (AVX2 + F16C)");
+  m.def("has_q8_blocks", &attnserve::has_q8_blocks, "whether this build has linear_q8_blocks (AVX-512 VNNI, or AVX2 + F16C)");
   m.def("has_q8", &attnserve::has_q8, "whether this build has the int8 x int8 product (AVX-512 VNNI or AVX2)");
   m.attr("panel") = PANEL;
   m.attr("panels") = NP;

@@ -73,7 +73,7 @@ at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& packed, int64_t n, c
 }
 
 // The same product over a weight with a float16 scale per block of 32 features of each row (Q8_0's form): scales
-// (N padded to 32 / 32, K / 32, 32) from pack_block_scales(). AVX2 builds only (`has_q8_blocks()`).
+// (N padded to 32 / 32, K / 32, 32) from pack_block_scales() (`has_q8_blocks()`).
 at::Tensor linear_q8_blocks(const at::Tensor& x, const at::Tensor& packed, int64_t n, const at::Tensor& scales,
                             const c10::optional<at::Tensor>& bias) {
 #if defined(ATTNSERVE_Q8_BLOCKS)
@@ -83,6 +83,6 @@ at::Tensor linear_q8_blocks(const at::Tensor& x, const at::Tensor& packed, int64
               scales.size(2) == NP * PANEL, "scales must come from pack_block_scales()");
   return q8_product(x, packed, n, nullptr, bias, reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()));
 #else
-  TORCH_CHECK(false, "matvec: built without int8 block scales (AVX2 + F16C)");
+  TORCH_CHECK(false, "matvec: built without int8 block scales (AVX-512 VNNI, or AVX2 + F16C)");
 #endif
 }

@@ -7,7 +7,8 @@
 // per 64-byte load). x: each row's blocks of 32 features quantized symmetrically, xq = round(x / s_b),
 // s_b = max|x_b| / 127. One `vpdpbusd` adds, for 16 rows at once, four products (q + 128) * xq; a block's sum less
 // 128 * sum(xq_b) is exactly sum(q * xq) in int32, which is scaled by s_b into float32 sums; y = sums * the row's
-// scale (+ bias). Included by matvec.cpp inside its anonymous namespace.
+// scale (+ bias), or each block's sum by its own weight scale too (Q8_0's form). Included by matvec.cpp inside its
+// anonymous namespace.
 #pragma once
 
 constexpr int64_t QBLOCK = 32;  // features per x scale
@@ -41,10 +42,12 @@ void quantize_rows(const In* x, int64_t M, int64_t K, int8_t* xq, float* xs, int
   });
 }
 
-// sums[i][p]: 16 float32 outputs for x row m0 + i and panel p of the item at `w` (K4 quads per panel).
+// sums[i][p]: 16 float32 outputs for x row m0 + i and panel p of the item at `w` (K4 quads per panel). ws: the
+// item's float16 scales per block of 32 features, [block][32 rows] (llama.cpp's Q8_0: `linear_q8_blocks`), or null
+// where the weight has one scale per row: a block's sums are then scaled by x's scale times its 16 rows' scales.
 template <int R>
 inline void tile_q8(const int32_t* xq, const float* xs, const int32_t* xc, int64_t K4, const uint8_t* w,
-                    __m512 (&sums)[MT][NP]) {
+                    const uint16_t* ws, __m512 (&sums)[MT][NP]) {
   const int64_t nb = K4 / (QBLOCK / 4);
   __m512 acc[R][NP];
   for (int i = 0; i < R; ++i)
@@ -61,20 +64,26 @@ inline void tile_q8(const int32_t* xq, const float* xs, const int32_t* xc, int64
         for (int p = 0; p < NP; ++p) dots[i][p] = _mm512_dpbusd_epi32(dots[i][p], wv[p], xv);
       }
     }
+    __m512 wsv[NP];
+    if (ws != nullptr)
+      for (int p = 0; p < NP; ++p)
+        wsv[p] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + b * 32 + PANEL * p)));
     for (int i = 0; i < R; ++i) {
       const __m512i c = _mm512_set1_epi32(xc[i * nb + b]);
       const __m512 s = _mm512_set1_ps(xs[i * nb + b]);
       for (int p = 0; p < NP; ++p)
-        acc[i][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(dots[i][p], c)), s, acc[i][p]);
+        acc[i][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(dots[i][p], c)),
+                                    ws != nullptr ? _mm512_mul_ps(s, wsv[p]) : s, acc[i][p]);
     }
   }
   for (int i = 0; i < R; ++i)
     for (int p = 0; p < NP; ++p) sums[i][p] = acc[i][p];
 }
 
+// ws: float16 block scales (items, K / 32, 32), or null for one float32 scale per row (`scale`).
 template <typename Out>
 void run_q8(const int8_t* xq, const float* xs, const int32_t* xc, int64_t M, int64_t K, const uint8_t* w, int64_t N,
-            const float* scale, const float* bias, Out* y) {
+            const float* scale, const float* bias, Out* y, const uint16_t* ws = nullptr) {
   const int64_t K4 = K / 4, nb = K / QBLOCK;
   const auto* xq4 = reinterpret_cast<const int32_t*>(xq);
   const int64_t items = (N + NP * PANEL - 1) / (NP * PANEL);
@@ -82,14 +91,15 @@ void run_q8(const int8_t* xq, const float* xs, const int32_t* xc, int64_t M, int
     __m512 sums[MT][NP];
     for (int64_t item = begin; item < end; ++item) {
       const uint8_t* wi = w + item * NP * K4 * 4 * PANEL;
+      const uint16_t* wsi = ws != nullptr ? ws + item * nb * NP * PANEL : nullptr;
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const int64_t r = std::min<int64_t>(4, M - m0);
         const int32_t* xt = xq4 + m0 * K4;
         switch (r) {
-          case 4: tile_q8<4>(xt, xs + m0 * nb, xc + m0 * nb, K4, wi, sums); break;
-          case 3: tile_q8<3>(xt, xs + m0 * nb, xc + m0 * nb, K4, wi, sums); break;
-          case 2: tile_q8<2>(xt, xs + m0 * nb, xc + m0 * nb, K4, wi, sums); break;
-          default: tile_q8<1>(xt, xs + m0 * nb, xc + m0 * nb, K4, wi, sums); break;
+          case 4: tile_q8<4>(xt, xs + m0 * nb, xc + m0 * nb, K4, wi, wsi, sums); break;
+          case 3: tile_q8<3>(xt, xs + m0 * nb, xc + m0 * nb, K4, wi, wsi, sums); break;
+          case 2: tile_q8<2>(xt, xs + m0 * nb, xc + m0 * nb, K4, wi, wsi, sums); break;
+          default: tile_q8<1>(xt, xs + m0 * nb, xc + m0 * nb, K4, wi, wsi, sums); break;
         }
         store_rows(sums, r, m0, item, N, scale, bias, y);
       }
