@@ -136,7 +136,9 @@ async def drive_load(url: str, encode: Callable[[str], list[int]]) -> tuple[list
 
 
 def test_metrics_after_a_known_load(make_server: Callable[..., Any]) -> None:
-    server = make_server(max_num_seqs=1, max_waiting_requests=2, enable_prefix_caching=False)  # every prompt computed
+    # every prompt computed; module calls for each step (--enforce-eager): the one-slot part below needs A1's 120
+    # tokens to outlast a few client round trips, which the fused step's ~0.1 ms tiny-model steps did not always
+    server = make_server(max_num_seqs=1, max_waiting_requests=2, enable_prefix_caching=False, enforce_eager=True)
     encode = server.models[MODEL].tokenizer.encode
     sent, http, scrapes = asyncio.run(drive_load(server.url, encode))
     m = asyncio.run(_final_scrape(server.url))
