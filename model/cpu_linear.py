@@ -14,8 +14,10 @@ bfloat16 in 0.45-0.65x our float32's time at one row, int8 in 0.3-0.4x. Above `M
 the plain paths take over: `F.linear` for bfloat16, the dequantized weight for int8 (model/quantize.py); but the
 int8 x int8 product keeps them too, being compute-bound there at more MACs per instruction than float32 FMAs: on the
 2-core Zen 3 (AVX2) at 65-512 rows it took 0.4-0.8x the time of dequantizing + F.linear (SmolLM2's shapes), and on a
-2-core AVX-512 VNNI EPYC 0.13-0.3x (240 GMAC/s at 512 rows against 77; oneDNN's bfloat16 GEMM there: 198). So does
-AVX2's bfloat16 kernel: F.linear in bfloat16 has no native path there and took ~7x its time at 65-512 rows.
+2-core AVX-512 VNNI EPYC 0.13-0.3x (240 GMAC/s at 512 rows against 77). So does the bfloat16 kernel: on AVX2
+F.linear in bfloat16 has no native path and took ~7x its time at 65-512 rows; on that AVX-512 EPYC it runs as fast as
+oneDNN's GEMM (174-200 GMAC/s at 128-512 rows against 176-198), and its float32 as MKL's (90-100 each), so there
+float32 keeps the kernel too (`takes_any_rows`).
 
 Packed layout, rows in panels of 16: packed[panel][k / 2][row][2] = W[panel * 16 + row][k], padded with zero rows
 to a whole number of work items (2 panels) and a zero column to an even K; scales and bias padded alike, float32.
