@@ -12,9 +12,9 @@ cost (benchmarks/NOTES.md section 19).
 
 It takes the steps it can: a bfloat16 or float32 pre-norm decoder-only model whose projections are fused and
 packed (a CPU with AVX-512 BF16, or AVX2 + FMA), Llama-shaped (RMSNorm, rotary, gated silu: SmolLM2, Llama, Qwen) or GPT-2-shaped
-(LayerNorm, learned positions, GELU); steps whose rows all attend on the paged kernel (no recorded attention),
-of up to `MAX_ROWS` rows or, where every product is as fast on the kernel at any rows (int8 x int8, bfloat16, and
-AVX-512's float32: `cpu_linear.takes_any_rows`), prefill steps too; int8 weights on the kernel path. Everything else, and
+(LayerNorm, learned positions, GELU); steps that record no attention, of up to `MAX_ROWS` rows or, where every
+product is as fast on the kernel at any rows (int8 x int8, bfloat16, and AVX-512's float32:
+`cpu_linear.takes_any_rows`), prefill steps too; int8 weights on the kernel path. Everything else, and
 `--enforce-eager`, runs the model's own modules."""
 
 from __future__ import annotations
@@ -224,8 +224,8 @@ class FusedStep:
 
     def accepts(self, layout: StepLayout, num_rows: int) -> bool:
         """Whether this step's rows can all run fused: few enough for the matvec kernel (any number where every
-        product takes any), every row on the paged kernel, no attention recorded, int8 products on the kernel path."""
-        if (num_rows > MAX_ROWS and not self.any_rows) or layout.capture or layout.plain:
+        product takes any), no attention recorded, int8 products on the kernel path."""
+        if (num_rows > MAX_ROWS and not self.any_rows) or layout.capture:
             return False
         return not self.int8 or int8_kernel_choice() in ("auto", "matvec")
 

@@ -112,12 +112,11 @@ class StepLayout:
     write_slots: Tensor  # (N,) pool slot of each row's K/V
     tables: Tensor  # (R, W) block ids per sequence, padded with the null block
     row_table: Tensor  # (N,) each row's table
-    context_lens: Tensor  # (N,) keys each row sees (0: the row is attended on the plain path)
+    context_lens: Tensor  # (N,) keys each row sees
     num_decode: int = 0
     decode_len: int = 0  # the decode rows' longest context (or a captured bucket)
     prefills: list[PrefillChunk] = field(default_factory=list)
     capture: frozenset[int] = frozenset()  # tables whose attention rows are recorded (plain, explicit path)
-    plain: frozenset[int] = frozenset()  # prefill chunks (by table) attended on the plain path
     cross_len: int = 0
     cross_slots: Tensor | None = None  # (num_decode,) each decode row's slot (a translator)
     cross_mask: Tensor | None = None  # (num_decode, 1, 1, cross_len)
@@ -142,7 +141,7 @@ class PagedKVCache:
             out = pool.kernel.paged_attention(qs.contiguous(), keys, values, lay.tables, lay.row_table,
                                               lay.context_lens, qs.size(-1) ** -0.5)
             plain_decode = bool(capturing & set(range(lay.num_decode)))
-            chunks = [c for c in lay.prefills if c.table in lay.plain or c.table in capturing]
+            chunks = [c for c in lay.prefills if c.table in capturing]
         else:
             out, plain_decode, chunks = torch.empty_like(qs), lay.num_decode > 0, lay.prefills
         if plain_decode:

@@ -21,10 +21,6 @@ from service.engine.request import Request
 from service.engine.sampler import PARAMS, param_values
 from service.engine.scheduler import ScheduledRequest
 
-# prefill chunks this long attend on SDPA over gathered keys; 0: every row on the paged kernel, which since it runs
-# on every thread is as fast or faster at any chunk (NOTES.md section 24: 512-token chunks over 32-4,000 keys)
-PLAIN_CHUNK = 0
-
 
 class Transfers:
     """The one instrumented copy each way: every host<->device transfer of a step goes through here."""
@@ -72,9 +68,8 @@ class StepInputs:
     """The persistent input buffers of one model runner and the packing of a plan into them."""
 
     def __init__(self, pool: BlockPool, max_tokens: int, max_seqs: int, max_blocks: int, max_source: int,
-                 device: torch.device, plain_chunk: int = PLAIN_CHUNK, vocab_size: int = 0) -> None:
+                 device: torch.device, vocab_size: int = 0) -> None:
         self.pool, self.device, self.max_blocks = pool, device, max_blocks
-        self.plain_chunk = plain_chunk if pool.kernel is not None else 0
         rows = max_tokens + max_seqs  # prefill tokens plus one (maybe padding) decode row per request
         sizes = {"tokens": rows, "positions": rows, "slots": rows, "row_table": rows, "context_lens": rows,
                  "score_rows": rows, "score_targets": rows, "sample_rows": max_seqs, "cross_slots": max_seqs,
@@ -147,7 +142,7 @@ class StepInputs:
             self._put("row_table", 0, range(s_rows))
             self._put("context_lens", 0, [p + 1 for p in starts])
             longest = max(starts) + 1
-        row, chunks, plain = s_rows, [], set()
+        row, chunks = s_rows, []
         for j, s in enumerate(prefills):
             req, t = s.request, s_rows + j
             positions = np.arange(s.start, s.start + s.num_new, dtype=np.int64)
@@ -155,11 +150,7 @@ class StepInputs:
             self._put("positions", row, positions)
             self._put("slots", row, tables[t, positions // bs] * bs + positions % bs)
             self._fill("row_table", row, s.num_new, t)
-            if self.plain_chunk and s.num_new >= self.plain_chunk:  # long chunks: gathered keys, SDPA's GEMMs
-                plain.add(t)
-                self._fill("context_lens", row, s.num_new, 0)
-            else:
-                self._put("context_lens", row, positions + 1)
+            self._put("context_lens", row, positions + 1)  # every prompt row on the paged kernel (NOTES.md s. 24)
             chunks.append(PrefillChunk(row, s.num_new, t, s.start, len(req.source_ids or []), s.table.slot or 0))
             row += s.num_new
         table_of = {id(s): i for i, s in enumerate(decodes)} | {id(s): s_rows + j for j, s in enumerate(prefills)}
@@ -192,7 +183,7 @@ class StepInputs:
             longest = max(longest, decode_len)
         capture = frozenset(table_of[id(s)] for s in plan if s.request.request_id in capture_ids)
         layout = StepLayout(self.d["slots"][:row], self.table_view(num_tables, width), self.d["row_table"][:row],
-                            self.d["context_lens"][:row], s_rows, longest, chunks, capture, frozenset(plain))
+                            self.d["context_lens"][:row], s_rows, longest, chunks, capture)
         if cross and pool.cross_k is not None:
             layout.cross_len, layout.cross_slots = cross, self.d["cross_slots"][:s_real]
             layout.cross_mask = length_mask(self.d["cross_lens"][:s_real], cross)

@@ -3,8 +3,8 @@
 - `--quantization int8`: every linear of the encoder/decoder stacks becomes weight-only int8 with one scale per
   output channel (model/quantize.py). The LM head is not int8 in that form (`INT8_HEAD`): it adds ~0.3% perplexity
   on SmolLM2, which takes the total past 1% (benchmarks/precision.py). Where the matvec kernel has block scales
-  (AVX-512 VNNI or AVX2 + F16C), the head becomes int8 with a float16 scale per 32 features of a row instead, llama.cpp's Q8_0
-  (`HEAD_INT8_BLOCKS`): at one stream the head is the largest read of a step (a bfloat16 copy of SmolLM2's: 57 of
+  (AVX-512 VNNI or AVX2 + F16C), the head becomes int8 with a float16 scale per 32 features of a row instead,
+  llama.cpp's Q8_0 (`HEAD_INT8_BLOCKS`): at one stream the head is the largest read of a step (a bfloat16 copy of SmolLM2's: 57 of
   163 MB; of GPT-2 small's: 77 of 162), and Q8_0 halves it. Elsewhere it stays in the serving dtype, but for
   float32 on a CPU with our matvec kernel, where it becomes a bfloat16 copy (`HEAD_BF16`): at one stream a float32
   head read half of an int8 SmolLM2's step bytes (113 of 250 MB), and bfloat16 costs no measurable perplexity.
