@@ -4,6 +4,7 @@ real server), and the Kubernetes schemas (kubernetes-validate, offline) over eac
 from __future__ import annotations
 
 import copy
+import json
 import re
 import shutil
 import subprocess
@@ -16,7 +17,6 @@ import httpx
 import kubernetes_validate
 import pytest
 import yaml
-from httpx_sse import connect_sse
 from support import free_port
 
 from service.metrics import Metrics
@@ -135,18 +135,17 @@ def test_nginx_passes_streams_through_as_they_come(nginx_in_front: str) -> None:
     body = {"model": "tiny-gpt", "prompt": "ROMEO:", "max_tokens": 100, "temperature": 0, "ignore_eos": True}
     assert httpx.get(f"{nginx_in_front}/ready").status_code == 200
     plain = httpx.post(f"{nginx_in_front}/v1/generate", json=body, timeout=60).json()
-    arrivals: list[float] = []
-    texts: list[str] = []
-    start = time.monotonic()
-    with httpx.Client(timeout=60) as client, connect_sse(client, "POST", f"{nginx_in_front}/v1/generate",
-                                                         json={**body, "stream": True}) as events:
-        for event in events.iter_sse():
-            arrivals.append(time.monotonic() - start)
-            if event.event == "token":
-                texts.append(event.json()["text"])
+    reads: list[bytes] = []
+    with httpx.Client(timeout=60) as client, client.stream("POST", f"{nginx_in_front}/v1/generate",
+                                                           json={**body, "stream": True}) as response:
+        reads.extend(response.iter_bytes())
+    texts = [json.loads(line[len("data: "):])["text"] for line in b"".join(reads).decode().splitlines()
+             if line.startswith("data: ") and '"text"' in line and '"finish_reason"' not in line]
     assert "".join(texts) == plain["text"] and len(texts) == 100
-    # Unbuffered: the first token reaches the client long before the last one (buffered, they come together).
-    assert arrivals[0] < 0.5 * arrivals[-1], (arrivals[0], arrivals[-1])
+    # Unbuffered: the events come in many reads as the tokens are made (a buffering proxy hands the whole ~10 kB
+    # stream over in one or two). Counting reads, not timing them, keeps this true on a busy machine.
+    token_reads = sum(b"event: token" in chunk for chunk in reads)
+    assert token_reads >= 10, [len(chunk) for chunk in reads]
 
 
 # --- Kubernetes -------------------------------------------------------------------------------------------------
