@@ -150,13 +150,15 @@ class Metrics:
             return
         self.set_engine_state(m, up=True, running=s.num_running, waiting=s.num_waiting,
                               blocks_total=s.blocks_total, blocks_free=s.blocks_free)
-        self.batch.labels(m).observe(s.batch_size)
-        self.iteration_tokens.labels(m).observe(s.num_prefill_tokens + s.num_decode_tokens)
-        self.step_time.labels(m).observe(s.step_time)
-        if s.num_prefill_tokens:
-            self.step_prefill.labels(m).observe(s.prefill_time)
-        if s.num_decode_tokens and not s.num_prefill_tokens:  # a mixed step's forward is the prefill's
-            self.step_decode.labels(m).observe(s.decode_time)
+        n = s.steps  # a decode burst (engine/burst.py): each of its steps observed, at their mean
+        for _ in range(n):
+            self.batch.labels(m).observe(s.batch_size)
+            self.iteration_tokens.labels(m).observe((s.num_prefill_tokens + s.num_decode_tokens) / n)
+            self.step_time.labels(m).observe(s.step_time / n)
+            if s.num_prefill_tokens:
+                self.step_prefill.labels(m).observe(s.prefill_time)
+            if s.num_decode_tokens and not s.num_prefill_tokens:  # a mixed step's forward is the prefill's
+                self.step_decode.labels(m).observe(s.decode_time / n)
         if s.num_preempted:
             self.preemptions.labels(m).inc(s.num_preempted)
         if s.prefix_queries:

@@ -207,6 +207,7 @@ def build_served_model(
         max_model_len=max_model_len,
         enable_prefix_caching=settings.enable_prefix_caching,
         max_stream_backlog=settings.max_stream_backlog,
+        num_scheduler_steps=settings.num_scheduler_steps,
     )
     tok = ckpt.tokenizer
     name = model_name(path)

@@ -164,7 +164,9 @@ async def read_sse(resp: httpx.Response) -> list[tuple[str, Any]]:
 
 def slow_steps(engine: Any, seconds: float) -> None:
     """Sleep before each engine step (its public per-iteration method), so that a long request takes long enough
-    for a client to leave, a queue to fill or a deadline to pass in the middle."""
+    for a client to leave, a queue to fill or a deadline to pass in the middle. One step per iteration: a decode
+    burst (service/engine/burst.py) would run several steps after one sleep."""
+    engine.burst.enabled = False
     step = engine.step
 
     def slow() -> None:

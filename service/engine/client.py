@@ -248,7 +248,7 @@ class EngineCoreClient:
             for stats in batch.finished:
                 self.on_finish(stats)
         if batch.step is not None:
-            self.steps += 1
+            self.steps += batch.step.steps  # forward passes: a decode burst's each count
             if self.on_step is not None:
                 self.on_step(batch.step)
         self._snapshot = batch.snapshot

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from service.engine.admission import refuse
 from service.engine.blocks import BlockManager
+from service.engine.burst import DecodeBurst
 from service.engine.detokenizer import Decode
 from service.engine.outputs import LiveRequest, Outputs
 from service.engine.request import (
@@ -63,6 +64,7 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, eos_id,
                                    config.max_model_len)
         runner.sampler.eos_id = eos_id
+        self.burst = DecodeBurst(self.scheduler, runner, config.num_scheduler_steps)
         self.on_step, self.on_finish = on_step, on_finish
         self._inbox: queue.SimpleQueue[tuple[str, Request | str]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -74,7 +76,8 @@ class Engine:
         self._stop = False
         self.accepting = True
         self.dead: str | None = None  # why the loop died, if it did
-        self.steps = 0
+        self.steps = 0  # forward passes (a decode burst's each count)
+        self.iterations = 0  # calls of step(): a burst is one
         self.inspections = 0  # teacher-forced attention passes run (engine.capture)
         self._outbox: Sink = Outbox()
         self.overflows = 0  # requests aborted because their reader fell too far behind
@@ -262,19 +265,25 @@ class Engine:
                 self._live[rid].request.keep_prompt_logprobs(scores)
         for sampled in self.scheduler.update(plan, output):
             self._deliver(sampled, output.attention.get(sampled.request.request_id))
+        inner, more = self.burst.extend(plan, t0, lambda sampled: self._deliver(sampled, None))  # engine/burst.py
         self.flush()
-        self.steps += 1
+        self.steps += 1 + inner
+        self.iterations += 1
         if self.on_step is not None:
-            self.on_step(self._stats(plan, decode, forward, time.monotonic() - t0))
+            self.on_step(self._stats(plan, decode, forward + more, time.monotonic() - t0, 1 + inner))
 
-    def _stats(self, plan: SchedulerOutput, decode: int, forward: float, step_time: float) -> StepStats:
+    def _stats(self, plan: SchedulerOutput, decode: int, forward: float, step_time: float, steps: int = 1
+               ) -> StepStats:
+        """The step's record; a burst of `steps` decode steps is one record of their sums."""
         prefill = plan.num_tokens - decode
+        decode *= steps
         cache = self.blocks.cache
         seen, self._prefix_seen = self._prefix_seen, (cache.queries, cache.hits) if cache else (0, 0)
         return StepStats(self.name, len(plan.scheduled), prefill, decode, forward if prefill else 0.0,
                          forward if not prefill else 0.0, step_time, len(self.scheduler.running),
                          len(self.scheduler.waiting), len(plan.preempted), self.blocks.num_blocks, self.blocks.num_free,
-                         self._prefix_seen[0] - seen[0], self._prefix_seen[1] - seen[1], self.blocks.num_shared)
+                         self._prefix_seen[0] - seen[0], self._prefix_seen[1] - seen[1], self.blocks.num_shared,
+                         steps)
 
     def _count_pending(self) -> None:
         waiting = self.scheduler.waiting

@@ -232,6 +232,7 @@ class EngineConfig:
     max_model_len: int = 512
     enable_prefix_caching: bool = True  # reuse computed blocks of a known prefix (vLLM's automatic prefix caching)
     max_stream_backlog: int = 1024  # outputs a stream's reader may fall behind before its request is aborted
+    num_scheduler_steps: int = 1  # decode steps per iteration at most, where they are short (engine/burst.py)
 
 
 @dataclass(frozen=True)
@@ -253,6 +254,7 @@ class StepStats:
     prefix_queries: int = 0  # prompt tokens looked up in the prefix cache this step
     prefix_hits: int = 0  # of which were found computed
     blocks_shared: int = 0
+    steps: int = 1  # forward passes this record stands for (a decode burst: its sums; engine/burst.py)
 
 
 @dataclass(frozen=True)

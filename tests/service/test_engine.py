@@ -135,15 +135,15 @@ def test_leaving_the_stream_aborts_and_frees_blocks_within_one_step(served: Serv
             async for out in stream:
                 if out.num_output_tokens >= 3:
                     break
-        left_at = engine.steps  # the abort is queued now
+        left_at = engine.iterations  # the abort is queued now
         deadline = time.monotonic() + 5
         while engine.blocks.num_free != engine.blocks.num_blocks:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.001)
-        return engine.steps - left_at, req
+        return engine.iterations - left_at, req
 
-    steps_after, req = asyncio.run(main())
-    assert steps_after <= 1, f"{steps_after} steps ran after the abort"
+    iterations_after, req = asyncio.run(main())  # an iteration: one step, or one decode burst (engine/burst.py)
+    assert iterations_after <= 1, f"{iterations_after} iterations ran after the abort"
     assert req.status == RequestStatus.FINISHED_ABORTED and len(req.output_ids) < 100
     time.sleep(0.05)
     assert not engine.scheduler.has_work()

@@ -1,0 +1,112 @@
+"""Decode bursts (service/engine/burst.py): several greedy decode steps per engine iteration give the tokens of
+one step per iteration and of the reference decoder, stop where a request ends or the KV blocks run out, never
+run for a row that asks more of its sampler than the argmax, and count each of their steps in the step stats."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from model.checkpoint import load_checkpoint
+from model.generate import GenerationConfig, generate
+from service.engine.request import SamplingParams, StepOutput, StepStats
+from service.registry import ServedModel
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = ["ROMEO: What light through yonder window", "a", "JULIET: O Romeo, Romeo, wherefore art thou Romeo?",
+           "It is the east, and Juliet is the sun", "Two", "But soft"]
+LENGTHS = [1, 2, 7, 12, 30, 45]  # requests end inside bursts, at their edges and after several
+
+
+def greedy(n: int, ignore_eos: bool = True) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=ignore_eos)
+
+
+def run(served: ServedModel, prompts: list[str], params: list[SamplingParams]) -> list[list[int]]:
+    async def one(i: int, prompt: str) -> list[int]:
+        async with served.engine.open(served.make_request(f"r{i}", prompt, params[i])) as stream:
+            outs: list[StepOutput] = [o async for o in stream]
+        assert outs[-1].finish_reason in ("length", "stop"), outs[-1]
+        return [o.token_id for o in outs if o.token_id is not None]
+
+    async def main() -> list[list[int]]:
+        return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+
+    return asyncio.run(main())
+
+
+def test_bursts_give_the_tokens_of_single_steps_and_of_the_reference(build: Any, checkpoints_dir: Path) -> None:
+    params = [greedy(n) for n in LENGTHS]
+    single, bursting = build(num_scheduler_steps=1), build(num_scheduler_steps=8)
+    alone = [run(bursting, [p], [q])[0] for p, q in zip(PROMPTS, params, strict=True)]  # one stream: long bursts
+    assert bursting.engine.burst.inner > 0, "no burst ran"
+    together = run(bursting, PROMPTS, params)
+    assert together == alone == run(single, PROMPTS, params)
+    assert single.engine.burst.inner == 0
+    ref = load_checkpoint(checkpoints_dir / "tiny-gpt")
+    for prompt, n, got in zip(PROMPTS, LENGTHS, alone, strict=True):
+        assert got == generate(ref.model.eval(), ref.tokenizer.encode(prompt), GenerationConfig(max_new_tokens=n))
+    blocks = bursting.engine.blocks
+    assert blocks.num_free == blocks.num_blocks and not bursting.engine.scheduler.running, "a burst kept blocks"
+
+
+def test_a_burst_stops_at_the_first_eos_and_where_no_block_is_free(build: Any) -> None:
+    stops = [greedy(60, ignore_eos=False) for _ in PROMPTS]  # tiny-gpt's random weights reach its EOS at times
+    assert run(build(num_scheduler_steps=8), PROMPTS, stops) == run(build(num_scheduler_steps=1), PROMPTS, stops)
+    # 30 blocks of 4 tokens for six requests of 41-90 tokens: blocks run out, requests are preempted and recomputed
+    tight = {"kv_cache_blocks": 30, "max_num_seqs": 6}
+    few = build(num_scheduler_steps=8, **tight)
+    params = [greedy(40) for _ in PROMPTS]
+    assert run(few, PROMPTS, params) == run(build(num_scheduler_steps=1, **tight), PROMPTS, params)
+    assert few.engine.scheduler.num_preemptions > 0 and few.engine.burst.inner > 0
+    assert few.engine.blocks.num_free == few.engine.blocks.num_blocks
+
+
+def test_rows_that_ask_more_than_the_argmax_never_burst(build: Any) -> None:
+    served = build(num_scheduler_steps=8)
+    seeded = SamplingParams(max_tokens=20, temperature=0.8, seed=5, ignore_eos=True)
+    with_logprobs = SamplingParams(max_tokens=20, temperature=0.0, logprobs=2, ignore_eos=True)
+    penalized = SamplingParams(max_tokens=20, temperature=0.0, repetition_penalty=1.3, ignore_eos=True)
+    for params in (seeded, with_logprobs, penalized):
+        run(served, PROMPTS[:2], [params, params])
+        run(served, PROMPTS[:2], [params, greedy(20)])  # one such row keeps the whole batch to single steps
+    assert served.engine.burst.inner == 0
+
+
+def test_each_step_of_a_burst_is_counted(build: Any) -> None:
+    stats: list[StepStats] = []
+    served = build(start=False, num_scheduler_steps=8)
+    served.engine.on_step = stats.append
+    served.engine.start()
+    (tokens,) = run(served, PROMPTS[:1], [greedy(40)])
+    served.engine.stop()  # the last step's stats follow its outputs
+    assert len(tokens) == 40 and served.engine.burst.inner > 0
+    assert sum(s.steps for s in stats) == 40 == served.engine.steps  # one prefill step, 39 decode steps
+    assert sum(s.num_decode_tokens for s in stats) == 39
+    assert len(stats) < 40
+
+
+@pytest.mark.parametrize("in_process", [True, False], ids=["engine-thread", "engine-process"])
+def test_the_step_metrics_count_each_step_of_a_burst(make_server: Callable[..., Any], in_process: bool) -> None:
+    server = make_server(engine_in_process=in_process, enable_prefix_caching=False)
+    body = {"model": "tiny-gpt", "prompt": "ROMEO:", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    for _ in range(3):
+        assert len(httpx.post(f"{server.url}/v1/generate", json=body, timeout=60).json()["token_ids"]) == 40
+    deadline = time.monotonic() + 10
+    while True:  # a step's stats reach the metrics just after its outputs
+        m = {s.name: s.value for f in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)
+             for s in f.samples if s.labels.get("model") == "tiny-gpt"}
+        if m["attnserve_step_time_seconds_count"] == 120 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert m["attnserve_step_time_seconds_count"] == m["attnserve_iteration_tokens_count"] == 3 * 40
+    assert m["attnserve_decode_step_time_seconds_count"] == 3 * 39 and m["attnserve_prefill_step_time_seconds_count"] == 3
+    assert m["attnserve_iteration_tokens_sum"] == 3 * (len("ROMEO:") + 39)
