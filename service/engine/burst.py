@@ -48,14 +48,16 @@ class DecodeBurst:
         if (not self.enabled or not reqs or self.scheduler.waiting or plan.preempted or plan.copies
                 or not all(s.num_new == 1 and s.start > 0 and bursts(s.request) for s in plan.scheduled)):
             return 0, 0.0
-        done, forward = 0, 0.0
+        done, forward, last = 0, 0.0, None
         per_step = time.monotonic() - started
         while done + 1 < self.steps and time.monotonic() - started + per_step <= BURST_BUDGET_S:
             step = self._plan(reqs)
             if step is None:
                 break
             t = time.monotonic()
-            output = self.runner.greedy_step(step.scheduled) or self.runner.execute(step.scheduled)
+            output, last = self.runner.greedy_step(step.scheduled, last)
+            if output is None:
+                output, last = self.runner.execute(step.scheduled), None
             forward += time.monotonic() - t
             done += 1
             ended = False

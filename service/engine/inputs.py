@@ -8,7 +8,7 @@ from step to step, which is what a captured CUDA graph needs."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -189,6 +189,29 @@ class StepInputs:
             layout.cross_mask = length_mask(self.d["cross_lens"][:s_real], cross)
         tables_of_plan = [table_of[id(s)] for s in plan]
         return Prepared(layout, row, sample_index, sampled, tables_of_plan, encode, source_len, scored, masked, stuck)
+
+    def advance(self, prep: Prepared, plan: list[ScheduledRequest]) -> Prepared | None:
+        """The step after `prep` for the same decode rows, each one position on (a decode burst, engine/burst.py):
+        only what moves is written (each row's token, position, slot and length, and a block id where a row
+        enters a new block); None where a row outgrows the tables' width (`prepare` then packs it whole)."""
+        lay, bs = prep.layout, self.pool.block_size
+        rows, width = lay.tables.shape
+        if len(plan) != rows or prep.num_rows != rows or lay.prefills or self.dev is not self.host:
+            return None
+        starts = [s.start for s in plan]
+        if max(starts) // bs >= width:
+            return None
+        a, _ = self.offsets["tables"]
+        tables = self.np_i64[a : a + rows * width].reshape(rows, width)
+        for i, s in enumerate(plan):
+            if s.start % bs == 0:
+                tables[i, s.start // bs] = s.table.block_ids[s.start // bs]
+        self._put("tokens", 0, [s.request.output_ids[-1] for s in plan])  # the token at `start`: the last one
+        self._put("positions", 0, starts)
+        self._put("slots", 0, [s.table.block_ids[p // bs] * bs + p % bs for s, p in zip(plan, starts, strict=True)])
+        self._put("context_lens", 0, [p + 1 for p in starts])
+        self.transfers.to_device += 1  # a CPU's one buffer: nothing moves
+        return replace(prep, layout=replace(lay, decode_len=max(starts) + 1), sampled=plan)
 
     def _pack_masks(self, reqs: list[Request]) -> tuple[list[int], set[int]]:
         """Grammar bitmasks of the sampled rows whose request holds a matcher (service/engine/structured.py)."""

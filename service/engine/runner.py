@@ -157,21 +157,21 @@ class ModelRunner:
         return out
 
     @torch.inference_mode()
-    def greedy_step(self, plan: list[ScheduledRequest]) -> ModelOutput | None:
+    def greedy_step(self, plan: list[ScheduledRequest], last: Prepared | None) -> tuple[ModelOutput | None, Prepared]:
         """A decode burst's inner step (engine/burst.py): rows that take the argmax and nothing else, through the
-        one-call step and the greedy kernel only; None where that does not hold here (`execute` runs it instead,
-        and reports a NaN row)."""
+        one-call step and the greedy kernel only, from `last` step's inputs moved on where it is given. The output
+        is None where that does not hold here (`execute` runs the step instead, and reports a NaN row)."""
         fused = self.fused
-        prep = self.inputs.prepare(plan, set())
+        prep = (last is not None and self.inputs.advance(last, plan)) or self.inputs.prepare(plan, set())
         if fused is None or not fused.has_head or not fused.accepts(prep.layout, prep.num_rows):
-            return None
+            return None, prep
         d, n = self.inputs.d, prep.num_rows
         logits = fused.logits(d["tokens"][:n], d["positions"][:n], PagedKVCache(self.pool, prep.layout),
                               d["sample_rows"][:n])
         packed = self.sampler(logits, self.inputs.d_params, [s.request for s in plan]).tolist()
         if any(row[1] > 0 for row in packed):
-            return None
-        return ModelOutput([int(row[0]) for row in packed])
+            return None, prep
+        return ModelOutput([int(row[0]) for row in packed]), prep
 
     def _mask(self, prep: Prepared) -> Callable[[Tensor], None] | None:
         """What masks the sampled logits of rows held to a grammar (their bitmasks came with the step's inputs)."""
