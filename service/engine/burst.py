@@ -1,18 +1,19 @@
-"""Decode bursts: more than one decode step per engine iteration when every row only takes the argmax.
+"""Decode bursts: more than one decode step per engine iteration where steps are short.
 
 vLLM's multi-step scheduling (`--num-scheduler-steps`): where a step is short, the work around it (scheduling,
 packing the sampler's parameters, the outputs' IPC message, the step's metrics, polling the sockets) costs as
 much as the forward itself. Measured on a 3M-parameter model at one stream: the C++ forward was ~52% of the
 engine process's time, the rest Python. A burst runs up to `num_scheduler_steps` decode steps back to back for
-the same rows, each fed the token the last one chose, and hands their outputs over as one batch.
+the same rows, each fed the token the last one sampled, and hands their outputs over as one batch.
 
-A burst only follows a step that was all decode rows, with no request waiting to start, every row plain greedy
-(no penalty, logprobs, grammar, attention capture or seed to honour: the argmax is the whole sampler), and it
-stops early where waiting would show: after `BURST_BUDGET_S` of the iteration (so a request that arrives during
-a burst starts at most that much later; a model whose step alone takes longer never bursts), at the first
-finished request, or when a row would need a KV block and none is free (no preemption inside a burst). Each
-inner step goes through the scheduler's `update()` as a step of its own: the same stops, block commits and
-prefix-cache entries as single steps, and the same tokens (tests/service/test_burst.py)."""
+A burst only follows a step that was all decode rows, with no request waiting to start, no row asking a step for
+more than its next token (logprobs, a grammar's mask, attention rows, prompt scores; the sampler's parameters,
+penalties and seeds are honoured as in single steps), and it stops early where waiting would show: after
+`BURST_BUDGET_S` of the iteration (so a request that arrives during a burst starts at most that much later; a
+model whose step alone takes longer never bursts), at the first finished request, or when a row would need a KV
+block and none is free (no preemption inside a burst). Each inner step goes through the scheduler's `update()`
+as a step of its own: the same stops, block commits and prefix-cache entries as single steps, and the same
+tokens (tests/service/test_burst.py)."""
 
 from __future__ import annotations
 
@@ -21,16 +22,16 @@ from collections.abc import Callable
 
 from service.engine.request import Request, RequestStatus
 from service.engine.runner import ModelRunner
-from service.engine.sampler import plain_greedy
 from service.engine.scheduler import Sampled, ScheduledRequest, Scheduler, SchedulerOutput
 
 BURST_BUDGET_S = 0.004  # the longest an iteration grows by its burst (a tiny model's 8 steps: ~3 ms)
 
 
 def bursts(req: Request) -> bool:
-    """Whether a request's next tokens are each the argmax of its logits and nothing else is asked of a step."""
-    return (plain_greedy(req) and req.matcher is None and req.attention is None and req.source_ids is None
-            and req.params.prompt_logprobs is None and req.status == RequestStatus.RUNNING)
+    """Whether a step asks of a request only its next token: no logprobs, grammar, attention rows or prompt
+    scores (temperature, top-k/p, min-p, penalties and seeds are the sampler's, the same in a burst)."""
+    return (req.params.logprobs is None and req.matcher is None and req.attention is None
+            and req.source_ids is None and req.params.prompt_logprobs is None and req.status == RequestStatus.RUNNING)
 
 
 class DecodeBurst:
@@ -55,7 +56,7 @@ class DecodeBurst:
             if step is None:
                 break
             t = time.monotonic()
-            output, last = self.runner.greedy_step(step.scheduled, last)
+            output, last = self.runner.burst_step(step.scheduled, last)
             if output is None:
                 output, last = self.runner.execute(step.scheduled), None
             forward += time.monotonic() - t

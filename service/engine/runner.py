@@ -157,10 +157,10 @@ class ModelRunner:
         return out
 
     @torch.inference_mode()
-    def greedy_step(self, plan: list[ScheduledRequest], last: Prepared | None) -> tuple[ModelOutput | None, Prepared]:
-        """A decode burst's inner step (engine/burst.py): rows that take the argmax and nothing else, through the
-        one-call step and the greedy kernel only, from `last` step's inputs moved on where it is given. The output
-        is None where that does not hold here (`execute` runs the step instead, and reports a NaN row)."""
+    def burst_step(self, plan: list[ScheduledRequest], last: Prepared | None) -> tuple[ModelOutput | None, Prepared]:
+        """A decode burst's inner step (engine/burst.py): rows that want their next token only, through the
+        one-call step and the sampler, from `last` step's inputs moved on where it is given. The output is None
+        where the one-call step cannot take it here (`execute` runs the step instead, and reports a NaN row)."""
         fused = self.fused
         prep = (last is not None and self.inputs.advance(last, plan)) or self.inputs.prepare(plan, set())
         if fused is None or not fused.has_head or not fused.accepts(prep.layout, prep.num_rows):

@@ -1,6 +1,7 @@
-"""Decode bursts (service/engine/burst.py): several greedy decode steps per engine iteration give the tokens of
-one step per iteration and of the reference decoder, stop where a request ends or the KV blocks run out, never
-run for a row that asks more of its sampler than the argmax, and count each of their steps in the step stats."""
+"""Decode bursts (service/engine/burst.py): several decode steps per engine iteration give the tokens of one
+step per iteration (greedy: and of the reference decoder; sampled: the same seeded draws), stop where a request
+ends or the KV blocks run out, never run for a row that asks a step for more than its token, and count each of
+their steps in the step stats."""
 
 from __future__ import annotations
 
@@ -70,12 +71,26 @@ def test_a_burst_stops_at_the_first_eos_and_where_no_block_is_free(build: Any) -
     assert few.engine.blocks.num_free == few.engine.blocks.num_blocks
 
 
-def test_rows_that_ask_more_than_the_argmax_never_burst(build: Any) -> None:
+def test_sampled_rows_burst_with_the_tokens_of_single_steps(build: Any) -> None:
+    """Seeds, temperature, top-k/p, min-p and penalties are the sampler's in a burst as in a single step."""
+    params = [SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True),
+              SamplingParams(max_tokens=30, temperature=1.2, top_k=5, min_p=0.05, seed=6, ignore_eos=True),
+              SamplingParams(max_tokens=30, temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.5,
+                             ignore_eos=True),
+              SamplingParams(max_tokens=30, temperature=0.7, presence_penalty=0.4, seed=7, min_tokens=25),
+              greedy(30), SamplingParams(max_tokens=30, temperature=0.9, seed=8, ignore_eos=True)]
+    bursting = build(num_scheduler_steps=8)
+    alone = [run(bursting, PROMPTS[:1], params[:1])[0]]
+    assert bursting.engine.burst.inner > 0, "a sampled row did not burst"
+    alone += [run(bursting, [p], [q])[0] for p, q in zip(PROMPTS[1:], params[1:], strict=True)]
+    assert alone == run(bursting, PROMPTS, params) == run(build(num_scheduler_steps=1), PROMPTS, params)
+
+
+def test_rows_that_ask_for_more_than_a_token_never_burst(build: Any) -> None:
     served = build(num_scheduler_steps=8)
-    seeded = SamplingParams(max_tokens=20, temperature=0.8, seed=5, ignore_eos=True)
     with_logprobs = SamplingParams(max_tokens=20, temperature=0.0, logprobs=2, ignore_eos=True)
-    penalized = SamplingParams(max_tokens=20, temperature=0.0, repetition_penalty=1.3, ignore_eos=True)
-    for params in (seeded, with_logprobs, penalized):
+    scored = SamplingParams(max_tokens=20, temperature=0.0, prompt_logprobs=1, ignore_eos=True)
+    for params in (with_logprobs, scored):
         run(served, PROMPTS[:2], [params, params])
         run(served, PROMPTS[:2], [params, greedy(20)])  # one such row keeps the whole batch to single steps
     assert served.engine.burst.inner == 0
