@@ -186,3 +186,19 @@ async def stream_completion(url: str, body: dict[str, Any], started: asyncio.Eve
                 events.append(line[5:].strip())
                 started.set()
         return events, time.monotonic()
+
+
+def run_engine(served: Any, prompts: list[str], params: list[Any]) -> list[list[int]]:
+    """Each prompt as a request of its params through a served model's engine, all at once: their output token
+    ids (each must end by length or stop)."""
+
+    async def one(i: int, prompt: str) -> list[int]:
+        async with served.engine.open(served.make_request(f"r{i}", prompt, params[i])) as stream:
+            outs = [o async for o in stream]
+        assert outs[-1].finish_reason in ("length", "stop"), outs[-1]
+        return [o.token_id for o in outs if o.token_id is not None]
+
+    async def main() -> list[list[int]]:
+        return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+
+    return asyncio.run(main())

@@ -5,7 +5,6 @@ their steps in the step stats."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,11 +13,11 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support import run_engine
 
 from model.checkpoint import load_checkpoint
 from model.generate import GenerationConfig, generate
-from service.engine.request import SamplingParams, StepOutput, StepStats
-from service.registry import ServedModel
+from service.engine.request import SamplingParams, StepStats
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,26 +30,13 @@ def greedy(n: int, ignore_eos: bool = True) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=ignore_eos)
 
 
-def run(served: ServedModel, prompts: list[str], params: list[SamplingParams]) -> list[list[int]]:
-    async def one(i: int, prompt: str) -> list[int]:
-        async with served.engine.open(served.make_request(f"r{i}", prompt, params[i])) as stream:
-            outs: list[StepOutput] = [o async for o in stream]
-        assert outs[-1].finish_reason in ("length", "stop"), outs[-1]
-        return [o.token_id for o in outs if o.token_id is not None]
-
-    async def main() -> list[list[int]]:
-        return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
-
-    return asyncio.run(main())
-
-
 def test_bursts_give_the_tokens_of_single_steps_and_of_the_reference(build: Any, checkpoints_dir: Path) -> None:
     params = [greedy(n) for n in LENGTHS]
     single, bursting = build(num_scheduler_steps=1), build(num_scheduler_steps=8)
-    alone = [run(bursting, [p], [q])[0] for p, q in zip(PROMPTS, params, strict=True)]  # one stream: long bursts
+    alone = [run_engine(bursting, [p], [q])[0] for p, q in zip(PROMPTS, params, strict=True)]  # one stream: long bursts
     assert bursting.engine.burst.inner > 0, "no burst ran"
-    together = run(bursting, PROMPTS, params)
-    assert together == alone == run(single, PROMPTS, params)
+    together = run_engine(bursting, PROMPTS, params)
+    assert together == alone == run_engine(single, PROMPTS, params)
     assert single.engine.burst.inner == 0
     ref = load_checkpoint(checkpoints_dir / "tiny-gpt")
     for prompt, n, got in zip(PROMPTS, LENGTHS, alone, strict=True):
@@ -61,12 +47,12 @@ def test_bursts_give_the_tokens_of_single_steps_and_of_the_reference(build: Any,
 
 def test_a_burst_stops_at_the_first_eos_and_where_no_block_is_free(build: Any) -> None:
     stops = [greedy(60, ignore_eos=False) for _ in PROMPTS]  # tiny-gpt's random weights reach its EOS at times
-    assert run(build(num_scheduler_steps=8), PROMPTS, stops) == run(build(num_scheduler_steps=1), PROMPTS, stops)
+    assert run_engine(build(num_scheduler_steps=8), PROMPTS, stops) == run_engine(build(num_scheduler_steps=1), PROMPTS, stops)
     # 30 blocks of 4 tokens for six requests of 41-90 tokens: blocks run out, requests are preempted and recomputed
     tight = {"kv_cache_blocks": 30, "max_num_seqs": 6}
     few = build(num_scheduler_steps=8, **tight)
     params = [greedy(40) for _ in PROMPTS]
-    assert run(few, PROMPTS, params) == run(build(num_scheduler_steps=1, **tight), PROMPTS, params)
+    assert run_engine(few, PROMPTS, params) == run_engine(build(num_scheduler_steps=1, **tight), PROMPTS, params)
     assert few.engine.scheduler.num_preemptions > 0 and few.engine.burst.inner > 0
     assert few.engine.blocks.num_free == few.engine.blocks.num_blocks
 
@@ -80,10 +66,10 @@ def test_sampled_rows_burst_with_the_tokens_of_single_steps(build: Any) -> None:
               SamplingParams(max_tokens=30, temperature=0.7, presence_penalty=0.4, seed=7, min_tokens=25),
               greedy(30), SamplingParams(max_tokens=30, temperature=0.9, seed=8, ignore_eos=True)]
     bursting = build(num_scheduler_steps=8)
-    alone = [run(bursting, PROMPTS[:1], params[:1])[0]]
+    alone = [run_engine(bursting, PROMPTS[:1], params[:1])[0]]
     assert bursting.engine.burst.inner > 0, "a sampled row did not burst"
-    alone += [run(bursting, [p], [q])[0] for p, q in zip(PROMPTS[1:], params[1:], strict=True)]
-    assert alone == run(bursting, PROMPTS, params) == run(build(num_scheduler_steps=1), PROMPTS, params)
+    alone += [run_engine(bursting, [p], [q])[0] for p, q in zip(PROMPTS[1:], params[1:], strict=True)]
+    assert alone == run_engine(bursting, PROMPTS, params) == run_engine(build(num_scheduler_steps=1), PROMPTS, params)
 
 
 def test_rows_that_ask_for_more_than_a_token_never_burst(build: Any) -> None:
@@ -91,8 +77,8 @@ def test_rows_that_ask_for_more_than_a_token_never_burst(build: Any) -> None:
     with_logprobs = SamplingParams(max_tokens=20, temperature=0.0, logprobs=2, ignore_eos=True)
     scored = SamplingParams(max_tokens=20, temperature=0.0, prompt_logprobs=1, ignore_eos=True)
     for params in (with_logprobs, scored):
-        run(served, PROMPTS[:2], [params, params])
-        run(served, PROMPTS[:2], [params, greedy(20)])  # one such row keeps the whole batch to single steps
+        run_engine(served, PROMPTS[:2], [params, params])
+        run_engine(served, PROMPTS[:2], [params, greedy(20)])  # one such row keeps the whole batch to single steps
     assert served.engine.burst.inner == 0
 
 
@@ -101,7 +87,7 @@ def test_each_step_of_a_burst_is_counted(build: Any) -> None:
     served = build(start=False, num_scheduler_steps=8)
     served.engine.on_step = stats.append
     served.engine.start()
-    (tokens,) = run(served, PROMPTS[:1], [greedy(40)])
+    (tokens,) = run_engine(served, PROMPTS[:1], [greedy(40)])
     served.engine.stop()  # the last step's stats follow its outputs
     assert len(tokens) == 40 and served.engine.burst.inner > 0
     assert sum(s.steps for s in stats) == 40 == served.engine.steps  # one prefill step, 39 decode steps

@@ -11,12 +11,13 @@ from typing import Any
 
 import pytest
 import torch
+from support import run_engine
 
 from model import fused_step
 from model.checkpoint import load_checkpoint
 from model.generate import GenerationConfig, generate
 from service.engine.cuda_graphs import DecodeGraphs
-from service.engine.request import Constraint, SamplingParams, StepOutput
+from service.engine.request import Constraint, SamplingParams
 from service.registry import ServedModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,19 +31,7 @@ def cuda(test: Any) -> Any:
 
 def run(served: ServedModel, prompts: list[str], params: SamplingParams | list[SamplingParams] = GREEDY
         ) -> list[list[int]]:
-    plist = params if isinstance(params, list) else [params] * len(prompts)
-
-    async def one(i: int, prompt: str) -> list[int]:
-        req = served.make_request(f"r{i}", prompt, plist[i])
-        async with served.engine.open(req) as stream:
-            outs: list[StepOutput] = [o async for o in stream]
-        assert outs[-1].finish_reason in ("length", "stop"), outs[-1]
-        return [o.token_id for o in outs if o.token_id is not None]
-
-    async def main() -> list[list[int]]:
-        return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
-
-    return asyncio.run(main())
+    return run_engine(served, prompts, params if isinstance(params, list) else [params] * len(prompts))
 
 
 def test_decode_inputs_are_the_same_storage_step_after_step(build: Any) -> None:
