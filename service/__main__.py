@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse the KV blocks of prompt prefixes already computed, shared between requests and `n` "
                    "choices (default on; --no-enable-prefix-caching computes every prompt in full)")
     p.add_argument("--num-scheduler-steps", type=int, metavar="N", help="decode steps an engine iteration may "
-                   "run back to back for the same greedy streams, within ~4 ms, handed over together (vLLM's "
+                   "run back to back for the same streams, within ~4 ms, their tokens handed over together (vLLM's "
                    f"multi-step scheduling; default {d['num_scheduler_steps'].default}, 1: one step per iteration)")
     p.add_argument("--engine-in-process", action="store_true", default=None,
                    help="run each model's engine on a thread of the server process instead of in its own engine "

@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     enable_prefix_caching: bool = Field(default=True, description="reuse the KV blocks of a prompt prefix already "
                                         "computed (automatic prefix caching)")
     num_scheduler_steps: int = Field(default=8, ge=1, le=64, description="decode steps one engine iteration may "
-                                     "run for the same greedy rows where steps are short (vLLM's multi-step "
+                                     "run for the same streams where steps are short (vLLM's multi-step "
                                      "scheduling; 1: one step per iteration)")
     max_waiting_requests: int = 512
     max_waiting_tokens: int = 262144
