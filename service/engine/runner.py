@@ -29,7 +29,11 @@ from service.engine.weights import prepare as prepare_weights
 
 log = logging.getLogger("attnserve.runner")
 
-SMALL_STEP_FLOPS = 5e7
+# A step that one core finishes within SMALL_STEP_S runs on one thread (`_threads_for`); its time on one core is
+# estimated from the weights it reads and the products it computes, at one core's rates on our kernels
+# (benchmarks/matvec.py with one thread: ~20 GB/s of weights from memory; at 32 rows ~100 GFLOP/s in bfloat16 or
+# int8, ~50 in float32).
+SMALL_STEP_S, ONE_CORE_BYTES_PER_S, ONE_CORE_FLOPS, ONE_CORE_FLOPS_FLOAT32 = 5e-3, 20e9, 100e9, 50e9
 ERROR_STUCK = "the output's constraint allows no token of this model's vocabulary here"
 # (activations, KV cache) the CPU kernel attends over
 PAGED_DTYPES = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16))
@@ -67,7 +71,9 @@ class ModelRunner:
                                  self.device, vocab_size=self.config.vocab_size)
         self.sampler = Sampler(self.device)
         self.num_threads = torch.get_num_threads()  # the process's intra-op setting when the model was loaded
-        self.flops_per_token = 2 * num_parameters(self.model)
+        self.flops_per_token, int8 = 2 * num_parameters(self.model), quantization == "int8"
+        self.weight_bytes = self.flops_per_token // 2 * (1 if int8 else dtype.itemsize)
+        self.flops_per_s = ONE_CORE_FLOPS_FLOAT32 if dtype == torch.float32 and not int8 else ONE_CORE_FLOPS
         self._threads = self.num_threads
         use_graphs = self.device.type == "cuda" and not enforce_eager and not self.config.is_encoder_decoder
         self.graphs: DecodeGraphs | None = (DecodeGraphs(self.forward_decode, self.inputs, max_num_seqs,
@@ -91,12 +97,16 @@ class ModelRunner:
         self._threads = self.num_threads
 
     def _threads_for(self, num_rows: int) -> None:
-        """A small step runs on one CPU thread: below ~50 MFLOP, splitting each op over cores costs more in
-        synchronisation than it saves (measured: a tiny model's batch-1 step, 289 vs 205 tok/s over HTTP),
-        and the event loop's thread needs a core too. Larger steps use every thread the process has."""
+        """A small step runs on one CPU thread: where one core takes under SMALL_STEP_S, splitting each op over
+        the cores costs more in OpenMP's barriers and wake-ups than it saves, and the frontend process, whose work
+        grows with the token rate such short steps give, needs the other core (measured over HTTP on 2 cores,
+        the 3M-parameter model in bfloat16: 7,315 against 5,004 tok/s at 32 streams, 8,914 against 5,553 at 8;
+        SmolLM2's one-row step, ~13 ms on one core, is faster on two: 97 against 76 tok/s). Larger steps use
+        every thread the process has."""
         if self.device.type != "cpu":
             return
-        want = 1 if num_rows * self.flops_per_token < SMALL_STEP_FLOPS else self.num_threads
+        one_core = self.weight_bytes / ONE_CORE_BYTES_PER_S + num_rows * self.flops_per_token / self.flops_per_s
+        want = 1 if one_core < SMALL_STEP_S else self.num_threads
         if want != self._threads:
             torch.set_num_threads(want)
             self._threads = want

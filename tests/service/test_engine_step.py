@@ -16,6 +16,7 @@ from support import run_engine
 from model import fused_step
 from model.checkpoint import load_checkpoint
 from model.generate import GenerationConfig, generate
+from service.engine import runner as runner_module
 from service.engine.cuda_graphs import DecodeGraphs
 from service.engine.request import Constraint, SamplingParams
 from service.registry import ServedModel
@@ -198,3 +199,19 @@ def test_leaving_during_a_chunked_prefill_frees_its_blocks_and_slot(build: Any) 
 
     asyncio.run(asyncio.wait_for(main(), 10))
     assert engine.blocks.num_free == engine.blocks.num_blocks and not engine.scheduler.has_work()
+
+
+def test_a_step_one_core_finishes_soon_runs_on_one_thread(build: Any) -> None:
+    """Splitting a short step over the cores costs more in OpenMP's barriers than it saves, and the frontend needs
+    a core (runner._threads_for); a step one core would take longer on gets every thread the process has."""
+    torch.set_num_threads(2)
+    try:
+        runner = build(start=False).engine.runner
+        assert runner.num_threads == 2
+        runner._threads_for(1)
+        assert torch.get_num_threads() == 1
+        long_step = int(runner_module.SMALL_STEP_S * runner.flops_per_s / runner.flops_per_token) + 1
+        runner._threads_for(long_step)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
