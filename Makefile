@@ -106,7 +106,7 @@ docker-run:
 
 # --- benchmarks (benchmarks/README.md) -------------------------------------------------------------------------
 # Our server vs transformers generate() (served one at a time, and one static batch) on identical weights, and the
-# roofline: shakespeare-gpt, gpt2-small and SmolLM2-135M (downloaded once), float32 and bfloat16, ~8 minutes on
+# roofline: shakespeare-gpt, gpt-char (~11M), gpt2-small, SmolLM2-135M (downloaded once), f32 and bf16, ~10 min on
 # 2 CPU cores (SmolLM2 ~3 of them; BENCH_ARGS="--models smollm2-135m" for it alone); then the shared-prefix
 # scenario with prefix caching on and off (the two GPT models, ~4 minutes); then structured output, 32 streams with
 # half of them held to JSON schemas against the same requests unconstrained (SmolLM2, ~2 minutes; STRUCTURED=0

@@ -2,6 +2,8 @@
 
 - shakespeare-gpt: the shipped checkpoint when it exists; otherwise random weights of the same shape
   (preset "gpt-char") with a 65-character tokenizer like Tiny Shakespeare's.
+- gpt-char: random weights of the same "gpt-char" preset (6 layers, d_model 384, ~11M parameters) and
+  tokenizer: the issue's small GPT-2 shape, served whether or not a trained checkpoint ships.
 - gpt2-small: random weights of GPT-2 124M's shape (preset "gpt2-small") with a byte-level BPE of exactly
   GPT-2's 50,257 tokens: the 256 byte symbols, 50,000 merges (every pair of printable ASCII characters, then
   pair + character) and <|endoftext|> last. A BPE trained on a small built-in text cannot reach 50,257 tokens,
@@ -35,7 +37,7 @@ SHIPPED = Path(__file__).resolve().parent.parent / "model" / "checkpoints"
 SHAKESPEARE_CHARS = "\n !$&',-.3:;?" + string.ascii_uppercase + string.ascii_lowercase  # Tiny Shakespeare's 65
 ENDOFTEXT = "<|endoftext|>"
 SMOLLM2 = "smollm2-135m"
-MODELS = ("shakespeare-gpt", "gpt2-small", SMOLLM2)
+MODELS = ("shakespeare-gpt", "gpt-char", "gpt2-small", SMOLLM2)
 
 
 def gpt2_sized_bpe(vocab_size: int = 50257) -> Tokenizer:
@@ -76,7 +78,7 @@ def make_model(name: str, root: Path, seed: int = 0, progress: bool = False) -> 
     if _fresh(folder):
         return folder
     torch.manual_seed(seed)
-    if name == "shakespeare-gpt":
+    if name in ("shakespeare-gpt", "gpt-char"):
         tok = Tokenizer.train_char(SHAKESPEARE_CHARS)
         cfg = preset("gpt-char", vocab_size=tok.vocab_size)
     elif name == "gpt2-small":

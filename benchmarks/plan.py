@@ -36,9 +36,9 @@ class Plan:
     static_batch: int = 32
     threads: int | None = None
     long_prompt: tuple[int, float] = (200, 1.0)  # the highest level again, a prompt of this many tokens every s
-    waves: dict[str, int] = field(default_factory=lambda: {"shakespeare-gpt": 2, "gpt2-small": 1, SMOLLM2: 1})
-    min_prompts: dict[str, int] = field(default_factory=lambda: {"shakespeare-gpt": 8, "gpt2-small": 2, SMOLLM2: 2})
-    naive_prompts: dict[str, int] = field(default_factory=lambda: {"shakespeare-gpt": 4, "gpt2-small": 1, SMOLLM2: 1})
+    waves: dict[str, int] = field(default_factory=lambda: {"shakespeare-gpt": 2, "gpt-char": 2, "gpt2-small": 1, SMOLLM2: 1})
+    min_prompts: dict[str, int] = field(default_factory=lambda: {"shakespeare-gpt": 8, "gpt-char": 8, "gpt2-small": 2, SMOLLM2: 2})
+    naive_prompts: dict[str, int] = field(default_factory=lambda: {"shakespeare-gpt": 4, "gpt-char": 4, "gpt2-small": 1, SMOLLM2: 1})
     native_bf16_only: bool = False  # bfloat16 only on a CUDA device or a CPU with native bf16 instructions
     workloads: dict[str, dict[str, Any]] = field(default_factory=lambda: {k: dict(v) for k, v in WORKLOADS.items()})
     llama_cpp: bool = True  # llama.cpp's llama-server on the same weights in each row (CPU only; benchmarks.llama_peer)

@@ -1,6 +1,6 @@
 """`make bench`: our server against the naive baselines on identical weights, and against the roofline.
 
-    python -m benchmarks.run_cpu                       # three models, float32 and bfloat16, CPU, ~8 minutes
+    python -m benchmarks.run_cpu                       # four models, float32 and bfloat16, CPU, ~10 minutes
     python -m benchmarks.run_cpu --models smollm2-135m # SmolLM2-135M only: 1 and 32 streams, ~3 minutes
     python -m benchmarks.run_cpu --models gpt2-small --dtypes bfloat16 --device cuda --concurrency 1,8,32,64,128,256
 

@@ -57,7 +57,7 @@ def test_gpt2_roofline_is_unchanged() -> None:
 
 def test_plan_includes_smollm2_with_its_own_workload() -> None:
     plan = plan_from_args(arguments("").parse_args([]))
-    assert plan.models == ("shakespeare-gpt", "gpt2-small", SMOLLM2) == Plan().models
+    assert plan.models == ("shakespeare-gpt", "gpt-char", "gpt2-small", SMOLLM2) == Plan().models
     small = plan.for_model(SMOLLM2)
     assert (small.concurrency, small.output_len, small.native_bf16_only) == ((1, 32), 64, True)
     gpt2 = plan.for_model("gpt2-small")
