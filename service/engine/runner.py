@@ -30,9 +30,9 @@ from service.engine.weights import prepare as prepare_weights
 log = logging.getLogger("attnserve.runner")
 
 # A step that one core finishes within SMALL_STEP_S runs on one thread (`_threads_for`); its time on one core is
-# estimated from the weights it reads and the products it computes, at one core's rates on our kernels
-# (benchmarks/matvec.py with one thread: ~20 GB/s of weights from memory; at 32 rows ~100 GFLOP/s in bfloat16 or
-# int8, ~50 in float32).
+# estimated from the weights it reads and the products it computes, at one core's rates on our kernels as measured
+# in the server (SmolLM2's 268 MB bfloat16 one-row step in ~13 ms: ~20 GB/s; the 3M model's 32-row bfloat16 step,
+# ~200 MFLOP, in ~2-3 ms with its attention: ~100 GFLOP/s; float32's products take about twice as long).
 SMALL_STEP_S, ONE_CORE_BYTES_PER_S, ONE_CORE_FLOPS, ONE_CORE_FLOPS_FLOAT32 = 5e-3, 20e9, 100e9, 50e9
 ERROR_STUCK = "the output's constraint allows no token of this model's vocabulary here"
 # (activations, KV cache) the CPU kernel attends over
