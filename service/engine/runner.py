@@ -71,8 +71,8 @@ class ModelRunner:
                                  self.device, vocab_size=self.config.vocab_size)
         self.sampler = Sampler(self.device)
         self.num_threads = torch.get_num_threads()  # the process's intra-op setting when the model was loaded
-        self.flops_per_token, int8 = 2 * num_parameters(self.model), quantization == "int8"
-        self.weight_bytes = self.flops_per_token // 2 * (1 if int8 else dtype.itemsize)
+        params, int8 = num_parameters(self.model), quantization == "int8"
+        self.flops_per_token, self.weight_bytes = 2 * params, params * (1 if int8 else dtype.itemsize)
         self.flops_per_s = ONE_CORE_FLOPS_FLOAT32 if dtype == torch.float32 and not int8 else ONE_CORE_FLOPS
         self._threads = self.num_threads
         use_graphs = self.device.type == "cuda" and not enforce_eager and not self.config.is_encoder_decoder
