@@ -92,8 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse the KV blocks of prompt prefixes already computed, shared between requests and `n` "
                    "choices (default on; --no-enable-prefix-caching computes every prompt in full)")
     p.add_argument("--num-scheduler-steps", type=int, metavar="N", help="decode steps an engine iteration may "
-                   "run back to back for the same streams, within ~4 ms, their tokens handed over together (vLLM's "
-                   f"multi-step scheduling; default {d['num_scheduler_steps'].default}, 1: one step per iteration)")
+                   "run back to back for the same streams, their tokens handed over together (vLLM's multi-step "
+                   f"scheduling; default {d['num_scheduler_steps'].default}, 1: one step per iteration)")
+    p.add_argument("--max-burst-ms", type=float, metavar="MS", help="the longest such a burst runs before its "
+                   f"tokens are sent (default {d['max_burst_ms'].default:g}); a new request or an abort ends it at once")
     p.add_argument("--engine-in-process", action="store_true", default=None,
                    help="run each model's engine on a thread of the server process instead of in its own engine "
                    "core process (the default: the step loop and the HTTP side then never wait for one GIL)")

@@ -208,6 +208,7 @@ def build_served_model(
         enable_prefix_caching=settings.enable_prefix_caching,
         max_stream_backlog=settings.max_stream_backlog,
         num_scheduler_steps=settings.num_scheduler_steps,
+        max_burst_s=settings.max_burst_ms / 1000,
     )
     tok = ckpt.tokenizer
     name = model_name(path)

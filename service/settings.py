@@ -49,9 +49,11 @@ class Settings(BaseSettings):
     enforce_eager: bool = Field(default=False, description="module calls for every step: no CUDA graphs, no fused CPU step")
     enable_prefix_caching: bool = Field(default=True, description="reuse the KV blocks of a prompt prefix already "
                                         "computed (automatic prefix caching)")
-    num_scheduler_steps: int = Field(default=8, ge=1, le=64, description="decode steps one engine iteration may "
+    num_scheduler_steps: int = Field(default=32, ge=1, le=64, description="decode steps one engine iteration may "
                                      "run for the same streams where steps are short (vLLM's multi-step "
                                      "scheduling; 1: one step per iteration)")
+    max_burst_ms: float = Field(default=16.0, gt=0, le=1000, description="the longest a decode burst runs "
+                                "before its tokens are sent; a new request or an abort ends a burst at once")
     max_waiting_requests: int = 512
     max_waiting_tokens: int = 262144
     queue_timeout: float | None = 60.0

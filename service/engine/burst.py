@@ -8,10 +8,11 @@ the same rows, each fed the token the last one sampled, and hands their outputs 
 
 A burst only follows a step that was all decode rows, with no request waiting to start, no row asking a step for
 more than its next token (logprobs, a grammar's mask, attention rows, prompt scores; the sampler's parameters,
-penalties and seeds are honoured as in single steps), and it stops early where waiting would show: after
-`BURST_BUDGET_S` of the iteration (so a request that arrives during a burst starts at most that much later; a
-model whose step alone takes longer never bursts), at the first finished request, or when a row would need a KV
-block and none is free (no preemption inside a burst). Each inner step goes through the scheduler's `update()`
+penalties and seeds are honoured as in single steps), and it stops early: at once when a message waits for the
+loop (a new request, an abort, an inspection: `interrupted`, which the loop's owner sets), after the budget
+(`--max-burst-ms`: a stream's tokens are sent at least that often; a model whose step alone takes longer never
+bursts), at the first finished request, or when a row would need a KV block and none is free (no preemption inside
+a burst). Each inner step goes through the scheduler's `update()`
 as a step of its own: the same stops, block commits and prefix-cache entries as single steps, and the same
 tokens (tests/service/test_burst.py)."""
 
@@ -24,7 +25,7 @@ from service.engine.request import Request, RequestStatus
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import Sampled, ScheduledRequest, Scheduler, SchedulerOutput
 
-BURST_BUDGET_S = 0.004  # the longest an iteration grows by its burst (a tiny model's 8 steps: ~3 ms)
+BURST_BUDGET_S = 0.016  # the longest an iteration grows by its burst: a stream's tokens wait at most this long
 
 
 def bursts(req: Request) -> bool:
@@ -37,8 +38,10 @@ def bursts(req: Request) -> bool:
 class DecodeBurst:
     """Runs the inner steps of a burst after a decode step; `steps` > 1 turns it on."""
 
-    def __init__(self, scheduler: Scheduler, runner: ModelRunner, steps: int) -> None:
-        self.scheduler, self.runner, self.steps = scheduler, runner, steps
+    def __init__(self, scheduler: Scheduler, runner: ModelRunner, steps: int, budget_s: float = BURST_BUDGET_S
+                 ) -> None:
+        self.scheduler, self.runner, self.steps, self.budget_s = scheduler, runner, steps, budget_s
+        self.interrupted: Callable[[], bool] = lambda: False  # whether a message waits for the loop
         self.enabled = steps > 1 and runner.fused is not None and runner.graphs is None
         self.inner = 0  # inner steps run since start (the engine's steps count them too)
 
@@ -51,7 +54,8 @@ class DecodeBurst:
             return 0, 0.0
         done, forward, last = 0, 0.0, None
         per_step = time.monotonic() - started
-        while done + 1 < self.steps and time.monotonic() - started + per_step <= BURST_BUDGET_S:
+        while (done + 1 < self.steps and time.monotonic() - started + per_step <= self.budget_s
+               and not self.interrupted()):
             step = self._plan(reqs)
             if step is None:
                 break

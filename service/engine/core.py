@@ -87,6 +87,7 @@ class EngineCore:
         sends = [self.outboxes[0].send] + [self._sender(s) for s in self.outboxes[1:]]
         self.batches = BatchOutbox(engine, sends)
         engine.deliver_to(self.batches, self._record_step, self._record_finish)
+        engine.burst.interrupted = self._waiting  # a burst ends at once for a new request or an abort
         self._grammars_factory, self._grammars = grammars, cast(Any, None)
         self.parent = os.getppid()
         self.ready: wire.Ready | None = None
@@ -100,6 +101,9 @@ class EngineCore:
                 log.warning("a frontend fell behind: a batch for it was dropped")
 
         return send
+
+    def _waiting(self) -> bool:
+        return any(inbox.poll(0) for inbox in self.inboxes)
 
     def _record_step(self, stats: StepStats) -> None:
         self.batches.step = stats

@@ -64,9 +64,10 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, eos_id,
                                    config.max_model_len)
         runner.sampler.eos_id = eos_id
-        self.burst = DecodeBurst(self.scheduler, runner, config.num_scheduler_steps)
+        self.burst = DecodeBurst(self.scheduler, runner, config.num_scheduler_steps, config.max_burst_s)
         self.on_step, self.on_finish = on_step, on_finish
         self._inbox: queue.SimpleQueue[tuple[str, Request | str]] = queue.SimpleQueue()
+        self.burst.interrupted = lambda: not self._inbox.empty()  # a request, an abort or an inspection waits
         self._wake = threading.Event()
         self._live: dict[str, LiveRequest] = {}
         self._pending = 0  # requests submitted and not yet running (inbox + waiting), for admission control

@@ -233,6 +233,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # reuse computed blocks of a known prefix (vLLM's automatic prefix caching)
     max_stream_backlog: int = 1024  # outputs a stream's reader may fall behind before its request is aborted
     num_scheduler_steps: int = 1  # decode steps per iteration at most, where they are short (engine/burst.py)
+    max_burst_s: float = 0.016  # the longest an iteration's decode burst runs before its tokens are sent
 
 
 @dataclass(frozen=True)

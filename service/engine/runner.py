@@ -29,11 +29,12 @@ from service.engine.weights import prepare as prepare_weights
 
 log = logging.getLogger("attnserve.runner")
 
-# A step that one core finishes within SMALL_STEP_S runs on one thread (`_threads_for`); its time on one core is
-# estimated from the weights it reads and the products it computes, at one core's rates on our kernels as measured
-# in the server (SmolLM2's 268 MB bfloat16 one-row step in ~13 ms: ~20 GB/s; the 3M model's 32-row bfloat16 step,
-# ~200 MFLOP, in ~2-3 ms with its attention: ~100 GFLOP/s; float32's products take about twice as long).
-SMALL_STEP_S, ONE_CORE_BYTES_PER_S, ONE_CORE_FLOPS, ONE_CORE_FLOPS_FLOAT32 = 5e-3, 20e9, 100e9, 50e9
+# A CPU step is split over the cores where one core would take >= SPLIT_FROM_S and its outputs come at most
+# SPLIT_TO_PER_S (`_threads_for`); one core's time, from the weights read and the products computed at one
+# core's rates on our kernels as measured in the server (SmolLM2's 268 MB bfloat16 one-row step in ~13 ms: ~20 GB/s;
+# the 3M model's 32-row bfloat16 step, ~200 MFLOP, in ~2-3 ms: ~100 GFLOP/s; float32's products half as fast).
+SPLIT_FROM_S, SPLIT_TO_PER_S = 0.8e-3, 6000.0
+ONE_CORE_BYTES_PER_S, ONE_CORE_FLOPS, ONE_CORE_FLOPS_FLOAT32 = 20e9, 100e9, 50e9
 ERROR_STUCK = "the output's constraint allows no token of this model's vocabulary here"
 # (activations, KV cache) the CPU kernel attends over
 PAGED_DTYPES = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16))
@@ -96,17 +97,17 @@ class ModelRunner:
         torch.set_num_threads(self.num_threads)
         self._threads = self.num_threads
 
-    def _threads_for(self, num_rows: int) -> None:
-        """A small step runs on one CPU thread: where one core takes under SMALL_STEP_S, splitting each op over
-        the cores costs more in OpenMP's barriers and wake-ups than it saves, and the frontend process, whose work
-        grows with the token rate such short steps give, needs the other core (measured over HTTP on 2 cores,
-        the 3M-parameter model in bfloat16: 7,315 against 5,004 tok/s at 32 streams, 8,914 against 5,553 at 8;
-        SmolLM2's one-row step, ~13 ms on one core, is faster on two: 97 against 76 tok/s). Larger steps use
-        every thread the process has."""
+    def _threads_for(self, num_rows: int, num_seqs: int) -> None:
+        """A CPU step runs on one thread where it is short (its ~30 OpenMP barriers cost more than the second core
+        saves) or its outputs come fast (the frontend, whose work grows with them, takes the other core back in the
+        middle of the step). Over HTTP on 2 cores: the 3M model's one-row bfloat16 step (~0.3 ms) 3,144-3,311
+        tok/s on one thread against 2,479-2,528 on two, at 8 rows (~10,000 outputs/s) 8,299-8,430 against
+        6,079-6,588; the ~11M GPT-2 shape (21 MB of bfloat16 weights) 956 against 1,231 at one row, 2,361-2,386
+        against 2,935-3,094 at 8 (benchmarks/NOTES.md section 28)."""
         if self.device.type != "cpu":
             return
         one_core = self.weight_bytes / ONE_CORE_BYTES_PER_S + num_rows * self.flops_per_token / self.flops_per_s
-        want = 1 if one_core < SMALL_STEP_S else self.num_threads
+        want = self.num_threads if one_core >= SPLIT_FROM_S and num_seqs / one_core <= SPLIT_TO_PER_S else 1
         if want != self._threads:
             torch.set_num_threads(want)
             self._threads = want
@@ -126,7 +127,7 @@ class ModelRunner:
         capture_ids = {s.request.request_id for s in plan if s.request.attention is not None}
         bucket = self.graphs.bucket(plan) if self.graphs is not None and not capture_ids else None
         prep = self.inputs.prepare(plan, capture_ids, *(bucket or (None, None)))
-        self._threads_for(prep.num_rows)
+        self._threads_for(prep.num_rows, len(plan))
         if prep.encode:
             self._encode(prep)
         cache, logits = None, None

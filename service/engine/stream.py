@@ -36,7 +36,8 @@ class RequestStream:
     the request's stop strings, on the server's side while the engine runs the next step. A stop string ends the
     output here and stops the engine's request (it may have run a step further: that token is not the output's).
     A reader that falls `backlog` outputs behind (a client that stopped reading) gets an error and its request is
-    aborted, so that nothing grows without bound for it."""
+    aborted, so that nothing grows without bound for it: counted before each hand-over, since a decode burst hands
+    over up to --num-scheduler-steps outputs of one stream at once."""
 
     def __init__(self, engine: Aborter, request: Request, loop: asyncio.AbstractEventLoop, backlog: int = 1024,
                  decode: Decode | None = None) -> None:
@@ -50,6 +51,7 @@ class RequestStream:
         self.queue: asyncio.Queue[StepOutput] = asyncio.Queue()
         self.finished = False
         self.overflowed = False
+        self.behind = 0  # outputs its reader had not taken when the current hand-over began
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -67,7 +69,7 @@ class RequestStream:
         if self.overflowed or self.closed:
             return
         out = self._text(out)
-        if self.queue.qsize() >= self.backlog and not out.finished:
+        if self.behind >= self.backlog and not out.finished:
             self.overflowed = True
             self.engine.overflowed(self.request.request_id)
             out = StepOutput(self.request.request_id, None, "", finished=True, finish_reason="error",
@@ -106,6 +108,8 @@ class RequestStream:
 
 def deliver(items: list[tuple[RequestStream, StepOutput]]) -> None:
     """Runs on the event loop: hand each output to its stream."""
+    for stream, _ in items:
+        stream.behind = stream.queue.qsize()
     for stream, out in items:
         stream.put(out)
 

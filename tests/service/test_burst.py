@@ -12,11 +12,14 @@ from typing import Any
 
 import httpx
 import pytest
+import zmq
 from prometheus_client.parser import text_string_to_metric_families
 from support import run_engine
 
 from model.checkpoint import load_checkpoint
 from model.generate import GenerationConfig, generate
+from service.engine import wire
+from service.engine.core import EngineCore
 from service.engine.request import SamplingParams, StepStats
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -111,3 +114,49 @@ def test_the_step_metrics_count_each_step_of_a_burst(make_server: Callable[..., 
     assert m["attnserve_step_time_seconds_count"] == m["attnserve_iteration_tokens_count"] == 3 * 40
     assert m["attnserve_decode_step_time_seconds_count"] == 3 * 39 and m["attnserve_prefill_step_time_seconds_count"] == 3
     assert m["attnserve_iteration_tokens_sum"] == 3 * (len("ROMEO:") + 39)
+
+
+def test_a_message_for_the_loop_ends_a_burst(build: Any, tmp_path: Path) -> None:
+    """A new request, an abort or an inspection ends a burst at once (`interrupted`): on the engine's thread, any
+    item in its inbox; in a core process, a message on any frontend's socket. A burst then runs no inner step."""
+    served = build(num_scheduler_steps=8, max_burst_ms=1000.0)
+    burst = served.engine.burst
+    burst.interrupted = lambda: True
+    assert run_engine(served, PROMPTS[:1], [greedy(30)]) == run_engine(build(num_scheduler_steps=1), PROMPTS[:1],
+                                                                       [greedy(30)])
+    assert burst.inner == 0
+
+    engine = build(start=False, num_scheduler_steps=8).engine
+    assert not engine.burst.interrupted()
+    engine.abort("nobody")
+    assert engine.burst.interrupted()
+    engine._take_inbox()
+    assert not engine.burst.interrupted()
+
+    context = zmq.Context()
+    to_core, from_core = f"ipc://{tmp_path}/in", f"ipc://{tmp_path}/out"
+    push, pull = context.socket(zmq.PUSH), context.socket(zmq.PULL)
+    push.bind(to_core)
+    pull.bind(from_core)
+    core = EngineCore(engine, [(to_core, from_core)])
+    try:
+        assert not engine.burst.interrupted()
+        push.send(wire.encode(wire.Abort(["nobody"], False)))
+        deadline = time.monotonic() + 5
+        while not engine.burst.interrupted() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert engine.burst.interrupted()
+        core._take_messages(0)
+        assert not engine.burst.interrupted()
+    finally:
+        core.close()
+        context.destroy(linger=0)
+
+
+def test_a_burst_handed_over_at_once_is_not_a_slow_reader(build: Any) -> None:
+    """A burst hands a stream up to --num-scheduler-steps outputs at once: a reader that keeps up is never taken
+    for one that fell --max-stream-backlog behind (the backlog is counted before each hand-over)."""
+    served = build(num_scheduler_steps=32, max_stream_backlog=4, max_burst_ms=1000.0)
+    (tokens,) = run_engine(served, PROMPTS[:1], [greedy(60)])
+    assert len(tokens) == 60 and served.engine.burst.inner > 8 * served.engine.iterations // 10
+    assert served.engine.overflows == 0

@@ -201,17 +201,22 @@ def test_leaving_during_a_chunked_prefill_frees_its_blocks_and_slot(build: Any) 
     assert engine.blocks.num_free == engine.blocks.num_blocks and not engine.scheduler.has_work()
 
 
-def test_a_step_one_core_finishes_soon_runs_on_one_thread(build: Any) -> None:
-    """Splitting a short step over the cores costs more in OpenMP's barriers than it saves, and the frontend needs
-    a core (runner._threads_for); a step one core would take longer on gets every thread the process has."""
+def test_a_short_step_or_a_fast_one_runs_on_one_thread(build: Any) -> None:
+    """A step one core finishes within SPLIT_FROM_S, or whose outputs would come faster than SPLIT_TO_PER_S, runs
+    on one thread (runner._threads_for); a longer, slower one gets every thread the process has."""
     torch.set_num_threads(2)
     try:
         runner = build(start=False).engine.runner
         assert runner.num_threads == 2
-        runner._threads_for(1)
+        one_core = runner_module.ONE_CORE_BYTES_PER_S
+        runner._threads_for(1, 1)  # tiny-gpt's one-row step: microseconds
         assert torch.get_num_threads() == 1
-        long_step = int(runner_module.SMALL_STEP_S * runner.flops_per_s / runner.flops_per_token) + 1
-        runner._threads_for(long_step)
+        rows = int(runner_module.SPLIT_FROM_S * runner.flops_per_s / runner.flops_per_token) + 1
+        runner._threads_for(rows, 1)
         assert torch.get_num_threads() == 2
+        fast = int(runner_module.SPLIT_TO_PER_S * (runner.weight_bytes / one_core + rows * runner.flops_per_token
+                                                    / runner.flops_per_s)) + 2
+        runner._threads_for(rows, fast)  # as long, but as many outputs as rows: the frontend needs the core
+        assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(1)
