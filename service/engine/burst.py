@@ -12,9 +12,8 @@ penalties and seeds are honoured as in single steps), and it stops early: at onc
 loop (a new request, an abort, an inspection: `interrupted`, which the loop's owner sets), after the budget
 (`--max-burst-ms`: a stream's tokens are sent at least that often; a model whose step alone takes longer never
 bursts), at the first finished request, or when a row would need a KV block and none is free (no preemption inside
-a burst). Each inner step goes through the scheduler's `update()`
-as a step of its own: the same stops, block commits and prefix-cache entries as single steps, and the same
-tokens (tests/service/test_burst.py)."""
+a burst). Each inner step goes through the scheduler's `update()` as a step of its own: the same stops, block
+commits and prefix-cache entries as single steps, and the same tokens (tests/service/test_burst.py)."""
 
 from __future__ import annotations
 

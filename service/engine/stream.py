@@ -34,10 +34,10 @@ class RequestStream:
 
     The stream turns the engine's tokens into text (given the tokenizer's `decode`): incremental, UTF-8 safe, with
     the request's stop strings, on the server's side while the engine runs the next step. A stop string ends the
-    output here and stops the engine's request (it may have run a step further: that token is not the output's).
-    A reader that falls `backlog` outputs behind (a client that stopped reading) gets an error and its request is
-    aborted, so that nothing grows without bound for it: counted before each hand-over, since a decode burst hands
-    over up to --num-scheduler-steps outputs of one stream at once."""
+    output here and stops the engine's request (it may have run steps further, a burst's: those tokens are not
+    the output's). A reader that falls `backlog` outputs behind (a client that stopped reading) gets an error and
+    its request is aborted, so that nothing grows without bound for it: counted before each hand-over, since a
+    decode burst hands over up to --num-scheduler-steps outputs of one stream at once."""
 
     def __init__(self, engine: Aborter, request: Request, loop: asyncio.AbstractEventLoop, backlog: int = 1024,
                  decode: Decode | None = None) -> None:
