@@ -24,8 +24,6 @@ from service.engine.request import Request, RequestStatus
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import Sampled, ScheduledRequest, Scheduler, SchedulerOutput
 
-BURST_BUDGET_S = 0.016  # the longest an iteration grows by its burst: a stream's tokens wait at most this long
-
 
 def bursts(req: Request) -> bool:
     """Whether a step asks of a request only its next token: no logprobs, grammar, attention rows or prompt
@@ -37,8 +35,8 @@ def bursts(req: Request) -> bool:
 class DecodeBurst:
     """Runs the inner steps of a burst after a decode step; `steps` > 1 turns it on."""
 
-    def __init__(self, scheduler: Scheduler, runner: ModelRunner, steps: int, budget_s: float = BURST_BUDGET_S
-                 ) -> None:
+    def __init__(self, scheduler: Scheduler, runner: ModelRunner, steps: int, budget_s: float) -> None:
+        """`budget_s`: the engine's `max_burst_s` (--max-burst-ms)."""
         self.scheduler, self.runner, self.steps, self.budget_s = scheduler, runner, steps, budget_s
         self.interrupted: Callable[[], bool] = lambda: False  # whether a message waits for the loop
         self.enabled = steps > 1 and runner.fused is not None and runner.graphs is None

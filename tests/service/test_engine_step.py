@@ -208,13 +208,13 @@ def test_a_short_step_or_a_fast_one_runs_on_one_thread(build: Any) -> None:
     try:
         runner = build(start=False).engine.runner
         assert runner.num_threads == 2
-        one_core = runner_module.ONE_CORE_BYTES_PER_S
+        bytes_per_s = runner_module.ONE_CORE_BYTES_PER_S
         runner._threads_for(1, 1)  # tiny-gpt's one-row step: microseconds
         assert torch.get_num_threads() == 1
         rows = int(runner_module.SPLIT_FROM_S * runner.flops_per_s / runner.flops_per_token) + 1
         runner._threads_for(rows, 1)
         assert torch.get_num_threads() == 2
-        fast = int(runner_module.SPLIT_TO_PER_S * (runner.weight_bytes / one_core + rows * runner.flops_per_token
+        fast = int(runner_module.SPLIT_TO_PER_S * (runner.weight_bytes / bytes_per_s + rows * runner.flops_per_token
                                                     / runner.flops_per_s)) + 2
         runner._threads_for(rows, fast)  # as long, but as many outputs as rows: the frontend needs the core
         assert torch.get_num_threads() == 1
