@@ -67,15 +67,19 @@ def pack(w: Tensor, panel: int = 16, panels: int = 2) -> Tensor:
 
 
 def pack_quads(q: Tensor, panel: int = 16, panels: int = 2) -> Tensor:
-    """int8 (N, K), K a multiple of 4 -> uint8 (rows / panel, K / 4, panel, 4): the int8 x int8 kernel's form, q + 128
-    for AVX-512 VNNI's unsigned operand or q itself for AVX2's (the build's `quad_offset`). q is clamped to +-127
-    (AVX2 flips its sign; our quantizer and llama.cpp's Q8_0 never write -128), so both builds sum the same."""
+    """int8 (N, K), K a multiple of 4 -> uint8 (rows / item, K / 4, item, 4), item = panel * panels rows (a work
+    item's): for each quad of input features, the item's rows' four values side by side, so an item is one
+    forward stream (its panels interleaved: SmolLM2's one-row int8 products read their weights ~10-30% faster than
+    with each panel a stream of its own, where a panel is only ~9 KB; benchmarks/NOTES.md section 29). q + 128 for
+    AVX-512 VNNI's unsigned operand or q itself for AVX2's (the build's `quad_offset`). q is clamped to +-127 (AVX2
+    flips its sign; our quantizer and llama.cpp's Q8_0 never write -128), so both builds sum the same."""
     n, k = q.shape
-    rows = -(-n // (panel * panels)) * panel * panels
+    item = panel * panels
+    rows = -(-n // item) * item
     module = kernel()
     offset = module.quad_offset if module is not None else 128
     quads = ((F.pad(q.detach(), (0, 0, 0, rows - n)).to(torch.int16).clamp(-127, 127) + offset) & 0xFF).to(torch.uint8)
-    return quads.view(rows // panel, panel, k // 4, 4).permute(0, 2, 1, 3).contiguous()
+    return quads.view(rows // item, item, k // 4, 4).permute(0, 2, 1, 3).contiguous()
 
 
 def pack_block_scales(scale: Tensor, panel: int = 16, panels: int = 2) -> Tensor:

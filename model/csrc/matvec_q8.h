@@ -46,9 +46,8 @@ void check_q8(const at::Tensor& x, const at::Tensor& packed, int64_t n, const c1
   TORCH_CHECK(x.dim() == 2 && x.size(1) % QBLOCK == 0, "x must be (M, K), K a multiple of 32");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x: float32 or bfloat16");
   TORCH_CHECK(packed.dim() == 4 && packed.is_contiguous() && packed.scalar_type() == at::kByte &&
-              packed.size(2) == PANEL && packed.size(3) == 4 && packed.size(0) % NP == 0,
-              "packed must come from pack_quads()");
-  const int64_t rows = packed.size(0) * PANEL;
+              packed.size(2) == NP * PANEL && packed.size(3) == 4, "packed must come from pack_quads()");
+  const int64_t rows = packed.size(0) * NP * PANEL;
   TORCH_CHECK(packed.size(1) * 4 == x.size(1) && n <= rows && n > rows - NP * PANEL, "x's features or n do not match");
   TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
               bias->numel() == rows), "bias: float32, padded like the weight's rows");
@@ -58,13 +57,13 @@ void check_q8(const at::Tensor& x, const at::Tensor& packed, int64_t n, const c1
 #endif
 
 // The int8 x int8 product (VNNI, or AVX2's vpmaddubsw): x (M, K) float32 or bfloat16, K a multiple of 32; packed
-// (N padded to 32, K / 4, 16, 4) uint8 from pack_quads() (q + 128 or q, the build's `quad_offset`); scale float32 padded like the rows; bias
-// likewise or None.
+// (N padded to 32 / 32, K / 4, 32, 4) uint8 from pack_quads() (q + 128 or q, the build's `quad_offset`); scale
+// float32 padded like the rows; bias likewise or None.
 at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& packed, int64_t n, const at::Tensor& scale,
                      const c10::optional<at::Tensor>& bias) {
 #if defined(ATTNSERVE_Q8)
   check_q8(x, packed, n, bias);
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == packed.size(0) * PANEL,
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == packed.size(0) * NP * PANEL,
               "scale: float32, padded like the weight's rows");
   return q8_product(x, packed, n, scale.data_ptr<float>(), bias, nullptr);
 #else
@@ -79,7 +78,7 @@ at::Tensor linear_q8_blocks(const at::Tensor& x, const at::Tensor& packed, int64
 #if defined(ATTNSERVE_Q8_BLOCKS)
   check_q8(x, packed, n, bias);
   TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.dim() == 3 &&
-              scales.size(0) * NP == packed.size(0) && scales.size(1) * QBLOCK == x.size(1) &&
+              scales.size(0) == packed.size(0) && scales.size(1) * QBLOCK == x.size(1) &&
               scales.size(2) == NP * PANEL, "scales must come from pack_block_scales()");
   return q8_product(x, packed, n, nullptr, bias, reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()));
 #else

@@ -62,7 +62,7 @@ void quantize_rows(const In* x, int64_t M, int64_t K, int8_t* xq, float* xs, int
   });
 }
 
-// sums[i][s]: 8 float32 outputs for x row i of the tile and 8-row group s of the item at `w` (K4 quads per panel).
+// sums[i][s]: 8 float32 outputs for x row i of the tile and 8-row group s of the item at `w` (K4 quads).
 // A tile is at most MQ = 2 rows of x: 8 int32 sums, the rows' broadcasts with their absolute values and a weight fit
 // the 16 registers (the float32 sums, touched once a block, may live in memory). Tiles of 4 rows over one 8-row
 // group at a time measured 5-10% slower at 8 and 32 rows on a 2-core Zen 3, where the loop is bound by the
@@ -88,7 +88,7 @@ inline void tile_q8(const int32_t* xq, const float* xs, int64_t K4, const uint8_
       }
       for (int s = 0; s < SUB; ++s) {
         const __m256i q =
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + ((s / 2) * K4 + kq) * 4 * PANEL + (s % 2) * 32));
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (kq * NP * PANEL + 8 * s) * 4));
         for (int i = 0; i < R; ++i) {
           const __m256i pairs = _mm256_maddubs_epi16(xa[i], _mm256_sign_epi8(q, xv[i]));
           dots[i][s] = _mm256_add_epi32(dots[i][s], _mm256_madd_epi16(pairs, ones));

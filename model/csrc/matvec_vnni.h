@@ -2,9 +2,9 @@
 // Q8_0 x Q8_0 product does, instead of widening every weight to bfloat16 (which made the int8 product bound by
 // the widening instructions, not by memory: matvec.cpp's `linear`).
 //
-// Weight: the per-row int8 q of model/quantize.py plus 128, as uint8, packed in 16-row panels with each quad of
-// input features side by side: packed[panel][k / 4][row][4] (`vpdpbusd`'s unsigned operand: 16 rows x 4 features
-// per 64-byte load). x: each row's blocks of 32 features quantized symmetrically, xq = round(x / s_b),
+// Weight: the per-row int8 q of model/quantize.py plus 128, as uint8, packed per work item of 32 rows with each
+// quad of input features side by side: packed[item][k / 4][row][4] (`vpdpbusd`'s unsigned operand: 16 rows x 4
+// features per 64-byte load, the item's two 16-row panels one after the other, so an item is one forward stream). x: each row's blocks of 32 features quantized symmetrically, xq = round(x / s_b),
 // s_b = max|x_b| / 127. One `vpdpbusd` adds, for 16 rows at once, four products (q + 128) * xq; a block's sum less
 // 128 * sum(xq_b) is exactly sum(q * xq) in int32, which is scaled by s_b into float32 sums; y = sums * the row's
 // scale (+ bias), or each block's sum by its own weight scale too (Q8_0's form). Included by matvec.cpp inside its
@@ -58,7 +58,7 @@ inline void tile_q8(const int32_t* xq, const float* xs, const int32_t* xc, int64
       for (int p = 0; p < NP; ++p) dots[i][p] = _mm512_setzero_si512();
     for (int64_t kq = b * (QBLOCK / 4); kq < (b + 1) * (QBLOCK / 4); ++kq) {
       __m512i wv[NP];
-      for (int p = 0; p < NP; ++p) wv[p] = _mm512_loadu_si512(w + (p * K4 + kq) * 4 * PANEL);
+      for (int p = 0; p < NP; ++p) wv[p] = _mm512_loadu_si512(w + (kq * NP + p) * 4 * PANEL);
       for (int i = 0; i < R; ++i) {
         const __m512i xv = _mm512_set1_epi32(xq[i * K4 + kq]);
         for (int p = 0; p < NP; ++p) dots[i][p] = _mm512_dpbusd_epi32(dots[i][p], wv[p], xv);

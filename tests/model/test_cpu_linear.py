@@ -90,6 +90,8 @@ def test_q8_kernel_equals_its_quantized_product(kernel: ModuleType, m: int, k: i
     x, w, b = torch.randn(m, k, dtype=x_dtype) * 2, torch.randn(n, k) / k**0.5, torch.randn(n)
     q, scale = quantize_weight(w)
     packed = pack_quads(q)
+    assert packed.shape == (-(-n // 32), k // 4, 32, 4)  # per item of 32 rows: each quad of features, then its rows
+    assert int(packed[0, 1, 2, 3]) == (int(q[2, 7]) + kernel.quad_offset) & 0xFF
     y = kernel.linear_q8(x, packed, n, _rows(scale, packed), _rows(b, packed))
     assert y.dtype == x_dtype and y.shape == (m, n)
     blocks = x.double().view(m, k // 32, 32)
