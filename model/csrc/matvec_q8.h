@@ -54,8 +54,8 @@ at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& packed, int64_t n, c
                      const c10::optional<at::Tensor>& bias) {
 #if defined(ATTNSERVE_Q8)
   check_q8(x, packed, n, bias);
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == packed.size(0) * NP * PANEL,
-              "scale: float32, padded like the weight's rows");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+              scale.numel() == packed.size(0) * NP * PANEL, "scale: float32, padded like the weight's rows");
   return q8_product(x, packed, n, scale.data_ptr<float>(), bias, nullptr);
 #else
   TORCH_CHECK(false, "matvec: built without AVX-512 VNNI or AVX2");

@@ -4,11 +4,11 @@
 //
 // Weight: the per-row int8 q of model/quantize.py plus 128, as uint8, packed per work item of 32 rows with each
 // quad of input features side by side: packed[item][k / 4][row][4] (`vpdpbusd`'s unsigned operand: 16 rows x 4
-// features per 64-byte load, the item's two 16-row panels one after the other, so an item is one forward stream). x: each row's blocks of 32 features quantized symmetrically, xq = round(x / s_b),
-// s_b = max|x_b| / 127. One `vpdpbusd` adds, for 16 rows at once, four products (q + 128) * xq; a block's sum less
-// 128 * sum(xq_b) is exactly sum(q * xq) in int32, which is scaled by s_b into float32 sums; y = sums * the row's
-// scale (+ bias), or each block's sum by its own weight scale too (Q8_0's form). Included by matvec.cpp inside its
-// anonymous namespace.
+// features per 64-byte load, the item's two 16-row panels one after the other, so an item is one forward stream).
+// x: each row's blocks of 32 features quantized symmetrically, xq = round(x / s_b), s_b = max|x_b| / 127. One
+// `vpdpbusd` adds, for 16 rows at once, four products (q + 128) * xq; a block's sum less 128 * sum(xq_b) is exactly
+// sum(q * xq) in int32, which is scaled by s_b into float32 sums; y = sums * the row's scale (+ bias), or each
+// block's sum by its own weight scale too (Q8_0's form). Included by matvec.cpp inside its anonymous namespace.
 #pragma once
 
 constexpr int64_t QBLOCK = 32;  // features per x scale
