@@ -63,12 +63,13 @@ timeout 120 "$PY" -m benchmarks.engine_bench --device "$DEVICE" --preset "$PRESE
   --batch-sizes "$BATCHES" --output-len "$OUTPUT_LEN" --no-progress --json "$out/engine_bench.json" \
   > "$out/engine_bench.txt" 2>&1 || log "engine_bench failed or timed out (rc $?)"
 
-# 3. HTTP: our server vs the baselines, GPT-2 small shape, bf16, 1..256 streams of 32 in / 128 out
+# 3. HTTP: our server vs the baselines, GPT-2 small shape, bf16, 1..256 streams of 32 in / 128 out (llama.cpp's
+# server, the CPU peer of `make bench`, is a CPU build: off here, also in the CPU dry run, which would build it)
 if [ -n "$missing" ]; then
   log "skipping the HTTP benchmark: missing Python packages: $missing"
 else
   log "HTTP serving benchmark (benchmarks.run_cpu --device $DEVICE)"
-  timeout 250 "$PY" -m benchmarks.run_cpu --device "$DEVICE" --models "$MODEL" --dtypes "$DTYPE" \
+  timeout 250 "$PY" -m benchmarks.run_cpu --device "$DEVICE" --models "$MODEL" --dtypes "$DTYPE" --no-llama-cpp \
     --concurrency "$CONCURRENCY" --naive-concurrency 1 --static-batch "$STATIC_BATCH" --output-len "$OUTPUT_LEN" \
     --budget-s 220 \
     --work-dir "$work" --out "$out/http" > "$out/http.txt" 2> "$out/http.log" \
