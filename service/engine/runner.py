@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from model import cpu_kernels, fused_step
+from model import cpu_kernels, fused_step, hugepages
 from model.attention import AttentionCapture, MultiHeadAttention
 from model.paged_cache import BlockPool, PagedKVCache
 from model.transformer import DecoderOnlyLM, Transformer, num_parameters
@@ -47,11 +47,8 @@ class ModelRunner:
         self,
         model: Transformer | DecoderOnlyLM,
         num_blocks: int,
-        max_num_seqs: int,
-        max_model_len: int,
-        block_size: int = 16,
-        device: str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        max_num_seqs: int, max_model_len: int,
+        block_size: int = 16, device: str = "cpu", dtype: torch.dtype = torch.float32,
         max_num_batched_tokens: int = 2048,
         enforce_eager: bool = False,
         quantization: str | None = None,
@@ -60,6 +57,8 @@ class ModelRunner:
         self.device, self.dtype = torch.device(device), dtype
         self.model = model.to(device=self.device, dtype=dtype).eval()
         prepare_weights(self.model, quantization)  # int8 if asked, then fused projections (engine/weights.py)
+        # the weights a step streams, on 2 MB pages (model/hugepages.py)
+        self.huge_page_bytes = hugepages.to_huge_pages(self.model) if self.device.type == "cpu" else 0
         self.config = model.config
         self.block_size = block_size
         kv_dtype = kv_dtype or dtype
@@ -85,7 +84,8 @@ class ModelRunner:
         if not self.why_not_fused:
             self.why_not_fused = fused_step.why_not(self.model)
             self.fused = fused_step.FusedStep(self.model) if not self.why_not_fused else None
-            log.info("decode step", extra={"fused": self.fused is not None, "why_not": self.why_not_fused})
+            log.info("decode step", extra={"fused": self.fused is not None, "why_not": self.why_not_fused,
+                                           "weights_on_huge_pages": self.huge_page_bytes})
 
     @property
     def transfers(self) -> Transfers:
