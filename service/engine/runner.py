@@ -10,6 +10,7 @@ known tokens, and brings the packed result back in one device-to-host copy."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -25,16 +26,11 @@ from service.engine.inputs import Prepared, StepInputs, Transfers
 from service.engine.request import ModelOutput, PromptLogprob, TokenLogprob
 from service.engine.sampler import ERROR_NAN, Sampler
 from service.engine.scheduler import ScheduledRequest
+from service.engine.threads import ONE_CORE_FLOPS, ONE_CORE_FLOPS_FLOAT32, Threads
 from service.engine.weights import prepare as prepare_weights
 
 log = logging.getLogger("attnserve.runner")
 
-# A CPU step is split over the cores where one core would take >= SPLIT_FROM_S and its outputs come at most
-# SPLIT_TO_PER_S (`_threads_for`); one core's time, from the weights read and the products computed at one
-# core's rates on our kernels as measured in the server (SmolLM2's 268 MB bfloat16 one-row step in ~13 ms: ~20 GB/s;
-# the 3M model's 32-row bfloat16 step, ~200 MFLOP, in ~2-3 ms: ~100 GFLOP/s; float32's products half as fast).
-SPLIT_FROM_S, SPLIT_TO_PER_S = 0.8e-3, 6000.0
-ONE_CORE_BYTES_PER_S, ONE_CORE_FLOPS, ONE_CORE_FLOPS_FLOAT32 = 20e9, 100e9, 50e9
 ERROR_STUCK = "the output's constraint allows no token of this model's vocabulary here"
 # (activations, KV cache) the CPU kernel attends over
 PAGED_DTYPES = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16))
@@ -74,7 +70,8 @@ class ModelRunner:
         params, int8 = num_parameters(self.model), quantization == "int8"
         self.flops_per_token, self.weight_bytes = 2 * params, params * (1 if int8 else dtype.itemsize)
         self.flops_per_s = ONE_CORE_FLOPS_FLOAT32 if dtype == torch.float32 and not int8 else ONE_CORE_FLOPS
-        self._threads = self.num_threads
+        self.threads, self._threads = Threads(self.num_threads, self.weight_bytes, self.flops_per_token,
+                                              self.flops_per_s), self.num_threads
         use_graphs = self.device.type == "cuda" and not enforce_eager and not self.config.is_encoder_decoder
         self.graphs: DecodeGraphs | None = (DecodeGraphs(self.forward_decode, self.inputs, max_num_seqs,
                                                          max_blocks * block_size) if use_graphs else None)
@@ -97,17 +94,12 @@ class ModelRunner:
         torch.set_num_threads(self.num_threads)
         self._threads = self.num_threads
 
-    def _threads_for(self, num_rows: int, num_seqs: int) -> None:
-        """A CPU step runs on one thread where it is short (its ~30 OpenMP barriers cost more than the second core
-        saves) or its outputs come fast (the frontend, whose work grows with them, takes the other core back in the
-        middle of the step). Over HTTP on 2 cores: the 3M model's one-row bfloat16 step (~0.3 ms) 3,144-3,311
-        tok/s on one thread against 2,479-2,528 on two, at 8 rows (~10,000 outputs/s) 8,299-8,430 against
-        6,079-6,588; the ~11M GPT-2 shape (21 MB of bfloat16 weights) 956 against 1,231 at one row, 2,361-2,386
-        against 2,935-3,094 at 8 (benchmarks/NOTES.md section 28)."""
+    def _threads_for(self, num_rows: int, num_seqs: int, decode_only: bool) -> None:
+        """A CPU step's thread count: by its size, and for a decode step the rule would split, as measured
+        (engine/threads.py)."""
         if self.device.type != "cpu":
             return
-        one_core = self.weight_bytes / ONE_CORE_BYTES_PER_S + num_rows * self.flops_per_token / self.flops_per_s
-        want = self.num_threads if one_core >= SPLIT_FROM_S and num_seqs / one_core <= SPLIT_TO_PER_S else 1
+        want = self.threads.choose(num_rows, num_seqs, decode_only)
         if want != self._threads:
             torch.set_num_threads(want)
             self._threads = want
@@ -117,17 +109,23 @@ class ModelRunner:
 
     # --- the step -----------------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute(self, plan: list[ScheduledRequest], copies: list[tuple[int, int, int]] | None = None
                 ) -> ModelOutput:
         """Run the plan's tokens through the model; sample each request whose chunk reaches its last token.
         `copies` first: (from block, to block, n) K/V of requests that start inside a block computed elsewhere."""
+        started = time.perf_counter()
+        out = self._execute(plan, copies)
+        self.threads.record(time.perf_counter() - started)  # for the thread count's choice
+        return out
+
+    @torch.inference_mode()
+    def _execute(self, plan: list[ScheduledRequest], copies: list[tuple[int, int, int]] | None) -> ModelOutput:
         for source, dest, n in copies or ():
             self.pool.copy(source, dest, n)
         capture_ids = {s.request.request_id for s in plan if s.request.attention is not None}
         bucket = self.graphs.bucket(plan) if self.graphs is not None and not capture_ids else None
         prep = self.inputs.prepare(plan, capture_ids, *(bucket or (None, None)))
-        self._threads_for(prep.num_rows, len(plan))
+        self._threads_for(prep.num_rows, len(plan), prep.num_rows == len(plan))
         if prep.encode:
             self._encode(prep)
         cache, logits = None, None

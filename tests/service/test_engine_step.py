@@ -16,7 +16,7 @@ from support import run_engine
 from model import fused_step
 from model.checkpoint import load_checkpoint
 from model.generate import GenerationConfig, generate
-from service.engine import runner as runner_module
+from service.engine import threads as threads_module
 from service.engine.cuda_graphs import DecodeGraphs
 from service.engine.request import Constraint, SamplingParams
 from service.registry import ServedModel
@@ -203,20 +203,21 @@ def test_leaving_during_a_chunked_prefill_frees_its_blocks_and_slot(build: Any) 
 
 def test_a_short_step_or_a_fast_one_runs_on_one_thread(build: Any) -> None:
     """A step one core finishes within SPLIT_FROM_S, or whose outputs would come faster than SPLIT_TO_PER_S, runs
-    on one thread (runner._threads_for); a longer, slower one gets every thread the process has."""
+    on one thread (engine/threads.py's rule); a longer, slower one gets every thread the process has (and a
+    prefill step, which is not measured, keeps them)."""
     torch.set_num_threads(2)
     try:
         runner = build(start=False).engine.runner
         assert runner.num_threads == 2
-        bytes_per_s = runner_module.ONE_CORE_BYTES_PER_S
-        runner._threads_for(1, 1)  # tiny-gpt's one-row step: microseconds
+        bytes_per_s = threads_module.ONE_CORE_BYTES_PER_S
+        runner._threads_for(1, 1, True)  # tiny-gpt's one-row step: microseconds
         assert torch.get_num_threads() == 1
-        rows = int(runner_module.SPLIT_FROM_S * runner.flops_per_s / runner.flops_per_token) + 1
-        runner._threads_for(rows, 1)
+        rows = int(threads_module.SPLIT_FROM_S * runner.flops_per_s / runner.flops_per_token) + 1
+        runner._threads_for(rows, 1, False)
         assert torch.get_num_threads() == 2
-        fast = int(runner_module.SPLIT_TO_PER_S * (runner.weight_bytes / bytes_per_s + rows * runner.flops_per_token
-                                                    / runner.flops_per_s)) + 2
-        runner._threads_for(rows, fast)  # as long, but as many outputs as rows: the frontend needs the core
+        fast = int(threads_module.SPLIT_TO_PER_S * (runner.weight_bytes / bytes_per_s + rows * runner.flops_per_token
+                                                     / runner.flops_per_s)) + 2
+        runner._threads_for(rows, fast, False)  # as long, but as many outputs as rows: the frontend needs the core
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(1)
