@@ -47,8 +47,10 @@ def to_huge_pages(module: nn.Module, min_bytes: int = 1 << 20) -> int:
     mapping takes pages as they are written)."""
     if not available():
         return 0
-    places: dict[int, list[tuple[nn.Module, str, Tensor, int]]] = {}  # storage address -> (module, name, tensor,
-    storages: dict[int, torch.UntypedStorage] = {}  # its offset in the storage), from before anything moves
+    # by storage address, from before anything moves: the storage, and where its tensors are (module, name,
+    # tensor, offset in the storage)
+    storages: dict[int, torch.UntypedStorage] = {}
+    places: dict[int, list[tuple[nn.Module, str, Tensor, int]]] = {}
     for mod in module.modules():
         for name, t in [*mod._parameters.items(), *mod._buffers.items()]:
             if t is None or t.device.type != "cpu" or t.layout != torch.strided or _size(t) < min_bytes:
