@@ -18,8 +18,11 @@ the steps up to twice their time: at most ~1.6%."""
 
 from __future__ import annotations
 
+import logging
 import statistics
 from collections import deque
+
+log = logging.getLogger("attnserve.runner")
 
 # A CPU step is split over the cores where one core would take >= SPLIT_FROM_S and its outputs come at most
 # SPLIT_TO_PER_S; one core's time from the weights read and the products computed at one core's rates on our
@@ -70,6 +73,8 @@ class ThreadChoice:
     def _decide(self) -> None:
         kept, other = self.times[self.kept], self.times[self.other]
         if kept and other and statistics.median(other) < SWITCH_BELOW * statistics.median(kept):
+            log.info("step threads", extra={"threads": self.other, "instead_of": self.kept, "median_ms": round(
+                1e3 * statistics.median(other), 3), "kept_median_ms": round(1e3 * statistics.median(kept), 3)})
             self.kept, self.other = self.other, self.kept
             self.switches += 1
 
