@@ -100,7 +100,8 @@ def run_peer(plan: Plan, name: str, hf_folder: Path, served: str, dtype: str, pr
         with running(cmd, port, logs / f"llama-cpp-{name}-{dtype}.log", timeout=300, ready="/health") as url:
             spec = LoadSpec(url, served, "openai", plan.input_len, plan.output_len)
             res = asyncio.run(run_sweep(spec, list(plan.concurrency), plan.prompts(name, plan.concurrency),
-                                        progress=sys.stderr.isatty(), prompts=prompts))
+                                        progress=sys.stderr.isatty(), prompts=prompts,
+                                        one_stream_runs=plan.one_stream_runs))
     except RuntimeError as e:
         return {"skipped": str(e)}
     hf = json.loads((hf_folder / "config.json").read_text())

@@ -42,6 +42,7 @@ class Plan:
     native_bf16_only: bool = False  # bfloat16 only on a CUDA device or a CPU with native bf16 instructions
     workloads: dict[str, dict[str, Any]] = field(default_factory=lambda: {k: dict(v) for k, v in WORKLOADS.items()})
     llama_cpp: bool = True  # llama.cpp's llama-server on the same weights in each row (CPU only; benchmarks.llama_peer)
+    one_stream_runs: int = 3  # ours and llama.cpp's level at 1 stream: the median of this many runs (serve_bench)
 
     def for_model(self, name: str) -> Plan:
         """This plan with the model's own workload (output length, levels, ...) in place of the shared one."""

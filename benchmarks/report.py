@@ -157,7 +157,8 @@ def peer_table(runs: Sequence[dict[str, Any]], top: int) -> str | None:
             f"ours / llama.cpp c={top}", "GGUF"]
     notes = sorted({f"{r['model']}: {r[PEER]['note']}." for r in runs if (r.get(PEER) or {}).get("note")})
     return ("llama.cpp's llama-server on the same weights (converted by its convert_hf_to_gguf.py), the same "
-            "token-id prompts, streaming over the OpenAI API; output tokens/s, and ours / llama.cpp:\n\n"
+            "token-id prompts, streaming over the OpenAI API; output tokens/s (at one stream, each side's median of "
+            "its runs: `runs_output_throughput` in results.json), and ours / llama.cpp:\n\n"
             + markdown_table(head, rows) + "".join(f"\n\n{n}" for n in notes))
 
 

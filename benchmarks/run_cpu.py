@@ -50,7 +50,7 @@ from benchmarks.roofline import (
     roofline_table,
     step_roofline,
 )
-from benchmarks.serve_bench import LoadSpec, prompts_from, run_sweep
+from benchmarks.serve_bench import LoadSpec, prompts_from, prompts_wanted, run_sweep
 from model.fetch import FetchError
 
 log = logging.getLogger("benchmarks")
@@ -104,10 +104,10 @@ def running(cmd: list[str], port: int, logfile: Path, timeout: float = 600.0, re
 
 
 def _sweep(plan: Plan, url: str, name: str, concurrencies: tuple[int, ...], counts: list[int],
-           long_prompts: tuple[int, float] | None = None) -> dict[str, Any]:
+           long_prompts: tuple[int, float] | None = None, one_stream_runs: int = 1) -> dict[str, Any]:
     spec = LoadSpec(url, name, "native", plan.input_len, plan.output_len)
     return asyncio.run(run_sweep(spec, list(concurrencies), counts, progress=sys.stderr.isatty(),
-                                 long_prompts=long_prompts))
+                                 long_prompts=long_prompts, one_stream_runs=one_stream_runs))
 
 
 STATIC_TIMEOUT_S = 240  # transformers' static batch in bfloat16 on a CPU without native bf16 took ~7 min a model
@@ -145,11 +145,13 @@ def run_pair(plan: Plan, name: str, checkpoint: Path, hf_folder: Path | str, dty
     t = time.monotonic()
     peer_prompts = []  # the prompts ours got, for llama.cpp (its tokenizer is ours, converted)
     with running(our_server(plan, checkpoint, dtype, port), port, out / "logs" / f"ours-{name}-{dtype}.log") as url:
-        res["ours"] = _sweep(plan, url, served, plan.concurrency, plan.prompts(name, plan.concurrency),
-                             plan.long_prompt if plan.long_prompt[0] < cfg.max_len else None)
+        counts = plan.prompts(name, plan.concurrency)
+        res["ours"] = _sweep(plan, url, served, plan.concurrency, counts,
+                             plan.long_prompt if plan.long_prompt[0] < cfg.max_len else None, plan.one_stream_runs)
         if plan.llama_cpp:
             spec = LoadSpec(url, served, "native", plan.input_len, plan.output_len)
-            peer_prompts = asyncio.run(prompts_from(spec, 1 + sum(plan.prompts(name, plan.concurrency))))
+            wanted = prompts_wanted(list(plan.concurrency), counts, one_stream_runs=plan.one_stream_runs)
+            peer_prompts = asyncio.run(prompts_from(spec, wanted))
     log.info("%s %s ours: %.0f s", name, dtype, time.monotonic() - t)
     if isinstance(hf_folder, str) or dtype == "int8":
         res["naive"] = res["hf_static"] = {"skipped": "transformers has no int8 baseline here"

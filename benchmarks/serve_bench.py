@@ -43,7 +43,7 @@ from benchmarks.serve_client import (
     send_openai,
 )
 
-__all__ = ["Api", "LoadSpec", "Prompt", "RequestResult", "prompts_from", "run_sweep", "summarize"]
+__all__ = ["Api", "LoadSpec", "Prompt", "RequestResult", "prompts_from", "prompts_wanted", "run_sweep", "summarize"]
 
 
 def step_stats(before: dict[str, float], after: dict[str, float], summary: dict[str, Any]) -> dict[str, float]:
@@ -171,19 +171,28 @@ async def run_with_long_prompts(client: aiohttp.ClientSession, spec: LoadSpec, p
     return level
 
 
+def prompts_wanted(concurrencies: list[int], num_prompts: list[int], warmup: int = 1, one_stream_runs: int = 1,
+                   long_prompts: bool = False) -> int:
+    """How many prompts a sweep sends: every request its own (warm-up and levels too), so that none is served
+    from a server's prefix cache."""
+    runs = [one_stream_runs if c == 1 else 1 for c in concurrencies]
+    return warmup + sum(n * r for n, r in zip(num_prompts, runs, strict=True)) + (num_prompts[-1] if long_prompts else 0)
+
+
 async def run_sweep(spec: LoadSpec, concurrencies: list[int], num_prompts: list[int],
                     request_rate: float = math.inf, warmup: int = 1, progress: bool = True,
                     long_prompts: tuple[int, float] | None = None,
-                    prompts: list[Prompt] | None = None) -> dict[str, Any]:
+                    prompts: list[Prompt] | None = None, one_stream_runs: int = 1) -> dict[str, Any]:
     """One level per concurrency (num_prompts[i] requests each), on one connection pool, after a warm-up; with
-    `prompts`, those (another server's, whose tokenizer this one shares) instead of prompts made here."""
+    `prompts`, those (another server's, whose tokenizer this one shares) instead of prompts made here. The level
+    at concurrency 1 runs `one_stream_runs` times on fresh prompts and reports the run of median output
+    throughput (a one-stream level lasts about a second, and a shared machine's hiccup moves one run by 2x);
+    `runs_output_throughput` lists every run's."""
     headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, headers=headers,
                                      timeout=aiohttp.ClientTimeout(total=spec.timeout)) as client:
-        # every request its own prompt (warm-up and levels too): none is served from a server's prefix cache
-        extra_level = num_prompts[-1] if long_prompts is not None else 0
-        wanted = warmup + sum(num_prompts) + extra_level
+        wanted = prompts_wanted(concurrencies, num_prompts, warmup, one_stream_runs, long_prompts is not None)
         if prompts is None:
             prompts = await make_prompts(client, spec, wanted)
         elif len(prompts) < wanted:
@@ -194,10 +203,16 @@ async def run_sweep(spec: LoadSpec, concurrencies: list[int], num_prompts: list[
                            replace(spec, output_len=min(8, spec.output_len)), prompts[i], i)
         levels, at = [], warmup
         for c, n in zip(concurrencies, num_prompts, strict=True):
-            before = await scrape(client, spec)
-            level = await run_level(client, spec, prompts[at : at + n], c, request_rate, progress)
-            at += n
-            level["server"] = step_stats(before, await scrape(client, spec), level)
+            runs = []
+            for _ in range(one_stream_runs if c == 1 else 1):
+                before = await scrape(client, spec)
+                level = await run_level(client, spec, prompts[at : at + n], c, request_rate, progress)
+                at += n
+                level["server"] = step_stats(before, await scrape(client, spec), level)
+                runs.append(level)
+            level = sorted(runs, key=lambda r: r["output_throughput"])[len(runs) // 2]
+            if len(runs) > 1:
+                level["runs_output_throughput"] = [r["output_throughput"] for r in runs]
             levels.append(level)
         extra = {}
         if long_prompts is not None:  # the highest level again, with long prompts arriving

@@ -19,7 +19,7 @@ from benchmarks.hf_static import pad_left, run_static
 from benchmarks.report import levels_table, plot_levels
 from benchmarks.roofline import matmul_params, measure_machine, step_roofline
 from benchmarks.run_cpu import free_port, running
-from benchmarks.serve_bench import LoadSpec, RequestResult, percentile, run_sweep, summarize
+from benchmarks.serve_bench import LoadSpec, RequestResult, percentile, prompts_wanted, run_sweep, summarize
 from model.checkpoint import export_gpt2, load_checkpoint
 from model.config import preset
 from model.transformer import build_model, num_parameters
@@ -87,6 +87,18 @@ def test_naive_server_generates_what_ours_does_on_the_same_weights(make_server, 
     a = httpx.post(f"{ours.url}/v1/generate", json=body, timeout=60).json()
     b = httpx.post(f"{naive_url}/v1/generate", json=body, timeout=60).json()
     assert a["token_ids"] == b["token_ids"] and len(a["token_ids"]) == 12
+
+
+def test_one_stream_level_is_the_median_of_its_runs(naive_url: str) -> None:
+    spec = LoadSpec(naive_url, "tiny-gpt", "openai", input_len=8, output_len=4)
+    result = asyncio.run(run_sweep(spec, [1, 2], [2, 2], progress=False, one_stream_runs=3))
+    one, two = result["levels"]
+    runs = one["runs_output_throughput"]
+    assert len(runs) == 3 and one["output_throughput"] == sorted(runs)[1]
+    _check_level(one, 2, 8, 4)
+    assert "runs_output_throughput" not in two  # only the one-stream level repeats
+    assert prompts_wanted([1, 2], [2, 2], one_stream_runs=3) == 1 + 6 + 2
+    assert prompts_wanted([1, 32], [2, 32], one_stream_runs=3, long_prompts=True) == 1 + 6 + 32 + 32
 
 
 def test_summary_on_known_inputs() -> None:
