@@ -7,9 +7,12 @@ middle of the step). Over HTTP on 2 cores: the 3M model's one-row bfloat16 step 
 thread against 2,479-2,528 on two, at 8 rows (~10,000 outputs/s) 8,299-8,430 against 6,079-6,588; the ~11M GPT-2
 shape (21 MB of bfloat16 weights) 956 against 1,231 at one row (benchmarks/NOTES.md section 28).
 
-Whether the second core pays also depends on the hour: on this project's shared 2-vCPU machine SmolLM2's bfloat16
-one-row step took 12.4 ms on one thread and 16.1 ms on two (~32,000 context switches in 4 s: the step's ~150 hand-
-overs between the vCPUs each slow), where on other days two threads took ~9.5 ms against one's ~13 (section 30).
+Whether the second core pays also depends on what else runs on the cores: over HTTP at one stream the frontend
+and the client share them with the step, and the ~11M shape's one-row step took 0.5-1.3 ms on either count from one
+run to the next (benchmarks/NOTES.md section 31). In the core process, where one thread loads the model and steps,
+two threads take SmolLM2's one-row int8 step from ~5.3 ms to ~3.9-4.1 ms. (Section 30's "two threads 2x slower"
+was measured stepping on a thread other than the one that had loaded the model: two OpenMP teams on two cores,
+whose workers libgomp then puts to sleep at every hand-over, section 10.)
 So where the rule says "all threads" for a decode step, `ThreadChoice` measures: it keeps the rule's count, at the
 FIRST_PROBE-th and every PERIOD-th step of a size runs PROBE steps on the other count, and keeps whichever had the
 lower median step time, the probe's steps against the kept count's recent ones (a probe's first step, which pays
@@ -30,7 +33,9 @@ log = logging.getLogger("attnserve.runner")
 # 32-row bfloat16 step, ~200 MFLOP, in ~2-3 ms: ~100 GFLOP/s; float32's products half as fast).
 SPLIT_FROM_S, SPLIT_TO_PER_S = 0.8e-3, 6000.0
 ONE_CORE_BYTES_PER_S, ONE_CORE_FLOPS, ONE_CORE_FLOPS_FLOAT32 = 20e9, 100e9, 50e9
-FIRST_PROBE, PERIOD, PROBE, WINDOW = 8, 256, 4, 9  # steps
+# The first probe comes once the kept count's window holds warm steps: a server's first request's first steps took
+# 1.3-1.9 ms for the ~11M shape against ~0.6 after, which had decided the count at the 8th step.
+FIRST_PROBE, PERIOD, PROBE, WINDOW = 32, 256, 4, 9  # steps
 SWITCH_BELOW = 0.95  # the other count's median step time, as a fraction of the kept count's, that switches
 
 

@@ -26,7 +26,7 @@ def test_keeps_all_threads_while_they_are_faster_and_probes_one_rarely() -> None
     used = run(choice, 2 * PERIOD + PROBE - 1, {2: 0.010, 1: 0.014})
     assert choice.kept == 2 and choice.switches == 0
     assert used.count(1) == 3 * PROBE  # at FIRST_PROBE, PERIOD and 2 * PERIOD
-    assert used[FIRST_PROBE - 1 : FIRST_PROBE - 1 + PROBE] == [1] * PROBE and used[: FIRST_PROBE - 1] == [2] * 7
+    assert used[FIRST_PROBE - 1 : FIRST_PROBE - 1 + PROBE] == [1] * PROBE and used[: FIRST_PROBE - 1] == [2] * (FIRST_PROBE - 1)
 
 
 def test_switches_to_one_thread_where_it_measures_faster_and_back_when_conditions_change() -> None:
