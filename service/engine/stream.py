@@ -37,7 +37,9 @@ class RequestStream:
     output here and stops the engine's request (it may have run steps further, a burst's: those tokens are not
     the output's). A reader that falls `backlog` outputs behind (a client that stopped reading) gets an error and
     its request is aborted, so that nothing grows without bound for it: counted before each hand-over, since a
-    decode burst hands over up to --num-scheduler-steps outputs of one stream at once."""
+    decode burst hands over up to --num-scheduler-steps outputs of one stream at once, and not while the reader
+    waits on the stream itself (woken, not yet run: the event loop's lag, not the reader's; a reader behind its
+    client's socket waits elsewhere)."""
 
     def __init__(self, engine: Aborter, request: Request, loop: asyncio.AbstractEventLoop, backlog: int = 1024,
                  decode: Decode | None = None) -> None:
@@ -52,6 +54,7 @@ class RequestStream:
         self.finished = False
         self.overflowed = False
         self.behind = 0  # outputs its reader had not taken when the current hand-over began
+        self.waiting = False  # the reader awaits this stream's next output
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -59,7 +62,11 @@ class RequestStream:
     async def __anext__(self) -> StepOutput:
         if self.finished:
             raise StopAsyncIteration
-        out = await self.queue.get()
+        self.waiting = self.queue.empty()
+        try:
+            out = await self.queue.get()
+        finally:
+            self.waiting = False
         self.finished = out.finished
         self.num_output_tokens = max(self.num_output_tokens, out.num_output_tokens)
         return out
@@ -109,7 +116,7 @@ class RequestStream:
 def deliver(items: list[tuple[RequestStream, StepOutput]]) -> None:
     """Runs on the event loop: hand each output to its stream."""
     for stream, _ in items:
-        stream.behind = stream.queue.qsize()
+        stream.behind = 0 if stream.waiting else stream.queue.qsize()
     for stream, out in items:
         stream.put(out)
 
