@@ -68,10 +68,9 @@ class ModelRunner:
         self.sampler = Sampler(self.device)
         self.num_threads = torch.get_num_threads()  # the process's intra-op setting when the model was loaded
         params, int8 = num_parameters(self.model), quantization == "int8"
-        self.flops_per_token, self.weight_bytes = 2 * params, params * (1 if int8 else dtype.itemsize)
-        self.flops_per_s = ONE_CORE_FLOPS_FLOAT32 if dtype == torch.float32 and not int8 else ONE_CORE_FLOPS
-        self.threads, self._threads = Threads(self.num_threads, self.weight_bytes, self.flops_per_token,
-                                              self.flops_per_s), self.num_threads
+        flops_per_s = ONE_CORE_FLOPS_FLOAT32 if dtype == torch.float32 and not int8 else ONE_CORE_FLOPS
+        self.threads = Threads(self.num_threads, params * (1 if int8 else dtype.itemsize), 2 * params, flops_per_s)
+        self._threads = self.num_threads
         use_graphs = self.device.type == "cuda" and not enforce_eager and not self.config.is_encoder_decoder
         self.graphs: DecodeGraphs | None = (DecodeGraphs(self.forward_decode, self.inputs, max_num_seqs,
                                                          max_blocks * block_size) if use_graphs else None)

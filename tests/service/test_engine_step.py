@@ -212,11 +212,12 @@ def test_a_short_step_or_a_fast_one_runs_on_one_thread(build: Any) -> None:
         bytes_per_s = threads_module.ONE_CORE_BYTES_PER_S
         runner._threads_for(1, 1, True)  # tiny-gpt's one-row step: microseconds
         assert torch.get_num_threads() == 1
-        rows = int(threads_module.SPLIT_FROM_S * runner.flops_per_s / runner.flops_per_token) + 1
+        sizes = runner.threads  # the step's weight bytes, FLOPs per token and one core's FLOP/s
+        rows = int(threads_module.SPLIT_FROM_S * sizes.flops_per_s / sizes.flops_per_token) + 1
         runner._threads_for(rows, 1, False)
         assert torch.get_num_threads() == 2
-        fast = int(threads_module.SPLIT_TO_PER_S * (runner.weight_bytes / bytes_per_s + rows * runner.flops_per_token
-                                                     / runner.flops_per_s)) + 2
+        fast = int(threads_module.SPLIT_TO_PER_S * (sizes.weight_bytes / bytes_per_s + rows * sizes.flops_per_token
+                                                     / sizes.flops_per_s)) + 2
         runner._threads_for(rows, fast, False)  # as long, but as many outputs as rows: the frontend needs the core
         assert torch.get_num_threads() == 1
     finally:
